@@ -1,0 +1,164 @@
+"""Local training: each client trains its own ViT on its own data only, once.
+
+Under ``accelerate launch`` with several processes, clients are dealt round-robin to the processes
+(client k trains on process k % world_size) and the trained weights are gathered on every process:
+in federated learning clients are independent, so this is the natural way to use several GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from timm.models.vision_transformer import VisionTransformer
+
+from fedmitr.config import ClientTrainConfig, ModelConfig
+from fedmitr.data import ImageDataset, Partition, Split
+from fedmitr.events import EventHandler, Progress, ignore
+from fedmitr.models import build_model, fit_input, model_input_size, random_shift
+
+
+@dataclass
+class ClientResult:
+    index: int  # client id, 0-based
+    model: VisionTransformer  # trained, in eval mode, on the accelerator's device
+    num_samples: int  # size of the client's training set
+    seconds: float  # wall-clock training time
+    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+
+
+def cosine_with_warmup(total_steps: int, warmup_frac: float):
+    warmup = max(1, int(total_steps * warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train_step(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer, accelerator: Accelerator, label_smoothing: float) -> dict[str, float]:
+    """One supervised step; returns the named losses (timm's training-task convention)."""
+    with accelerator.autocast():
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    return {"loss": float(loss.detach())}
+
+
+def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientTrainConfig,
+                 accelerator: Accelerator, generator: torch.Generator, allow_flip: bool = False,
+                 on_epoch=None) -> ClientResult:
+    """Train ``model`` on one client's data with cross-entropy, AdamW and shift (+flip) augmentation."""
+    start = time.perf_counter()
+    device = accelerator.device
+    size = model_input_size(model)
+    images, labels = data.images.to(device), data.labels.to(device)
+    n = len(data)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(cfg.epochs * steps_per_epoch, cfg.warmup_frac))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    losses = []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        total = 0.0
+        for s in range(steps_per_epoch):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            x = random_shift(images[idx], cfg.shift_px, generator, flip=allow_flip)
+            step = train_step(model, fit_input(x, size), labels[idx], optimizer, accelerator, cfg.label_smoothing)
+            scheduler.step()
+            total += step["loss"]
+        losses.append(total / steps_per_epoch)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, losses[-1])
+    model = accelerator.unwrap_model(model).eval()
+    return ClientResult(index, model, n, time.perf_counter() - start, losses)
+
+
+def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig,
+                  accelerator: Accelerator, seed: int, on_event: EventHandler = ignore) -> list[ClientResult]:
+    """Train every client of ``part`` independently. Emits one :class:`Progress` per client epoch."""
+    k_total = part.num_clients
+    total = k_total * cfg.epochs
+    done = 0
+    mine: list[ClientResult] = []
+    # The server sends every client the same initial weights (as in FedAvg); only the data and the
+    # order of the batches differ between clients.
+    torch.manual_seed(seed)
+    init_state = build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size).state_dict()
+    for k in range(k_total):
+        if k % accelerator.num_processes != accelerator.process_index:
+            continue
+        # Each client gets its own seed, so a client's model does not depend on the process layout.
+        torch.manual_seed(seed * 1000 + k)
+        generator = torch.Generator().manual_seed(seed * 1000 + k)
+        model = build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
+        model.load_state_dict(init_state)
+        idx = torch.from_numpy(part.client_indices[k])
+        split = Split(dataset.train.images[idx], dataset.train.labels[idx])
+
+        def on_epoch(epoch: int, loss: float, k: int = k) -> None:
+            nonlocal done
+            done += 1
+            on_event(Progress("clients", done * accelerator.num_processes, total,
+                              f"client {k + 1}/{k_total}, epoch {epoch}/{cfg.epochs}", {"loss": loss}))
+
+        mine.append(train_client(k, split, model, cfg, accelerator, generator, dataset.allow_flip, on_epoch))
+    if accelerator.num_processes == 1:
+        return mine
+    return _share_clients(mine, dataset, model_cfg, accelerator)
+
+
+def _share_clients(mine: list[ClientResult], dataset: ImageDataset, model_cfg: ModelConfig,
+                   accelerator: Accelerator) -> list[ClientResult]:
+    """Gather every process's trained clients onto every process (weights travel as CPU tensors)."""
+    payload = [(r.index, {k: v.cpu() for k, v in r.model.state_dict().items()}, r.num_samples, r.seconds, r.losses)
+               for r in mine]
+    results = []
+    for index, state, num_samples, seconds, losses in sorted(gather_object(payload), key=lambda p: p[0]):
+        model = build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
+        model.load_state_dict(state)
+        results.append(ClientResult(index, model.to(accelerator.device).eval(), num_samples, seconds, losses))
+    return results
+
+
+@torch.no_grad()
+def predict_logits(models: list[VisionTransformer], images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Logits averaged over ``models`` (one model = its own logits), ``[N, num_classes]`` on CPU."""
+    device = next(models[0].parameters()).device
+    size = model_input_size(models[0])
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = fit_input(images[start:start + batch_size].to(device), size)
+        out.append(torch.stack([m(x).float() for m in models]).mean(0).cpu())
+    return torch.cat(out)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def evaluate(models: VisionTransformer | list[VisionTransformer], split: Split) -> float:
+    """Test accuracy (0..1) of one model, or of the logit-averaging ensemble of several."""
+    models = models if isinstance(models, list) else [models]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        return accuracy(predict_logits(models, split.images), split.labels)
+    finally:
+        for m, flag in zip(models, was_training):
+            m.train(flag)
