@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run directory for config.json, metrics.json and checkpoints "
                           "(default: runs/<dataset>-k<clients>-a<alpha>-s<seed>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar, only the results table")
+
+    from fedmitr.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -87,7 +89,7 @@ class InversionConfig:
 
 @dataclass(frozen=True)
 class RelabelConfig:
-    mode: str = "token"  # low-density relabel: "token" (client heads per patch) or "image"
+    mode: str = "token"  # low-density relabel: "token" (client heads), "image" or "neighbourhood" (3x3)
     high_ratio: float | None = None  # size of the high-density set; None = inversion kept fraction
     temperature: float = 1.0  # softmax temperature of the ensemble relabel
     label_smoothing: float = 0.0  # smoothing of the generated label on high-density patches
@@ -103,6 +105,7 @@ class DistillConfig:
     temperature: float = 4.0  # T of the class-token KD
     token_weight: float = 0.5  # beta, weight of the per-patch token loss
     shift_px: int = 1  # random shift of synthetic images during distillation
+    init: str = "fresh"  # global model start: "fresh" (random init) or "fedavg" (the client average)
 
 
 @dataclass(frozen=True)
@@ -162,13 +165,15 @@ class RunConfig:
         _check(all(0 < s < 1 for s in inv.stop_at),
                f"stop_at fractions must lie in (0, 1) (got {list(inv.stop_at)})")
         r = self.relabel
-        _check(r.mode in ("token", "image"), f"relabel mode must be 'token' or 'image' (got {r.mode!r})")
+        _check(r.mode in ("token", "image", "neighbourhood"),
+               f"relabel mode must be 'token', 'image' or 'neighbourhood' (got {r.mode!r})")
         _check(r.high_ratio is None or 0 < r.high_ratio <= 1,
                f"relabel high_ratio must be in (0, 1] or null (got {r.high_ratio})")
         k = self.distill
         _check(k.rounds >= 1 and k.steps_per_round >= 0 and k.batch_size >= 1,
                f"distillation needs rounds >= 1, steps_per_round >= 0, batch_size >= 1 "
                f"(got {k.rounds}, {k.steps_per_round}, {k.batch_size})")
+        _check(k.init in ("fresh", "fedavg"), f"distill init must be 'fresh' or 'fedavg' (got {k.init!r})")
         return self
 
 
@@ -244,8 +249,10 @@ def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
 
 def _replace(obj: Any, overrides: Mapping[str, Any], path: str) -> Any:
     if not isinstance(overrides, Mapping):
-        raise ConfigError(f"{path or 'config'} must be a mapping of fields (got {type(overrides).__name__})")
+        raise ConfigError(f"{path.rstrip('.') or 'config'} must be a mapping of fields "
+                          f"(got {type(overrides).__name__})")
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     changes = {}
     for key, value in overrides.items():
         where = f"{path}{key}"
@@ -254,17 +261,42 @@ def _replace(obj: Any, overrides: Mapping[str, Any], path: str) -> Any:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             changes[key] = _replace(current, value, path=f"{where}.")
-        elif key == "methods" or key == "stop_at":
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if key == "stop_at":
-                value = [float(v) for v in value]
-            changes[key] = tuple(value)
         elif key == "alpha":
             changes[key] = parse_alpha(value)
         else:
-            changes[key] = value
+            changes[key] = _coerce(value, hints[key], where)
     return dataclasses.replace(obj, **changes)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a field's type hint (int, float, str, bool, X | None, tuple[X, ...])."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is tuple:
+        if isinstance(value, str):  # "a, b" from a flag or a text box
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            if args[0] in (int, float):
+                try:
+                    value = [args[0](v) for v in value]
+                except ValueError:
+                    raise ConfigError(f"{where} must be comma-separated numbers (got {value!r})") from None
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list (got {value!r})")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint, True)
+    if not ok:
+        raise ConfigError(f"{where} must be of type {hint.__name__} (got {value!r})")
+    return float(value) if hint is float else value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -282,7 +314,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as err:  # noqa: BLE001 - any parse error is a bad file
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {err}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {first}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -19,6 +19,14 @@ METHODS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec("fedavg", "one-shot parameter average of the client models (weighted by client size)"),
         MethodSpec("ensemble", "the teacher itself: K models at inference, averaged logits (a reference)"),
+        MethodSpec("dense-kd", "dense inversion + class-token KD (F-ADI / FedDF-style data-free baseline)",
+                   inversion=True),
+        MethodSpec("sparse-kd", "sparse inversion + class-token KD (ablation: no token relabel)",
+                   sparse=True, inversion=True),
+        MethodSpec("dense-relabel", "dense inversion + token relabel (ablation: no sparsity)",
+                   relabel=True, inversion=True),
+        MethodSpec("fedmitr", "sparse inversion + token relabel + distillation (the method)",
+                   sparse=True, relabel=True, inversion=True),
     )
 }
 

@@ -83,26 +83,48 @@ class SparseOutput:
     tokens: torch.Tensor  # [B, M, D], final (normed) patch tokens, in keep_idx order
 
 
-def sparse_forward(model: VisionTransformer, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> SparseOutput:
+def patchify(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, N, C*p*p]`` pixel patches in the order of timm's patch embedding."""
+    p = model.patch_embed.patch_size
+    return F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)
+
+
+def embed_patches(model: VisionTransformer, patches: torch.Tensor) -> torch.Tensor:
+    """timm's patch embedding (a strided conv) as a matmul on ``[B, M, C*p*p]`` pixel patches.
+
+    Equivalent to ``model.patch_embed`` on the full image, but only for the patches given, so the
+    forward *and* the backward to the pixels skip stopped patches.
+    """
+    proj = model.patch_embed.proj
+    x = F.linear(patches, proj.weight.flatten(1), proj.bias)
+    return model.patch_embed.norm(x)
+
+
+def sparse_forward(model: VisionTransformer, images: torch.Tensor, keep_idx: torch.Tensor | None = None,
+                   patches: torch.Tensor | None = None) -> SparseOutput:
     """Run ``model`` on CLS plus the patches ``keep_idx`` ([B, M] indices into the N patches).
 
-    Stopped patches are removed after the position embedding, so every block runs on 1 + M tokens:
-    that is where sparse inversion's speed-up comes from. ``keep_idx=None`` is the dense forward and
-    matches ``model(images)``.
+    Stopped patches are removed before the patch embedding, so the embedding and every block run on
+    1 + M tokens: that is where sparse inversion's speed-up comes from. ``keep_idx=None`` is the
+    dense forward and matches ``model(images)``. ``patches`` ([B, M, C*p*p], from :func:`patchify`
+    and already gathered with ``keep_idx``) lets an ensemble share that work across models.
     """
     if model.reg_token is not None or model.dynamic_img_size or model.cls_token is None:
         raise ConfigError("sparse_forward supports timm ViTs with a class token, no register tokens and a fixed image size")
-    x = model.patch_embed(images)  # [B, N, D]
+    if keep_idx is None:
+        x = model.patch_embed(images)  # [B, N, D]
+    else:
+        if patches is None:
+            patches = gather_tokens(patchify(model, images), keep_idx)
+        x = embed_patches(model, patches)  # [B, M, D]
     b = x.shape[0]
     if model.no_embed_class:
-        x = x + model.pos_embed
-        cls = model.cls_token.expand(b, -1, -1)
+        pos, cls = model.pos_embed, model.cls_token
     else:
-        x = x + model.pos_embed[:, 1:]
-        cls = (model.cls_token + model.pos_embed[:, :1]).expand(b, -1, -1)
-    if keep_idx is not None:
-        x = torch.gather(x, 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    x = torch.cat([cls, x], dim=1)
+        pos, cls = model.pos_embed[:, 1:], model.cls_token + model.pos_embed[:, :1]
+    pos = pos.expand(b, -1, -1)
+    x = x + (pos if keep_idx is None else gather_tokens(pos, keep_idx))
+    x = torch.cat([cls.expand(b, -1, -1), x], dim=1)
     x = model.norm_pre(model.patch_drop(model.pos_drop(x)))
     for blk in model.blocks[:-1]:
         x = blk(x)
@@ -110,6 +132,11 @@ def sparse_forward(model: VisionTransformer, images: torch.Tensor, keep_idx: tor
     x = model.norm(x)
     logits = model.forward_head(x)
     return SparseOutput(logits=logits, cls_attention=attn[:, :, 0, 1:].mean(dim=1), tokens=x[:, 1:])
+
+
+def gather_tokens(tokens: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """``[B, N, D]`` tokens at ``keep_idx`` [B, M] -> ``[B, M, D]``."""
+    return torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 def _block_with_attention(blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,10 +91,10 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandle
     t_start = time.perf_counter()
     out_path = check_out_dir(out_dir) if out_dir is not None else None
 
-    on_event(StageStarted("data", info=cfg.data.dataset))
     t0 = time.perf_counter()
-    dataset, part = prepare(cfg, dataset)
+    dataset, part = prepare(cfg, dataset)  # may raise: nothing reported or written before this
     seconds = {"data": time.perf_counter() - t0}
+    on_event(StageStarted("data", info=f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test"))
     on_event(PartitionReady(part.class_counts, dataset.class_names))
     on_event(StageFinished("data", seconds["data"]))
 
@@ -148,15 +148,24 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandle
 
 
 def run_method(name: str, cfg: RunConfig, dataset: ImageDataset, clients: list[ClientResult],
-               accelerator, on_event: EventHandler) -> MethodResult:
-    """Run one server-side method by name on the trained clients."""
+               accelerator, on_event: EventHandler, images_per_round: int | None = None) -> MethodResult:
+    """Run one server-side method by name on the trained clients.
+
+    ``images_per_round`` overrides the inversion batch size (the benchmark's equal-time runs).
+    """
     models = [c.model for c in clients]
     if name == "ensemble":
         return MethodResult(name, evaluate(models, dataset.test), 0.0)
     if name == "fedavg":
         model = baselines.fedavg(models, [c.num_samples for c in clients])
         return MethodResult(name, evaluate(model, dataset.test), 0.0, model=model)
-    raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    spec = METHODS.get(name)
+    if spec is None or not spec.inversion:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    from fedmitr.distill import run_inversion_method
+
+    out = run_inversion_method(spec, cfg, dataset, models, accelerator.device, on_event, images_per_round)
+    return MethodResult(name, out["curve"][-1], 0.0, model=out["model"], curve=out["curve"], extra=out["extra"])
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,0 +1,85 @@
+"""Stage 3: token relabel. Every patch of a synthetic image gets its own soft target.
+
+* Patches in the high-information set H keep the generated pseudo-label ``y`` (one-hot, optionally
+  smoothed): the inversion put the class evidence there.
+* Low-information patches get an ensemble relabel ``q_i``, one of:
+  - ``"token"``: Token Labeling's annotator, each client's classifier head on its own final patch
+    token, ``q_i = mean_k softmax(head_k(norm_k(token_i^k)) / tau)``;
+  - ``"image"``: the image-level soft label ``q_i = softmax(f_E(x) / tau)`` for every low patch;
+  - ``"neighbourhood"``: the ensemble's prediction on the 3x3 block of patches around patch i alone
+    (a sparse forward on those 9 tokens), ``q_i = softmax(f_E(x restricted to N(i)) / tau)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from fedmitr.config import RelabelConfig
+from fedmitr.inversion import SyntheticBatch, ensemble_forward
+from fedmitr.models import patch_grid, sparse_forward, token_logits
+
+RELABEL_MODES = ("token", "image", "neighbourhood")
+
+
+@dataclass
+class TokenTargets:
+    targets: torch.Tensor  # [B, N, L] per-patch target distributions (rows sum to 1)
+    relabelled: torch.Tensor  # [B, N] bool, True where the target is the ensemble relabel
+
+
+@torch.no_grad()
+def ensemble_relabel(models: list[VisionTransformer], images: torch.Tensor, mode: str,
+                     temperature: float) -> torch.Tensor:
+    """Soft ensemble label of every patch, ``[B, N, L]``, by ``mode`` (see module docstring)."""
+    n = patch_grid(models[0]) ** 2
+    if mode == "image":
+        logits, _ = ensemble_forward(models, images, None)
+        return F.softmax(logits / temperature, dim=-1).unsqueeze(1).expand(-1, n, -1).contiguous()
+    if mode == "token":
+        probs = 0.0
+        for m in models:
+            out = sparse_forward(m, images, None)
+            probs = probs + F.softmax(token_logits(m, out.tokens).float() / temperature, dim=-1)
+        return probs / len(models)
+    if mode == "neighbourhood":
+        grid = patch_grid(models[0])
+        hood = neighbourhoods(grid).to(images.device)  # [N, 9]
+        b = images.shape[0]
+        # Every (image, patch) pair becomes one sparse forward on its 9 neighbouring tokens.
+        rep = images.repeat_interleave(n, dim=0)  # [B*N, C, H, W]
+        keep = hood.repeat(b, 1)  # [B*N, 9]
+        out = []
+        for start in range(0, rep.shape[0], 1024):
+            logits, _ = ensemble_forward(models, rep[start:start + 1024], keep[start:start + 1024])
+            out.append(F.softmax(logits / temperature, dim=-1))
+        return torch.cat(out).view(b, n, -1)
+    raise ValueError(f"relabel mode must be one of {', '.join(RELABEL_MODES)} (got {mode!r})")
+
+
+def neighbourhoods(grid: int) -> torch.Tensor:
+    """``[N, k]`` patch indices of the 3x3 block around each patch, shifted inward at the border
+    so every block has the same 9 distinct patches (k = min(3, grid)**2)."""
+    size = min(3, grid)
+    rows = []
+    for r in range(grid):
+        for c in range(grid):
+            r0 = min(max(r - 1, 0), grid - size)
+            c0 = min(max(c - 1, 0), grid - size)
+            rows.append([(r0 + i) * grid + (c0 + j) for i in range(size) for j in range(size)])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def relabel(models: list[VisionTransformer], batch: SyntheticBatch, cfg: RelabelConfig,
+            num_classes: int) -> TokenTargets:
+    """Per-patch targets for ``batch``: generated label on H, ensemble relabel elsewhere."""
+    q = ensemble_relabel(models, batch.images, cfg.mode, cfg.temperature)  # [B, N, L]
+    one_hot = F.one_hot(batch.labels, num_classes).float()
+    if cfg.label_smoothing > 0:
+        one_hot = one_hot * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
+    high = batch.high_mask.unsqueeze(-1)
+    targets = torch.where(high, one_hot.unsqueeze(1).expand_as(q), q)
+    return TokenTargets(targets=targets, relabelled=~batch.high_mask)

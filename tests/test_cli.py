@@ -1,0 +1,166 @@
+"""The ``fedmitr`` command line, called in-process (and once as the installed script)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedmitr.cli import main
+
+RUN_FLAGS = ["--dataset", "--clients", "--alpha", "--seed", "--preset", "--methods", "--out", "--config"]
+
+
+def fedmitr(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the CLI in this process; return (exit code, stdout, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_help_documents_every_flag(capsys):
+    code, out, err = fedmitr(["run", "--help"], capsys)
+    assert code == 0 and err == ""
+    for flag in RUN_FLAGS:
+        assert flag in out
+    # ... with what each one allows.
+    for allowed in ("mnist5k", "cifar10", "iid", "tiny, cpu, gpu", "fedavg, ensemble", ">= 2", "YAML"):
+        assert allowed in out
+
+
+def test_installed_script_prints_help():
+    script = Path(sys.executable).with_name("fedmitr")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([str(script), "run", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: fedmitr run")
+    for flag in RUN_FLAGS:
+        assert flag in proc.stdout
+
+
+def _table_rows(stdout: str) -> dict[str, float]:
+    """``name | accuracy | seconds`` rows of the results table -> {name: accuracy}."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) == 3 and cells[0] != "method":
+            rows[cells[0].split(" (n=")[0]] = float(cells[1])
+    return rows
+
+
+def test_tiny_run_writes_metrics_and_prints_a_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "run"
+    code, out, err = fedmitr(["run", "--preset", "tiny", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    lines = out.splitlines()
+    assert lines[0].split() == ["method", "|", "accuracy", "|", "seconds"]
+    assert set(lines[1]) <= {"-", "+"}
+    rows = _table_rows(out)
+    expected = {f"client {c['index'] + 1}": round(c["accuracy"], 4) for c in metrics["clients"]}
+    expected.update({name: round(m["accuracy"], 4) for name, m in metrics["methods"].items()})
+    assert rows == pytest.approx(expected, abs=1e-4)
+    assert list(rows)[-2:] == ["fedavg", "ensemble"]
+    assert lines[-1] == f"wrote {out_dir / 'metrics.json'}"
+    # Progress goes to stderr, so stdout is only the table.
+    assert "[clients]" in err and "[clients]" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing under ./runs
+
+
+def test_flags_override_the_config_file_which_overrides_the_preset(tmp_path, capsys):
+    config = tmp_path / "over.yaml"
+    config.write_text("seed: 5\ndata:\n  num_clients: 4\nclients:\n  epochs: 1\n")
+    out_dir = tmp_path / "run"
+    code, out, err = fedmitr(["run", "--preset", "tiny", "--config", str(config), "--clients", "3",
+                              "--alpha", "iid", "--methods", "ensemble", "--out", str(out_dir), "--quiet"], capsys)
+    assert code == 0, err
+    assert err == ""  # --quiet
+    saved = json.loads((out_dir / "config.json").read_text())
+    assert saved["preset"] == "tiny"
+    assert (saved["seed"], saved["data"]["num_clients"], saved["clients"]["epochs"]) == (5, 3, 1)
+    assert saved["data"]["alpha"] is None and saved["methods"] == ["ensemble"]
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["partition"]["alpha"] is None
+    assert list(_table_rows(out)) == ["client 1", "client 2", "client 3", "ensemble"]
+
+
+def _inputs(tmp: Path) -> dict[str, str]:
+    """Files that bad-input cases point at, made before the 'nothing was created' snapshot."""
+    tmp.mkdir()
+    (tmp / "bad.yaml").write_text("data: [unclosed\n")
+    (tmp / "unknown.yaml").write_text("data:\n  bogus: 1\n")
+    (tmp / "wrong_type.yaml").write_text("clients:\n  epochs: ten\n")
+    (tmp / "a_file").write_text("not a directory")
+    return {
+        "BAD_YAML": str(tmp / "bad.yaml"),
+        "UNKNOWN_FIELD": str(tmp / "unknown.yaml"),
+        "WRONG_TYPE": str(tmp / "wrong_type.yaml"),
+        "FILE": str(tmp / "a_file"),
+        "UNDER_FILE": str(tmp / "a_file" / "run"),
+    }
+
+
+BAD_INPUTS = {
+    # case: (extra argv, phrases the error must contain)
+    "clients 1": (["--clients", "1"], ["--clients", ">= 2", "got 1"]),
+    "clients 100000": (["--clients", "100000"], ["100000 clients", "use at most"]),
+    "clients abc": (["--clients", "abc"], ["--clients must be an integer", "'abc'"]),
+    "alpha -1": (["--alpha", "-1"], ["alpha must be a number > 0", "'iid'"]),
+    "alpha abc": (["--alpha", "abc"], ["alpha must be a number > 0", "'iid'", "'abc'"]),
+    "alpha 0": (["--alpha", "0"], ["alpha must be a number > 0", "'iid'"]),
+    "dataset nope": (["--dataset", "nope"], ["'nope'", "mnist5k", "digits"]),
+    "dataset offline": (["--dataset", "cifar10"], ["cifar10", "Offline?", "mnist5k"]),
+    "methods bogus": (["--methods", "fedavg,bogus"], ["bogus", "known: fedavg, ensemble"]),
+    "preset nope": (["--preset", "nope"], ["'nope'", "tiny, cpu, gpu"]),
+    "seed abc": (["--seed", "abc"], ["--seed must be an integer"]),
+    "epochs 0": (["--epochs", "0"], ["--epochs must be >= 1"]),
+    "unknown flag": (["--bogus", "1"], ["--bogus", "--help"]),
+    "config missing": (["--config", "/nonexistent.yaml"], ["cannot read config file", "/nonexistent.yaml"]),
+    "config invalid yaml": (["--config", "BAD_YAML"], ["bad.yaml", "not valid YAML"]),
+    "config unknown field": (["--config", "UNKNOWN_FIELD"], ["'data.bogus'", "allowed here", "num_clients"]),
+    "config wrong type": (["--config", "WRONG_TYPE"], ["epochs"]),
+    "out is a file": (["--out", "FILE"], ["a_file", "not a directory"]),
+    "out under a file": (["--out", "UNDER_FILE"], ["a_file", "not writable"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_error_line_exit_2_and_nothing_written(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # so a default ./runs/... directory would be noticed
+    paths = _inputs(tmp_path / "inputs")
+    extra, phrases = BAD_INPUTS[case]
+    extra = [paths.get(a, a) for a in extra]
+    before = sorted(tmp_path.rglob("*"))
+
+    code, out, err = fedmitr(["run", "--preset", "tiny", "--out", str(tmp_path / "out"), *extra], capsys)
+
+    assert code == 2
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fedmitr: error: ")
+    for phrase in phrases:
+        assert phrase in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_out_under_a_read_only_directory(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _, err = fedmitr(["run", "--preset", "tiny", "--out", str(locked / "run")], capsys)
+    finally:
+        locked.chmod(0o755)
+    assert code == 2
+    assert err.startswith("fedmitr: error: ") and "not writable" in err and len(err.splitlines()) == 1
+    assert list(locked.iterdir()) == []

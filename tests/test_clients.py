@@ -1,0 +1,179 @@
+"""Local client training, evaluation, the FedAvg baseline and the accelerate runtime."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+
+from fedmitr.baselines import fedavg
+from fedmitr.clients import accuracy, evaluate, predict_logits, train_clients
+from fedmitr.config import apply_overrides
+from fedmitr.data import partition
+from fedmitr.events import Progress
+from fedmitr.models import build_model
+from fedmitr.runtime import make_accelerator
+
+NUM_CLIENTS = 3
+EPOCHS = 20  # the tiny preset has 4; a from-scratch ViT on ~200 images needs more to learn visibly
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tiny_cfg):
+    """Three clients trained on IID thirds of the tiny data, with every event recorded."""
+    cfg = apply_overrides(tiny_cfg, {"clients": {"epochs": EPOCHS}}).validate()
+    part = partition(tiny_data.train.labels.numpy(), NUM_CLIENTS, None, tiny_data.num_classes, seed=0)
+    events = []
+    results = train_clients(tiny_data, part, cfg.model, cfg.clients, make_accelerator(), seed=0,
+                            on_event=events.append)
+    return cfg, part, results, events
+
+
+@pytest.fixture()
+def model_factory(tiny_cfg, tiny_data):
+    def make(seed: int = 0):
+        torch.manual_seed(seed)
+        return build_model(tiny_cfg.model, tiny_data.num_classes, tiny_data.channels, tiny_data.image_size)
+
+    return make
+
+
+def test_clients_come_back_in_order_with_their_own_data(trained):
+    _, part, results, _ = trained
+    assert [r.index for r in results] == list(range(NUM_CLIENTS))
+    assert [r.num_samples for r in results] == [len(idx) for idx in part.client_indices]
+    for r in results:
+        assert not r.model.training
+        assert r.seconds > 0
+        assert len(r.losses) == EPOCHS
+    # Same initialisation, different data: the trained clients differ.
+    a, b = (dict(r.model.named_parameters()) for r in results[:2])
+    assert not torch.equal(a["head.weight"], b["head.weight"])
+
+
+def test_local_training_reduces_the_loss(trained):
+    _, _, results, _ = trained
+    for r in results:
+        assert r.losses[0] == pytest.approx(2.3, abs=0.3)  # ln(10): a fresh model guesses
+        assert r.losses[-1] < 0.9 * r.losses[0], r.losses
+        assert min(r.losses[-3:]) < min(r.losses[:3]), r.losses
+
+
+def test_trained_clients_beat_chance(trained, tiny_data):
+    _, _, results, _ = trained
+    accs = [evaluate(r.model, tiny_data.test) for r in results]
+    assert min(accs) > 0.2, accs  # 10 classes: chance is 0.1
+
+
+def test_progress_events_count_every_client_epoch(trained):
+    _, _, results, events = trained
+    progress = [e for e in events if isinstance(e, Progress)]
+    total = NUM_CLIENTS * EPOCHS
+    assert [e.step for e in progress] == list(range(1, total + 1))
+    assert {e.total for e in progress} == {total}
+    assert {e.stage for e in progress} == {"clients"}
+    assert progress[0].message == f"client 1/{NUM_CLIENTS}, epoch 1/{EPOCHS}"
+    assert progress[-1].message == f"client {NUM_CLIENTS}/{NUM_CLIENTS}, epoch {EPOCHS}/{EPOCHS}"
+    # Each epoch's loss travels with its event (the curve the UI draws).
+    losses = [loss for r in results for loss in r.losses]
+    assert [e.values["loss"] for e in progress] == pytest.approx(losses)
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+
+def test_evaluate_of_a_list_is_the_accuracy_of_averaged_logits(trained, tiny_data):
+    _, _, results, _ = trained
+    models = [r.model for r in results]
+    x, y = tiny_data.test.images, tiny_data.test.labels
+    with torch.no_grad():
+        mean_logits = torch.stack([m(x) for m in models]).mean(0)
+        single = models[0](x)
+    assert evaluate(models, tiny_data.test) == pytest.approx(float((mean_logits.argmax(1) == y).float().mean()))
+    assert evaluate(models[0], tiny_data.test) == pytest.approx(float((single.argmax(1) == y).float().mean()))
+    # Batching does not change the averaged logits.
+    assert torch.allclose(predict_logits(models, x, batch_size=7), mean_logits, atol=1e-5)
+
+
+def test_evaluate_restores_training_mode(model_factory, tiny_data):
+    model = model_factory().train()
+    evaluate(model, tiny_data.test)
+    assert model.training
+
+
+def test_accuracy():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [0.0, 1.0]])
+    assert accuracy(logits, torch.tensor([0, 1, 1, 0])) == 0.5
+
+
+# --- FedAvg ------------------------------------------------------------------------------------------
+
+def _filled(model, value: float):
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+    return model
+
+
+def test_fedavg_of_identical_models_is_that_model(model_factory, tiny_data):
+    model = model_factory()
+    avg = fedavg([model, copy.deepcopy(model), copy.deepcopy(model)], [5, 1, 30])
+    assert avg is not model
+    assert not avg.training
+    for key, value in model.state_dict().items():
+        assert torch.allclose(avg.state_dict()[key], value, atol=1e-6), key
+    x = tiny_data.test.images[:8]
+    with torch.no_grad():
+        assert torch.allclose(avg(x), model.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("num_samples, expected", [([1, 3], 2.5), ([3, 1], 1.5), ([10, 10], 2.0), (None, 2.0)])
+def test_fedavg_weights_by_client_size(model_factory, num_samples, expected):
+    ones, threes = _filled(model_factory(), 1.0), _filled(model_factory(), 3.0)
+    avg = fedavg([ones, threes], num_samples)
+    for name, p in avg.named_parameters():
+        assert torch.allclose(p, torch.full_like(p, expected)), name
+    # The inputs are left as they were.
+    assert all(bool((p == 1.0).all()) for p in ones.parameters())
+    assert all(bool((p == 3.0).all()) for p in threes.parameters())
+
+
+def test_fedavg_of_trained_clients_is_their_weighted_mean(trained):
+    _, _, results, _ = trained
+    models, sizes = [r.model for r in results], [r.num_samples for r in results]
+    avg = fedavg(models, sizes)
+    w = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    expected = sum(wi * m.head.weight.double() for wi, m in zip(w, models)).float()
+    assert torch.allclose(avg.head.weight, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "count, num_samples",
+    [(0, None), (2, [1]), (2, [1, 2, 3]), (2, [0, 5]), (2, [-1, 5])],
+)
+def test_fedavg_rejects_bad_weights(model_factory, count, num_samples):
+    models = [model_factory(seed=i) for i in range(count)]
+    with pytest.raises(ValueError, match="fedavg needs at least one model|one positive count per model"):
+        fedavg(models, num_samples)
+
+
+# --- runtime -----------------------------------------------------------------------------------------
+
+def test_make_accelerator_can_be_called_again_with_other_settings():
+    make_accelerator()
+    # What make_accelerator protects against: once accelerate's process-wide state exists, an
+    # Accelerator with other settings raises.
+    with pytest.raises(ValueError, match="already been initialized"):
+        Accelerator(cpu=True, mixed_precision="bf16")
+    AcceleratorState._reset_state(True)  # noqa: SLF001
+    GradientState._reset_state()  # noqa: SLF001
+    Accelerator(cpu=True, mixed_precision="bf16")  # someone else's accelerator, other settings
+    first = make_accelerator()
+    second = make_accelerator(cpu=True)
+    assert first.num_processes == 1
+    assert second.device.type == "cpu"
+    assert second.mixed_precision == "no"  # bf16 only on a GPU that supports it
+    assert second.num_processes == 1 and second.is_main_process

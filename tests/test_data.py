@@ -1,0 +1,281 @@
+"""Datasets: the bundled loaders, the Hub adapter (on in-memory ``datasets``), and subsampling."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+
+from fedmitr.config import ConfigError
+from fedmitr.data import (
+    ASSETS,
+    HUB_DATASETS,
+    DatasetUnavailable,
+    HubSpec,
+    ImageDataset,
+    Split,
+    dataset_from_hf,
+    load_dataset,
+    subsample,
+)
+
+
+def _unit_uint8(ds: ImageDataset, images: torch.Tensor) -> torch.Tensor:
+    """Normalised images back to the uint8 pixels they came from."""
+    return (ds.to_unit(images) * 255).round().to(torch.uint8)
+
+
+def _row_bytes(images: np.ndarray) -> list[bytes]:
+    return sorted(img.tobytes() for img in images)
+
+
+# --- bundled: mnist5k ------------------------------------------------------------------------------
+
+def test_mnist5k_sizes_shapes_and_balance(mnist5k):
+    assert (len(mnist5k.train), len(mnist5k.test)) == (4000, 1000)
+    assert mnist5k.train.images.shape == (4000, 1, 28, 28)
+    assert mnist5k.test.images.shape == (1000, 1, 28, 28)
+    assert mnist5k.train.images.dtype == torch.float32
+    assert mnist5k.train.labels.dtype == torch.int64
+    assert (mnist5k.channels, mnist5k.image_size, mnist5k.num_classes) == (1, 28, 10)
+    assert mnist5k.class_names == tuple(str(d) for d in range(10))
+    assert mnist5k.allow_flip is False  # a flipped digit is not the same digit
+    assert mnist5k.train.labels.bincount(minlength=10).tolist() == [400] * 10
+    assert mnist5k.test.labels.bincount(minlength=10).tolist() == [100] * 10
+
+
+def test_mnist5k_is_normalised_with_train_statistics(mnist5k):
+    per_channel_mean = mnist5k.train.images.mean(dim=(0, 2, 3))
+    per_channel_std = mnist5k.train.images.std(dim=(0, 2, 3))
+    assert torch.allclose(per_channel_mean, torch.zeros(1), atol=1e-4)
+    assert torch.allclose(per_channel_std, torch.ones(1), atol=1e-3)
+    # The test split uses the *train* statistics: close to, but not exactly, standardised.
+    assert abs(float(mnist5k.test.images.mean())) < 0.1
+    # MNIST pixel statistics, so the images were not standardised from some other scale.
+    assert mnist5k.mean[0] == pytest.approx(0.13, abs=0.02)
+    assert mnist5k.std[0] == pytest.approx(0.31, abs=0.02)
+
+
+def test_mnist5k_split_is_fixed_and_covers_the_bundled_file_once(mnist5k):
+    again = load_dataset("mnist5k")
+    assert torch.equal(again.train.images, mnist5k.train.images)
+    assert torch.equal(again.train.labels, mnist5k.train.labels)
+    assert torch.equal(again.test.images, mnist5k.test.images)
+    assert torch.equal(again.test.labels, mnist5k.test.labels)
+    # Every bundled image lands in exactly one split, with its pixels intact.
+    with np.load(ASSETS / "mnist5k.npz") as npz:
+        raw = npz["images"]
+    both = torch.cat([_unit_uint8(mnist5k, mnist5k.train.images), _unit_uint8(mnist5k, mnist5k.test.images)])
+    assert _row_bytes(both.squeeze(1).numpy()) == _row_bytes(raw)
+
+
+def test_pixel_bounds_and_to_unit_round_trip(mnist5k):
+    lo, hi = mnist5k.pixel_bounds()
+    assert lo.shape == hi.shape == (1, 1, 1, 1)
+    # MNIST has pure black and pure white pixels, so the data reaches both bounds.
+    assert float(mnist5k.train.images.min()) == pytest.approx(float(lo), abs=1e-5)
+    assert float(mnist5k.train.images.max()) == pytest.approx(float(hi), abs=1e-5)
+    assert float(mnist5k.to_unit(lo)) == pytest.approx(0.0, abs=1e-6)
+    assert float(mnist5k.to_unit(hi)) == pytest.approx(1.0, abs=1e-6)
+
+    images = mnist5k.test.images[:64]
+    unit = mnist5k.to_unit(images)
+    assert unit.shape == images.shape
+    assert float(unit.min()) >= 0.0 and float(unit.max()) <= 1.0
+    mean = torch.tensor(mnist5k.mean).view(1, -1, 1, 1)
+    std = torch.tensor(mnist5k.std).view(1, -1, 1, 1)
+    assert torch.allclose((unit - mean) / std, images, atol=1e-5)
+    # Out-of-range values (e.g. from inversion) are clipped for display.
+    assert torch.equal(mnist5k.to_unit(images + 100), torch.ones_like(images))
+
+
+def test_digits_are_16px_with_a_fixed_80_20_split():
+    ds = load_dataset("digits")
+    assert ds.train.images.shape[1:] == (1, 16, 16)
+    assert ds.test.images.shape[1:] == (1, 16, 16)
+    assert len(ds.train) + len(ds.test) == 1797  # scikit-learn's load_digits
+    assert len(ds.test) / 1797 == pytest.approx(0.2, abs=0.01)
+    assert set(ds.train.labels.tolist()) == set(range(10))
+    assert ds.num_classes == 10
+    assert torch.equal(load_dataset("digits").test.images, ds.test.images)
+
+
+def test_unknown_dataset_names_the_choices():
+    with pytest.raises(ConfigError) as err:
+        load_dataset("nope")
+    message = str(err.value)
+    assert "'nope'" in message
+    for name in ("mnist5k", "digits", "cifar10", "hf:owner/name"):
+        assert name in message
+
+
+@pytest.mark.parametrize("name", ["cifar10", "tiny-imagenet", "hf:someone/some-images"])
+def test_hub_dataset_offline_fails_fast_and_points_at_bundled_data(name):
+    start = time.perf_counter()
+    with pytest.raises(DatasetUnavailable) as err:
+        load_dataset(name)
+    assert time.perf_counter() - start < 20
+    message = str(err.value)
+    assert "mnist5k" in message and "digits" in message
+    assert "Offline?" in message
+
+
+# --- the Hub adapter, on in-memory datasets ---------------------------------------------------------
+
+def _images(n: int, size: tuple[int, int] | list[tuple[int, int]], gray: bool = False, seed: int = 0):
+    """``n`` random uint8 images as (PIL list, numpy list); ``size`` is (width, height) or one per image."""
+    rng = np.random.default_rng(seed)
+    sizes = size if isinstance(size, list) else [size] * n
+    arrays = [rng.integers(0, 256, (h, w) if gray else (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    return [PIL.Image.fromarray(a) for a in arrays], arrays
+
+
+def _hf_split(images, labels, names, image_col="img", label_col="label", extra=None) -> Dataset:
+    data = {image_col: images, label_col: labels}
+    features = {image_col: Image(), label_col: ClassLabel(names=list(names))}
+    for col, (values, feature) in (extra or {}).items():
+        data[col] = values
+        features[col] = feature
+    return Dataset.from_dict(data, features=Features(features))
+
+
+def _chw(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+HF_LAYOUTS = {
+    # name: (registry spec, image column, label column, {split: size}, expected test split)
+    "cifar10": (HUB_DATASETS["cifar10"], "img", "label", {"train": 12, "test": 6}, "test"),
+    "cifar100": (HUB_DATASETS["cifar100"], "img", "fine_label", {"train": 12, "test": 6}, "test"),
+    "tiny-imagenet": (HUB_DATASETS["tiny-imagenet"], "image", "label", {"train": 12, "valid": 6}, "valid"),
+    # The spec's own test split wins over an earlier name in the fallback list.
+    "mini-imagenet": (HUB_DATASETS["mini-imagenet"], "image", "label",
+                      {"train": 12, "test": 3, "validation": 6}, "validation"),
+}
+
+
+@pytest.mark.parametrize("layout", list(HF_LAYOUTS))
+def test_dataset_from_hf_adapts_hub_layouts(layout):
+    spec, image_col, label_col, sizes, test_name = HF_LAYOUTS[layout]
+    names = ("cat", "dog", "eel")
+    px = spec.image_size
+    splits, arrays, labels = {}, {}, {}
+    for i, (split, n) in enumerate(sizes.items()):
+        images, arrays[split] = _images(n, (px, px), seed=i)
+        labels[split] = [(j + i) % 3 for j in range(n)]
+        extra = None
+        if label_col == "fine_label":  # CIFAR-100 also carries a coarse label that must be ignored
+            extra = {"coarse_label": ([2 - y for y in labels[split]], ClassLabel(names=["x", "y", "z"]))}
+        splits[split] = _hf_split(images, labels[split], names, image_col, label_col, extra)
+
+    ds = dataset_from_hf(DatasetDict(splits), layout, spec)
+
+    assert ds.name == layout
+    assert ds.class_names == names
+    assert ds.train.images.shape == (sizes["train"], 3, px, px)
+    assert ds.test.images.shape == (sizes[test_name], 3, px, px)
+    assert ds.train.labels.tolist() == labels["train"]
+    assert ds.test.labels.tolist() == labels[test_name]
+    assert torch.equal(_unit_uint8(ds, ds.train.images), _chw(arrays["train"]))
+    assert torch.equal(_unit_uint8(ds, ds.test.images), _chw(arrays[test_name]))
+    assert ds.allow_flip is True
+    assert spec.hub_id in ds.source
+    assert torch.allclose(ds.train.images.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+
+
+def test_dataset_from_hf_holds_out_a_stratified_20_percent_without_a_test_split():
+    names = [f"c{i}" for i in range(5)]
+    labels = [i % 5 for i in range(50)]
+    images, arrays = _images(50, (32, 32))
+    splits = {"train": _hf_split(images, labels, names)}
+    spec = HubSpec("someone/train-only", 32)
+
+    ds = dataset_from_hf(splits, "train-only", spec)
+
+    assert (len(ds.train), len(ds.test)) == (40, 10)
+    assert ds.train.labels.bincount(minlength=5).tolist() == [8] * 5
+    assert ds.test.labels.bincount(minlength=5).tolist() == [2] * 5
+    train_px = _unit_uint8(ds, ds.train.images).permute(0, 2, 3, 1).numpy()
+    test_px = _unit_uint8(ds, ds.test.images).permute(0, 2, 3, 1).numpy()
+    assert not set(_row_bytes(train_px)) & set(_row_bytes(test_px))
+    assert _row_bytes(np.concatenate([train_px, test_px])) == _row_bytes(np.stack(arrays))
+    again = dataset_from_hf(splits, "train-only", spec)  # the held-out part does not move
+    assert torch.equal(again.test.images, ds.test.images)
+
+
+def test_dataset_from_hf_resizes_odd_sizes_to_the_spec_size():
+    images, _ = _images(6, [(37, 23), (32, 32), (64, 64), (5, 50), (33, 31), (32, 16)])
+    splits = {"train": _hf_split(images[:4], [0, 1, 0, 1], "ab"),
+              "test": _hf_split(images[4:], [0, 1], "ab")}
+    ds = dataset_from_hf(splits, "odd", HubSpec("someone/odd", 32))
+    assert ds.train.images.shape == (4, 3, 32, 32)
+    assert ds.test.images.shape == (2, 3, 32, 32)
+    # A same-size image passes through untouched.
+    assert torch.equal(_unit_uint8(ds, ds.train.images[1:2]), _chw([np.asarray(images[1])]))
+
+
+def test_dataset_from_hf_turns_grayscale_into_rgb():
+    images, arrays = _images(4, (32, 32), gray=True)
+    splits = {"train": _hf_split(images, [0, 1, 0, 1], "ab"), "test": _hf_split(images[:2], [0, 1], "ab")}
+    ds = dataset_from_hf(splits, "gray", HUB_DATASETS["cifar10"])
+    assert ds.channels == 3
+    pixels = _unit_uint8(ds, ds.train.images)
+    for c in range(3):
+        assert torch.equal(pixels[:, c], torch.from_numpy(np.stack(arrays)))
+
+
+@pytest.mark.parametrize(
+    "columns, missing, found",
+    [(("img", "target"), "label", "target"), (("picture", "label"), "image", "picture")],
+)
+def test_dataset_from_hf_missing_column_is_a_clear_error(columns, missing, found):
+    image_col, label_col = columns
+    images, _ = _images(4, (32, 32))
+    splits = {"train": _hf_split(images, [0, 1, 0, 1], "ab", image_col, label_col)}
+    with pytest.raises(DatasetUnavailable) as err:
+        dataset_from_hf(splits, "odd", HubSpec("someone/odd-columns", 32))
+    message = str(err.value)
+    assert "someone/odd-columns" in message
+    assert f"no {missing} column" in message
+    assert found in message  # what the dataset has instead
+    assert ("fine_label" in message) if missing == "label" else ("img" in message)
+
+
+def test_dataset_from_hf_without_train_split_is_a_clear_error():
+    images, _ = _images(2, (32, 32))
+    with pytest.raises(DatasetUnavailable, match="no 'train' split.*test"):
+        dataset_from_hf({"test": _hf_split(images, [0, 1], "ab")}, "x", HubSpec("someone/x", 32))
+
+
+# --- subsample -------------------------------------------------------------------------------------
+
+def _labelled(counts: list[int]) -> Split:
+    labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    images = torch.arange(len(labels), dtype=torch.float32).view(-1, 1, 1, 1)  # image i holds value i
+    return Split(images, labels)
+
+
+def test_subsample_keeps_class_proportions():
+    ds = ImageDataset("skewed", _labelled([100, 300, 600]), _labelled([20, 60, 120]), ("a", "b", "c"),
+                      (0.0,), (1.0,), False, "test")
+    cut = subsample(ds, 100, 20)
+    assert cut.train.labels.bincount().tolist() == [10, 30, 60]
+    assert cut.test.labels.bincount().tolist() == [2, 6, 12]
+    # Images stay with their labels, and each is used once.
+    kept = cut.train.images.flatten().long()
+    assert torch.equal(ds.train.labels[kept], cut.train.labels)
+    assert len(set(kept.tolist())) == 100
+    assert torch.equal(subsample(ds, 100, 20).train.images, cut.train.images)  # fixed for a size
+    # No cap, or a cap above the size, leaves a split alone.
+    assert subsample(ds, None, None) is ds
+    assert subsample(ds, 5000, None).train is ds.train
+
+
+def test_tiny_preset_subsample_of_mnist_is_stratified(tiny_data, mnist5k):
+    assert tiny_data.train.labels.bincount(minlength=10).tolist() == [60] * 10
+    assert tiny_data.test.labels.bincount(minlength=10).tolist() == [20] * 10
+    assert tiny_data.mean == mnist5k.mean  # normalised with the full split's statistics
