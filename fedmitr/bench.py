@@ -39,6 +39,9 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (default: 0,1)")
     bench.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock reruns")
     bench.add_argument("--out", default="bench", help="output directory (default: bench)")
+    bench.add_argument("--merge", nargs="+", default=None, metavar="BENCH_JSON",
+                       help="only rebuild bench.md / tradeoff.html in --out from existing bench.json files "
+                            "(e.g. halves of a grid run in parallel); trains nothing")
 
 
 def parse_grid(alphas: str, seeds: str) -> tuple[list[float | None], list[int]]:
@@ -163,8 +166,34 @@ def tradeoff_figure(records: list[dict[str, Any]]):
     return fig
 
 
+def merge_records(paths: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    config, records = None, []
+    for p in paths:
+        try:
+            data = json.loads(Path(p).read_text())
+            config = config or data["config"]
+            records.extend(data["records"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"cannot read bench results {p!r}: {err}; pass bench.json files written by fedmitr bench") from None
+    return config, records
+
+
+def write_outputs(out: Path, config: dict[str, Any], records: list[dict[str, Any]], command: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"config": config, "records": records}, indent=2))
+    table = summarise(records, command)
+    (out / "bench.md").write_text(table)
+    tradeoff_figure(records).write_html(out / "tradeoff.html", include_plotlyjs="cdn")
+    return table
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fedmitr.cli import ProgressPrinter, config_from_args
+
+    if args.merge:
+        config, records = merge_records(args.merge)
+        print(write_outputs(Path(args.out), config, records, "fedmitr bench (merged: " + " ".join(args.merge) + ")"))
+        return 0
 
     base = config_from_args(args)
     if args.methods is None:
@@ -182,10 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cfg = apply_overrides(base, {"seed": seed, "data": {"alpha": alpha if alpha is not None else "iid"}})
             print(f"[bench] alpha={_alpha_name(alpha)} seed={seed}", file=sys.stderr, flush=True)
             records.extend(bench_cell(cfg, equal_time=not args.no_equal_time, on_event=printer))
-            out.mkdir(parents=True, exist_ok=True)  # written after every cell, so a long bench can be read early
-            (out / "bench.json").write_text(json.dumps({"config": base.to_dict(), "records": records}, indent=2))
-    table = summarise(records, command)
-    (out / "bench.md").write_text(table)
-    tradeoff_figure(records).write_html(out / "tradeoff.html", include_plotlyjs="cdn")
+            # Written after every cell, so a long bench can be read (and merged) early.
+            table = write_outputs(out, base.to_dict(), records, command)
     print(table)
     return 0

@@ -146,7 +146,8 @@ def run_inversion_method(spec: MethodSpec, cfg: RunConfig, dataset: ImageDataset
                                   f"round {r}/{rounds}: inversion {it}/{inv.iterations}", losses))
 
         batch = invert(teachers, labels, inv, dataset.pixel_bounds(), spec.sparse, generator,
-                       high_ratio=cfg.relabel.high_ratio, allow_flip=dataset.allow_flip, on_step=on_step)
+                       high_ratio=cfg.relabel.high_ratio, allow_flip=dataset.allow_flip, on_step=on_step,
+                       student=student.vit)
         done += inv.iterations
         seconds["inversion"] += batch.seconds
         t0 = time.perf_counter()

@@ -74,6 +74,13 @@ def ensemble_forward(models: list[VisionTransformer], images: torch.Tensor,
     return logits / len(models), attention / len(models)
 
 
+def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Per-row Jensen-Shannon divergence ``[B]`` (nats) between two softmax distributions."""
+    p, q = logits_p.softmax(-1), logits_q.softmax(-1)
+    m = (0.5 * (p + q)).clamp_min(1e-8).log()
+    return 0.5 * (F.kl_div(m, p, reduction="none").sum(-1) + F.kl_div(m, q, reduction="none").sum(-1))
+
+
 def roll_patch_indices(keep_idx: torch.Tensor, grid: int, dy_patches: int, dx_patches: int) -> torch.Tensor:
     """Where patch indices land after ``torch.roll`` of the image by whole patches (with wrap-around)."""
     if dy_patches == 0 and dx_patches == 0:
@@ -99,12 +106,16 @@ def top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
 def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: InversionConfig,
            pixel_bounds: tuple[torch.Tensor, torch.Tensor], sparse: bool, generator: torch.Generator,
            high_ratio: float | None = None, allow_flip: bool = False,
-           on_step: Callable[[int, dict[str, float]], None] | None = None) -> SyntheticBatch:
+           on_step: Callable[[int, dict[str, float]], None] | None = None,
+           student: VisionTransformer | None = None) -> SyntheticBatch:
     """Synthesise one batch of images for ``labels`` [B] from the ensemble of ``models``.
 
     ``pixel_bounds`` are the normalised values of black and white, each ``[1, C, 1, 1]``.
     ``high_ratio`` sets |H| / N; by default it is the fraction sparse inversion keeps active.
     ``on_step(iteration, losses)`` is called after every step (losses: ce, tv, total, active).
+    ``student`` with ``cfg.adv_weight > 0`` adds Adaptive DeepInversion's competition term,
+    ``adv_weight * (1 - JS(teacher || student))``: images on which the current global model still
+    disagrees with the ensemble are favoured, the ones distillation learns most from.
     """
     start = time.perf_counter()
     ref = models[0]
@@ -116,8 +127,10 @@ def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: Inversion
     b = labels.shape[0]
     labels = labels.to(device)
     low, high = (t.to(device) for t in pixel_bounds)
-    was_training = [m.training for m in models]
-    for m in models:
+    use_student = student is not None and cfg.adv_weight > 0
+    frozen = models + ([student] if use_student else [])
+    was_training = [m.training for m in frozen]
+    for m in frozen:
         m.eval().requires_grad_(False)
 
     x = torch.randn((b, ref.patch_embed.proj.in_channels, size, size), generator=generator).to(device)
@@ -145,6 +158,9 @@ def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: Inversion
         ce = F.cross_entropy(logits, labels, reduction="none")
         tv = total_variation(x)
         per_image = ce + cfg.tv_weight * tv + cfg.l2_weight * x.flatten(1).pow(2).sum(1)
+        if use_student:
+            s_logits = sparse_forward(student, view, None if view_idx.shape[1] == n_patches else view_idx).logits
+            per_image = per_image + cfg.adv_weight * (1 - js_divergence(logits, s_logits.float()))
         loss = per_image.mean()
 
         with torch.no_grad():
@@ -177,7 +193,7 @@ def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: Inversion
         h_count = kept_count(n_patches, cfg.keep_per_stop, len(stop_iterations(cfg)))
     else:
         h_count = max(1, round(high_ratio * n_patches))
-    for m, flag in zip(models, was_training):
+    for m, flag in zip(frozen, was_training):
         m.train(flag).requires_grad_(True)
     return SyntheticBatch(
         images=images, labels=labels, keep_idx=keep_idx, stop_step=stop_step, density=density,

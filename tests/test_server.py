@@ -178,3 +178,7 @@ def test_bench_tiny_writes_tables(tmp_path):
     table = (out / "bench.md").read_text()
     assert "| fedmitr |" in table and "inversion_speedup" in table and "α=iid" in table
     assert (out / "tradeoff.html").exists()
+    merged = tmp_path / "merged"
+    assert main(["bench", "--merge", str(out / "bench.json"), str(out / "bench.json"), "--out", str(merged)]) == 0
+    assert len(json.loads((merged / "bench.json").read_text())["records"]) == 2 * len(records)
+    assert main(["bench", "--merge", str(tmp_path / "missing.json"), "--out", str(merged)]) == 2
