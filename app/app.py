@@ -1,0 +1,576 @@
+"""FedMITR in the browser: run one-shot federated learning end to end and watch every stage land.
+
+    python app/app.py                     # http://127.0.0.1:7860
+    GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app/app.py
+
+The app only calls the library: it builds a RunConfig from the form, runs ``fedmitr.pipeline.run``
+in a worker thread (:mod:`app.jobs`) and redraws the page from the pipeline's events
+(:mod:`app.runview`, :mod:`app.views`). Nothing here touches the network at startup.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python app/app.py`: make the repository root importable, ahead of app/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import logging  # noqa: E402
+import queue  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, fields  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fedmitr.config import ConfigError, PRESETS  # noqa: E402
+from fedmitr.data import BUNDLED  # noqa: E402
+from fedmitr.methods import METHODS  # noqa: E402
+
+from app import form, jobs, views  # noqa: E402
+from app.runview import RunView, idle_status_html  # noqa: E402
+
+log = logging.getLogger("fedmitr.app")
+
+YIELD_EVERY_S = 0.5  # the most often the page is redrawn while a run streams events
+TRAIN_QUEUE = "train"  # concurrency id shared by every event that trains: one job on the device at a time
+
+INTRO = """
+# FedMITR: one-shot federated learning with Vision Transformers
+Several **clients** (think hospitals or phones) each train a small Vision Transformer on their own private images
+and send the model, never the images, to a **server**, once. From those models alone the server *invents* images
+(model inversion), optimises only the patches that matter (sparse inversion), gives every patch its own label
+(token relabel), and teaches one **global model**, starting from the average of the clients, on them (distillation).
+"""
+
+TEXT = {
+    "partition": "Each row is one client, each column a class: how many training images of that class the client "
+                 "holds. A small skew α gives each client only a few classes. That is what makes federated "
+                 "learning hard: no client has seen everything (non-IID data).",
+    "clients": "Each bar is one client's own model, tested on every class. A client that saw few classes scores "
+               "low. The lines combine the clients without seeing their data: **FedAvg** averages their weights, "
+               "the **ensemble** averages their predictions (it needs all K models at test time; it is "
+               "FedMITR's teacher).",
+    "gallery": "The server never sees real images, so it optimises random noise until the clients' ensemble "
+               "recognises a class in it. **Sparse inversion** stops optimising the patches the ensemble ignores "
+               "(tinted: the colour says when) and spends the work on the rest: cheaper, and background noise "
+               "stays out. One row per round. **Click an image** to see its relabel map.",
+    "relabel": "**Information density** is each patch's share of the ensemble's attention (class token to patch, "
+               "last block). The densest patches (outlined) are trained on the class the image was made for; the "
+               "others get the ensemble's own soft label instead, so no patch is taught a class it does not show.",
+    "curves": "After every round the global model is tested on real images it never trained on. Above FedAvg "
+              "(dashed) means one model learned from the clients without any data; the ensemble (dotted) is "
+              "the teacher and usually the ceiling.",
+    "results": "Final test accuracy and server-side time of every method. Download the global model "
+               "(safetensors) with the run's config and all its metrics.",
+}
+
+CSS = """
+.gradio-container {max-width: 1500px !important; margin: auto;}
+#intro p {font-size: 15px; line-height: 1.5; margin-top: 0.2em;}
+#intro h1 {margin-bottom: 0.2em;}
+.fm-explain p {font-size: 14px; color: var(--body-text-color-subdued); margin: 0 0 4px 0; line-height: 1.45;}
+.fm-section h3 {margin: 6px 0 2px 0;}
+.fm-status {border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 10px 14px;
+  background: var(--background-fill-secondary);}
+.fm-status-head {display: flex; justify-content: space-between; gap: 12px; font-size: 15px;}
+.fm-status-head span {color: var(--body-text-color-subdued); white-space: nowrap;}
+.fm-bar {height: 10px; background: #e5e7eb; border-radius: 5px; margin: 8px 0; overflow: hidden;}
+.fm-bar > div {height: 100%; background: #d1495b; border-radius: 5px; transition: width 0.4s;}
+.fm-state-done .fm-bar > div {background: #2a9d8f;}
+.fm-state-cancelled .fm-bar > div, .fm-state-failed .fm-bar > div {background: #9ca3af;}
+.fm-stages {display: flex; flex-wrap: wrap; gap: 6px; margin-bottom: 6px;}
+.fm-stage {font-size: 13px; padding: 2px 10px; border-radius: 999px; border: 1px solid #d1d5db;}
+.fm-done {background: #e6f4f1; border-color: #2a9d8f; color: #1d6f65;}
+.fm-active {background: #fde8eb; border-color: #d1495b; color: #a3283a; font-weight: 600;}
+.fm-todo {color: #6b7280;}
+.fm-meta {font-size: 13px; color: var(--body-text-color-subdued);}
+.fm-legend {display: flex; flex-wrap: wrap; gap: 6px 16px; font-size: 13px; margin: 2px 0 6px 0;}
+.fm-chip {display: inline-flex; align-items: center; gap: 6px;}
+.fm-swatch {display: inline-block; width: 14px; height: 14px; border-radius: 3px;}
+#run-btn, #stop-btn {min-height: 44px; font-size: 16px;}
+/* The gallery grows with its rounds (one row each) instead of a fixed, scrolling box. */
+#gallery .grid-wrap {min-height: 120px !important; max-height: none !important; overflow-y: visible !important;}
+"""
+
+
+@dataclass
+class Page:
+    """The components a run updates (the outputs of the run event, in this order)."""
+
+    status: Any
+    partition_plot: Any
+    clients_plot: Any
+    gallery: Any
+    gallery_method: Any
+    legend: Any
+    relabel_plot: Any
+    curves_plot: Any
+    results: Any
+    files: Any
+    log_box: Any
+    view_state: Any
+    gallery_index: Any
+
+    def outputs(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def startup_device() -> str:
+    """The device a run will use, as the pipeline will describe it (no network, no training)."""
+    try:
+        from fedmitr.runtime import describe_device, make_accelerator
+
+        return describe_device(make_accelerator())
+    except Exception as err:  # noqa: BLE001 - only a label; the run itself reports the real device
+        log.warning("could not describe the device: %s", err)
+        return "unknown"
+
+
+def _config(*values):
+    """Form values -> RunConfig, or a gr.Error the user can act on (also when the Hub is needed but
+    out of reach)."""
+    try:
+        cfg = form.build_config(*values)
+        form.check_hub(cfg)
+        return cfg
+    except ConfigError as err:
+        raise gr.Error(str(err), title="Invalid settings") from None
+
+
+def _friendly(err: BaseException) -> str:
+    if isinstance(err, jobs.USER_ERRORS):
+        return str(err)
+    return f"the run failed: {type(err).__name__}: {err}. The app is still up; try again or change the settings."
+
+
+def check_data(cfg) -> None:
+    """Load a bundled dataset and split it, so an impossible split is refused before queueing.
+
+    Hub datasets are checked by the run itself (loading them can mean a download).
+    """
+    if cfg.data.dataset not in BUNDLED:
+        return
+    from fedmitr.pipeline import prepare
+
+    try:
+        prepare(cfg)
+    except jobs.USER_ERRORS as err:
+        raise gr.Error(str(err), title="Invalid settings") from None
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+def _empty_outputs(device: str) -> tuple:
+    return (
+        idle_status_html(device),
+        views.placeholder_figure("The partition appears when a run starts."),
+        views.placeholder_figure("Client accuracies appear after local training."),
+    )
+
+
+# --- the page -------------------------------------------------------------------------------------
+
+def build_demo() -> gr.Blocks:
+    device = startup_device_label()
+    knobs = form.preset_knobs("cpu")
+    status0, partition0, clients0 = _empty_outputs(device)
+
+    with gr.Blocks(title="FedMITR: one-shot federated learning", analytics_enabled=False,
+                   delete_cache=(1800, 3600)) as demo:
+        view_state = gr.State(None)  # this session's RunView
+        gallery_index = gr.State([])  # gallery position -> (method, round position, image)
+
+        gr.Markdown(INTRO, elem_id="intro")
+        with gr.Tabs():
+            # Later: a "Load a shared checkpoint" tab goes next to this one.
+            with gr.Tab("Run FedMITR", id="run"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=320, elem_id="controls"):
+                        dataset = gr.Dropdown(label="Dataset", choices=form.dataset_choices(), value="mnist5k",
+                                              allow_custom_value=True, elem_id="dataset")
+                        clients = gr.Slider(label="Number of clients", minimum=form.MIN_CLIENTS,
+                                            maximum=form.MAX_CLIENTS, step=1, value=5, elem_id="clients")
+                        alpha = gr.Dropdown(label="Label skew (Dirichlet α)", choices=form.SKEW_CHOICES, value="0.5",
+                                            allow_custom_value=True, elem_id="alpha",
+                                            info="Smaller α: fewer classes per client. Any number > 0, or iid.")
+                        methods = gr.CheckboxGroup(label="Methods", choices=list(METHODS),
+                                                   value=form.default_methods(), elem_id="methods",
+                                                   info="fedmitr is the method, fedavg and ensemble are "
+                                                        "references, the others are ablations.")
+                        with gr.Row():
+                            run_btn = gr.Button("Run", variant="primary", elem_id="run-btn", scale=2, min_width=80)
+                            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1, min_width=80)
+                        with gr.Accordion("What the methods are", open=False):
+                            gr.Markdown("\n".join(f"- **{n}**: {s.summary}" for n, s in METHODS.items()))
+                        with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                            preset = gr.Radio(label="Preset", choices=list(PRESETS), value="cpu", elem_id="preset",
+                                              info="tiny: seconds (a smoke test); cpu: the demo, a few minutes "
+                                                   "on 2 cores; gpu: paper-like, needs a GPU and the Hub.")
+                            with gr.Row():
+                                epochs = gr.Number(label="Local epochs", value=knobs.epochs, precision=0,
+                                                   minimum=1, elem_id="epochs")
+                                rounds = gr.Number(label="Rounds", value=knobs.rounds, precision=0, minimum=1,
+                                                   elem_id="rounds")
+                            with gr.Row():
+                                iterations = gr.Number(label="Inversion iterations", value=knobs.iterations,
+                                                       precision=0, minimum=1, elem_id="iterations")
+                                images = gr.Number(label="Synthetic images / round", value=knobs.images,
+                                                   precision=0, minimum=1, elem_id="images")
+                            keep = gr.Slider(label="Keep ratio at each stop", minimum=0.05, maximum=1.0, step=0.05,
+                                             value=knobs.keep, elem_id="keep",
+                                             info="Share of still-active patches kept each time sparse "
+                                                  "inversion stops patches.")
+                            relabel = gr.Radio(label="Relabel of low-density patches",
+                                               choices=[(form.RELABEL_HELP.get(m, m), m) for m in form.RELABEL_MODES],
+                                               value=knobs.relabel, elem_id="relabel")
+                            seed = gr.Number(label="Seed", value=knobs.seed, precision=0, minimum=0, elem_id="seed")
+
+                    with gr.Column(scale=3, min_width=640):
+                        status = gr.HTML(status0, elem_id="status")
+                        with gr.Row(equal_height=False):
+                            with gr.Column(elem_classes="fm-section"):
+                                gr.Markdown("### 1 · Who holds which data")
+                                gr.Markdown(TEXT["partition"], elem_classes="fm-explain")
+                                partition_plot = gr.Plot(partition0, show_label=False, elem_id="partition-plot")
+                            with gr.Column(elem_classes="fm-section"):
+                                gr.Markdown("### 2 · Each client alone vs. combined")
+                                gr.Markdown(TEXT["clients"], elem_classes="fm-explain")
+                                clients_plot = gr.Plot(clients0, show_label=False, elem_id="clients-plot")
+
+                        with gr.Column(elem_classes="fm-section"):
+                            gr.Markdown("### 3 · Synthetic images, invented from the client models")
+                            gr.Markdown(TEXT["gallery"], elem_classes="fm-explain")
+                            with gr.Row():
+                                gallery_method = gr.Dropdown(label="Method", choices=[], value=None,
+                                                             interactive=True, scale=1, min_width=200,
+                                                             elem_id="gallery-method")
+                                legend = gr.HTML(_gallery_hint(), elem_id="gallery-legend", padding=False)
+                            gallery = gr.Gallery(show_label=False, columns=8, height="auto", object_fit="contain",
+                                                 allow_preview=False, elem_id="gallery",
+                                                 buttons=["download", "fullscreen"])
+
+                        with gr.Column(elem_classes="fm-section"):
+                            gr.Markdown("### 4 · Relabel map: what each patch is taught")
+                            gr.Markdown(TEXT["relabel"], elem_classes="fm-explain")
+                            relabel_plot = gr.Plot(
+                                views.placeholder_figure("The relabel map appears with the first synthetic round.",
+                                                         height=420),
+                                show_label=False, elem_id="relabel-plot")
+
+                        with gr.Row(equal_height=False):
+                            with gr.Column(scale=1, elem_classes="fm-section"):
+                                gr.Markdown("### 5 · Accuracy per round")
+                                gr.Markdown(TEXT["curves"], elem_classes="fm-explain")
+                                curves_plot = gr.Plot(views.accuracy_curves({}, {}, rounds=knobs.rounds),
+                                                      show_label=False, elem_id="curves-plot")
+                            with gr.Column(scale=1, elem_classes="fm-section"):
+                                gr.Markdown("### 6 · Results")
+                                gr.Markdown(TEXT["results"], elem_classes="fm-explain")
+                                results = gr.Dataframe(value=pd.DataFrame(columns=views.RESULT_HEADERS),
+                                                       headers=views.RESULT_HEADERS, interactive=False, wrap=True,
+                                                       show_label=False, elem_id="results",
+                                                       column_widths=["27%", "17%", "12%", "44%"])
+                                # Later: a "Push to the Hugging Face Hub" action goes under the downloads.
+                                files = gr.File(label="Downloads: global model, config and metrics",
+                                                file_count="multiple", interactive=False, elem_id="downloads")
+                        with gr.Accordion("Event log", open=False):
+                            log_box = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False,
+                                                 autoscroll=True, elem_id="log")
+
+        page = Page(status=status, partition_plot=partition_plot, clients_plot=clients_plot, gallery=gallery,
+                    gallery_method=gallery_method, legend=legend, relabel_plot=relabel_plot,
+                    curves_plot=curves_plot, results=results, files=files, log_box=log_box,
+                    view_state=view_state, gallery_index=gallery_index)
+        form_inputs = [dataset, clients, alpha, methods, preset, epochs, iterations, images, keep, relabel,
+                       rounds, seed]
+
+        def run(dataset, clients, alpha, methods, preset, epochs, iterations, images, keep, relabel, rounds, seed,
+                request: gr.Request, progress=gr.Progress()):
+            yield from run_job(page, (dataset, clients, alpha, methods, preset, epochs, iterations, images, keep,
+                                      relabel, rounds, seed), request, progress)
+
+        # Run = a quick check outside the training queue (bad input fails at once, even while another
+        # session trains), then the training job itself in the shared queue.
+        check = run_btn.click(precheck, form_inputs, [status], queue=True, concurrency_limit=None,
+                              api_visibility="private", show_progress="hidden", trigger_mode="once")
+        run_event = check.success(
+            run, form_inputs, page.outputs(),
+            api_name="run", concurrency_id=TRAIN_QUEUE, concurrency_limit=1,
+            show_progress="full", show_progress_on=[status],
+        )
+        stop_btn.click(stop_job, [view_state], [status], cancels=[run_event], concurrency_limit=None,
+                       api_visibility="private", show_progress="hidden")
+        preset.change(_preset_knobs, [preset], [epochs, iterations, images, keep, relabel, rounds, seed],
+                      api_visibility="private", show_progress="hidden")
+        dataset.input(_dataset_note, [dataset], None, api_visibility="private", show_progress="hidden")
+        gallery_method.input(_show_method, [view_state, gallery_method],
+                             [gallery, legend, relabel_plot, gallery_index],
+                             api_visibility="private", show_progress="hidden")
+        gallery.select(_select_image, [view_state, gallery_index], [relabel_plot],
+                       api_visibility="private", show_progress="hidden")
+        demo.unload(on_unload)
+    return demo
+
+
+def _gallery_hint() -> str:
+    return ('<div class="fm-legend">Synthetic images appear here when an inversion method (e.g. fedmitr, '
+            'dense-kd) runs.</div>')
+
+
+# --- event handlers -------------------------------------------------------------------------------
+
+def precheck(dataset, clients, alpha, methods, preset, epochs, iterations, images, keep, relabel, rounds, seed,
+             request: gr.Request):
+    """Fail fast on bad input; otherwise tell the user whether they wait for the device."""
+    cfg = _config(dataset, clients, alpha, methods, preset, epochs, iterations, images, keep, relabel, rounds, seed)
+    check_data(cfg)
+    if jobs.active_job(_session(request)) is not None:
+        raise gr.Error("A run is already going in this browser tab. Press Stop first, or wait for it to finish.")
+    if cfg.preset == "gpu" and "cuda" not in startup_device_label():
+        gr.Warning("The gpu preset fine-tunes a 224 px DeiT and is sized for a GPU; on this CPU it takes hours. "
+                   "Press Stop and pick the cpu preset for a demo.")
+    _WAITING.add(_session(request))
+    busy = jobs.DEVICE_LOCK.locked()
+    message = ("Queued: another session is using the device; your position is shown here."
+               if busy else "Starting…")
+    return idle_status_html(startup_device_label(), message)
+
+
+_DEVICE_LABEL: list[str] = []
+
+
+def startup_device_label() -> str:
+    """:func:`startup_device`, computed once: creating an Accelerator resets accelerate's process-wide
+    state, which must not happen while a job trains."""
+    if not _DEVICE_LABEL:
+        _DEVICE_LABEL.append(startup_device())
+    return _DEVICE_LABEL[0]
+
+
+def run_job(page: "Page", values: tuple, request: gr.Request | None, progress):
+    """Run the whole pipeline for this session and stream the page as its events arrive.
+
+    The pipeline runs in a worker thread (``jobs.Job``); this generator drains its event queue,
+    yields only the parts of the page that changed, and always stops the worker on the way out
+    (finished, Stop pressed, tab closed or error).
+    """
+    session = _session(request)
+    _WAITING.discard(session)
+    cfg = _config(*values)
+    if jobs.active_job(session) is not None:
+        raise gr.Error("A run is already going in this browser tab. Press Stop first, or wait for it to finish.")
+    job = jobs.Job(cfg, jobs.new_run_dir(session), session)
+    jobs.register(job)
+    view = RunView(cfg)
+    index: list = []
+    shown_method: str | None = None
+    try:
+        job.start()
+        progress(0.0, desc="waiting for the device")
+        p = page
+        yield {
+            p.status: view.status_html(),
+            p.partition_plot: views.placeholder_figure("Splitting the data…"),
+            p.clients_plot: views.placeholder_figure("Client accuracies appear after local training."),
+            p.gallery: [], p.gallery_method: gr.update(choices=[], value=None), p.legend: _gallery_hint(),
+            p.relabel_plot: views.placeholder_figure("The relabel map appears with the first synthetic round.",
+                                                     height=420),
+            p.curves_plot: view.curves_chart(), p.results: pd.DataFrame(columns=views.RESULT_HEADERS),
+            p.files: None, p.log_box: "", p.view_state: view, p.gallery_index: index,
+        }
+        dirty: set[str] = set()
+        last_yield = time.monotonic()
+        finished = False
+        while not finished:
+            try:
+                event = job.events.get(timeout=0.2)
+            except queue.Empty:
+                event = None
+            while event is not None:  # drain whatever else is already waiting
+                if event is jobs.DONE:
+                    finished = True
+                    break
+                dirty |= view.apply(event)
+                try:
+                    event = job.events.get_nowait()
+                except queue.Empty:
+                    event = None
+            now = time.monotonic()
+            urgent = bool(dirty & {"partition", "gallery"})
+            if finished or not (urgent or now - last_yield >= YIELD_EVERY_S):
+                continue
+            if not job.started_on_device.is_set():
+                dirty.add("status")
+            progress(view.fraction(), desc=f"{view.stage or 'waiting for the device'}")
+            update, shown_method, index = _render(page, view, dirty | {"status"}, shown_method, index)
+            yield update
+            dirty, last_yield = set(), now
+
+        if job.error is not None:
+            view.state = "failed"
+            view._log(f"failed: {job.error}")
+            yield {page.status: view.status_html(), page.log_box: "\n".join(view.log)}
+            if not isinstance(job.error, jobs.USER_ERRORS):
+                log.error("run failed", exc_info=job.error)
+            raise gr.Error(_friendly(job.error), title="Run failed")
+        if job.cancelled:
+            view.state = "cancelled"
+            yield {page.status: view.status_html(), page.log_box: "\n".join(view.log)}
+            return
+        view.state = "done"
+        view.metrics = job.metrics
+        view.files = _run_files(job.out_dir)
+        update, shown_method, index = _render(page, view, dirty | {"status", "partition", "clients", "curves",
+                                                                  "gallery", "final"}, shown_method, index)
+        yield update
+    finally:
+        job.cancel()  # a no-op when finished; stops the worker on Stop, disconnect or error
+        if not job.join(timeout=30):
+            log.warning("worker of session %s still running 30 s after stop", session[:8])
+        jobs.unregister(job)
+
+
+def _render(c: "Page", view: RunView, dirty: set[str], shown_method: str | None, index: list):
+    """The page updates for the parts in ``dirty``; also returns the gallery's method and index."""
+    update: dict[Any, Any] = {c.view_state: view}
+    if "status" in dirty:
+        update[c.status] = view.status_html()
+        update[c.log_box] = "\n".join(view.log[-400:])
+    if "partition" in dirty and view.class_counts is not None:
+        update[c.partition_plot] = views.partition_heatmap(view.class_counts, view.class_names)
+    if "clients" in dirty:
+        update[c.clients_plot] = view.client_chart()
+    if "curves" in dirty:
+        update[c.curves_plot] = view.curves_chart()
+    if "gallery" in dirty and view.rounds:
+        # Follow the method that is running; at the end show the method itself. The dropdown picks any.
+        shown_method = list(view.rounds)[-1]
+        if "final" in dirty and "fedmitr" in view.rounds:
+            shown_method = "fedmitr"
+        items, index = view.gallery_items(shown_method)
+        update[c.gallery] = items
+        update[c.gallery_method] = gr.update(choices=view.gallery_methods(), value=shown_method)
+        update[c.legend] = views.stop_legend_html(view.latest_round(shown_method))
+        update[c.relabel_plot] = view.relabel_figure(shown_method)
+        update[c.gallery_index] = index
+    if "final" in dirty and view.metrics is not None:
+        update[c.results] = pd.DataFrame(views.results_rows(view.metrics), columns=views.RESULT_HEADERS)
+        update[c.files] = view.files or None
+    return update, shown_method, index
+
+
+
+def _run_files(out_dir: Path) -> list[str]:
+    """The run's downloads: global model checkpoint(s) first, then config and metrics."""
+    found = sorted((out_dir / "models").glob("*.safetensors")) if (out_dir / "models").is_dir() else []
+    # The method's model first, then the other global models.
+    found.sort(key=lambda p: (p.stem != "fedmitr", p.stem))
+    found += [p for p in (out_dir / "config.json", out_dir / "metrics.json") if p.exists()]
+    return [str(p) for p in found]
+
+
+def stop_job(view: RunView | None, request: gr.Request):
+    """Stop this session's job (Gradio also cancels the run event, queued or running)."""
+    session = _session(request)
+    jobs.cancel_session(session)
+    if session in _WAITING:  # still in Gradio's queue: it is dropped before it starts
+        _WAITING.discard(session)
+        return idle_status_html(startup_device_label(), "Stopped before it started. Press Run for a new run.")
+    if view is not None and view.state == "running":
+        view.state = "cancelled"
+        return view.status_html()
+    return gr.update()
+
+
+_WAITING: set[str] = set()  # sessions whose run passed the check and waits in the training queue
+
+
+def _preset_knobs(preset: str):
+    try:
+        k = form.preset_knobs(preset)
+    except ConfigError as err:
+        raise gr.Error(str(err)) from None
+    return k.epochs, k.iterations, k.images, k.keep, k.relabel, k.rounds, k.seed
+
+
+def _dataset_note(dataset: str) -> None:
+    if form.is_hub_dataset(dataset or ""):
+        if form.hub_offline():
+            gr.Warning(f"{dataset} comes from the Hugging Face Hub, and this app runs offline. "
+                       f"Choose a bundled dataset ({', '.join(BUNDLED)}).")
+        else:
+            gr.Info(f"{dataset} comes from the Hugging Face Hub: the first run downloads it.")
+
+
+def _show_method(view: RunView | None, method: str | None):
+    if view is None or method is None:
+        return [], _gallery_hint(), gr.update(), []
+    items, index = view.gallery_items(method)
+    return items, views.stop_legend_html(view.latest_round(method)), view.relabel_figure(method), index
+
+
+def _select_image(view: RunView | None, index: list, evt: gr.SelectData):
+    if view is None or evt.index is None or not index:
+        return gr.update()
+    position = evt.index if isinstance(evt.index, int) else evt.index[0]
+    if not 0 <= position < len(index):
+        return gr.update()
+    method, round_pos, image = index[position]
+    return view.relabel_figure(method, round_pos, image)
+
+
+def on_unload(request: gr.Request):
+    """A tab closed: stop its job and delete its run directories once the worker has let go."""
+    session = _session(request)
+    job = jobs.active_job(session)
+    if job is not None:
+        job.cancel()
+
+    def tidy() -> None:
+        if job is not None:
+            job.join(timeout=60)
+        jobs.delete_session_runs(session)
+
+    threading.Thread(target=tidy, name="fedmitr-unload", daemon=True).start()
+
+
+# --- launch ---------------------------------------------------------------------------------------
+
+def theme() -> gr.themes.Base:
+    return gr.themes.Soft(primary_hue="rose", neutral_hue="slate",
+                          font=[gr.themes.Font("system-ui"), "Segoe UI", "Roboto", "sans-serif"],
+                          font_mono=[gr.themes.Font("ui-monospace"), "monospace"])
+
+
+def create_app() -> gr.Blocks:
+    """The app with its queue configured: the object tests launch, and `main` serves."""
+    demo = build_demo()
+    demo.queue(max_size=64, default_concurrency_limit=1)
+    return demo
+
+
+def launch_kwargs() -> dict[str, Any]:
+    """Arguments for ``demo.launch``. Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
+    (Gradio reads them itself; the default port is 7860)."""
+    return dict(theme=theme(), css=CSS, allowed_paths=[str(jobs.runs_root())], show_error=True)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    jobs.cleanup_runs()
+    create_app().launch(**launch_kwargs())
+
+
+if __name__ == "__main__":
+    main()

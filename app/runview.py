@@ -1,0 +1,203 @@
+"""What one session has seen of its run so far: the pipeline's events folded into plain data.
+
+The app feeds every event to :meth:`RunView.apply`, which returns which parts of the page changed;
+the app then redraws only those parts with the functions of :mod:`app.views`.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from fedmitr.config import RunConfig
+from fedmitr.events import Event, Metric, PartitionReady, Progress, StageFinished, StageStarted, SyntheticRound
+from fedmitr.methods import METHODS
+
+from app import views
+
+GALLERY_PER_ROUND = 8  # synthetic images kept and shown per round (one per class for 10 classes)
+MAX_ROUNDS_KEPT = 12  # per method: the first round and the latest ones, so memory stays bounded
+
+
+def _slim(event: SyntheticRound) -> SyntheticRound:
+    """The first few images of a round, pixels as uint8: what the gallery and relabel map need."""
+    n = GALLERY_PER_ROUND
+    images = np.asarray(event.images[:n])
+    if images.dtype != np.uint8:
+        images = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return replace(event, images=images, labels=event.labels[:n], stop_step=event.stop_step[:n],
+                   density=event.density[:n], high_mask=event.high_mask[:n], token_labels=event.token_labels[:n],
+                   token_relabelled=event.token_relabelled[:n])
+
+
+@dataclass
+class RunView:
+    cfg: RunConfig
+    started: float = field(default_factory=time.time)
+    stages: list[str] = field(default_factory=list)  # planned stage names, in order
+    finished: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    stage: str | None = None
+    stage_info: dict[str, str] = field(default_factory=dict)
+    step: int = 0
+    total: int = 0
+    message: str = ""
+    device: str = ""
+    class_counts: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
+    client_accuracy: dict[int, float] = field(default_factory=dict)  # 0-based client -> accuracy
+    method_accuracy: dict[str, float] = field(default_factory=dict)  # final accuracy of each method
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)  # method -> round -> accuracy
+    rounds: dict[str, list[SyntheticRound]] = field(default_factory=dict)  # method -> slimmed rounds
+    log: list[str] = field(default_factory=list)
+    state: str = "running"  # running | done | cancelled | failed
+    metrics: dict[str, Any] | None = None
+    files: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            self.stages = ["data", "clients", *self.cfg.methods]
+
+    # --- events -> state ---------------------------------------------------------------------------
+    def apply(self, event: Event) -> set[str]:
+        """Fold one event in; return the parts of the page that changed."""
+        if isinstance(event, StageStarted):
+            self.stage, self.step, self.total, self.message = event.stage, 0, event.total or 0, ""
+            if event.info:
+                self.stage_info[event.stage] = event.info
+            if event.stage == "clients" and event.info:
+                self.device = event.info
+            self._log(f"[{event.stage}] started" + (f" ({event.info})" if event.info else ""))
+            return {"status"}
+        if isinstance(event, Progress):
+            self.stage, self.step, self.total, self.message = event.stage, event.step, event.total, event.message
+            return {"status"}
+        if isinstance(event, StageFinished):
+            self.finished[event.stage] = event.seconds
+            self._log(f"[{event.stage}] done in {event.seconds:.1f} s")
+            return {"status"}
+        if isinstance(event, PartitionReady):
+            self.class_counts = np.asarray(event.class_counts)
+            self.class_names = tuple(event.class_names)
+            return {"partition", "clients"}
+        if isinstance(event, Metric):
+            return self._metric(event)
+        if isinstance(event, SyntheticRound):
+            kept = self.rounds.setdefault(event.method, [])
+            kept.append(_slim(event))
+            if len(kept) > MAX_ROUNDS_KEPT:
+                del kept[1]  # keep round 1 for comparison, drop the oldest of the rest
+            self._log(f"  {event.method} round {event.round}: {len(event.images)} synthetic images")
+            return {"gallery"}
+        return set()
+
+    def _metric(self, event: Metric) -> set[str]:
+        if event.name != "accuracy":
+            self._log(f"  {event.source}: {event.name} = {event.value:.4f}")
+            return {"log"}
+        client = event.source.split()
+        if len(client) == 2 and client[0] == "client" and client[1].isdigit():  # "client 3", 1-based
+            index = int(client[1]) - 1
+            self.client_accuracy[index] = event.value
+            self._log(f"  {event.source}: accuracy {event.value:.1%}")
+            return {"clients"}
+        if event.step is not None:
+            self.curves.setdefault(event.source, {})[event.step] = event.value
+            self._log(f"  {event.source} round {event.step}: accuracy {event.value:.1%}")
+            return {"curves"}
+        self.method_accuracy[event.source] = event.value
+        self._log(f"  {event.source}: accuracy {event.value:.1%}")
+        return {"clients", "curves"}
+
+    def _log(self, line: str) -> None:
+        self.log.append(f"{time.time() - self.started:6.1f}s {line}")
+
+    # --- derived ---------------------------------------------------------------------------------------
+    def fraction(self) -> float:
+        """Overall progress 0..1. Stages are weighted by a rough share of the run's time."""
+        inversion = [m for m in self.cfg.methods if METHODS.get(m) is not None and METHODS[m].inversion]
+        weights = {"data": 0.02, "clients": 0.45 if inversion else 0.9}
+        rest = 1 - sum(weights.values())
+        for m in self.cfg.methods:
+            weights[m] = (rest * 0.97 / len(inversion)) if m in inversion else rest * 0.03 / max(1, len(self.cfg.methods))
+        scale = sum(weights.values())
+        done = sum(weights.get(s, 0) for s in self.finished)
+        if self.stage and self.stage not in self.finished and self.total:
+            done += weights.get(self.stage, 0) * min(1.0, self.step / self.total)
+        return 1.0 if self.state == "done" else min(1.0, done / scale)
+
+    def references(self) -> dict[str, float]:
+        """Single numbers drawn as reference lines: FedAvg and the ensemble, when they ran."""
+        return {m: self.method_accuracy[m] for m in ("fedavg", "ensemble") if m in self.method_accuracy}
+
+    def client_chart(self):
+        k = self.cfg.data.num_clients
+        sizes = self.class_counts.sum(axis=1).tolist() if self.class_counts is not None else None
+        return views.client_accuracy_chart([self.client_accuracy.get(i) for i in range(k)], sizes, self.references())
+
+    def curves_chart(self):
+        curves = {m: c for m, c in self.curves.items()}
+        return views.accuracy_curves(curves, self.references(), rounds=self.cfg.distill.rounds if curves else None)
+
+    def gallery_methods(self) -> list[str]:
+        return list(self.rounds)
+
+    def gallery_items(self, method: str | None) -> tuple[list, list[tuple[str, int, int]]]:
+        """(image, caption) pairs of ``method``'s rounds, and which (method, round, image) each one is."""
+        if method not in self.rounds:
+            return [], []
+        items, index = [], []
+        for r, event in enumerate(self.rounds[method]):
+            for i, img in enumerate(views.mask_overlay(event)):
+                items.append((img, views.gallery_caption(event, i, self.class_names)))
+                index.append((method, r, i))
+        return items, index
+
+    def relabel_figure(self, method: str | None, round_pos: int = -1, image: int = 0):
+        if method not in self.rounds or not self.rounds[method]:
+            return views.placeholder_figure("The relabel map appears with the first synthetic round.", height=420)
+        event = self.rounds[method][round_pos]
+        image = min(max(0, image), len(event.images) - 1)
+        spec = METHODS.get(method)
+        return views.relabel_map(event, image, self.class_names or None, relabel_used=bool(spec and spec.relabel))
+
+    def latest_round(self, method: str | None) -> SyntheticRound | None:
+        return self.rounds[method][-1] if method in self.rounds and self.rounds[method] else None
+
+    # --- status ------------------------------------------------------------------------------------
+    def status_html(self) -> str:
+        elapsed = time.time() - self.started
+        chips = []
+        for s in self.stages:
+            if s in self.finished:
+                cls, mark = "done", "✓"
+            elif s == self.stage and self.state == "running":
+                cls, mark = "active", "●"
+            else:
+                cls, mark = "todo", "○"
+            chips.append(f'<span class="fm-stage fm-{cls}">{mark} {html.escape(s)}</span>')
+        pct = self.fraction() * 100
+        if self.state == "running":
+            head = f"Running: {html.escape(self.stage or 'starting')}"
+            if self.message:
+                head += f" · {html.escape(self.message)}"
+        else:
+            head = {"done": "Finished", "cancelled": "Stopped", "failed": "Failed"}[self.state]
+        device = html.escape(self.device) if self.device else "not yet chosen"
+        return (
+            f'<div class="fm-status fm-state-{self.state}">'
+            f'<div class="fm-status-head"><b>{head}</b><span>{pct:.0f}% · {elapsed:.0f} s</span></div>'
+            f'<div class="fm-bar"><div style="width:{pct:.1f}%"></div></div>'
+            f'<div class="fm-stages">{"".join(chips)}</div>'
+            f'<div class="fm-meta">Device: {device} · {self.cfg.data.num_clients} clients · '
+            f'{html.escape(self.cfg.data.dataset)} · preset {html.escape(self.cfg.preset)}</div></div>'
+        )
+
+
+def idle_status_html(device: str, message: str = "Ready. Choose the settings on the left and press Run.") -> str:
+    return (f'<div class="fm-status fm-state-idle"><div class="fm-status-head"><b>{html.escape(message)}</b></div>'
+            f'<div class="fm-bar"><div style="width:0%"></div></div>'
+            f'<div class="fm-meta">Device: {html.escape(device)}</div></div>')

@@ -1,0 +1,387 @@
+"""Pure drawing functions of the app: pipeline results in, plotly figures and PIL images out.
+
+Nothing here knows about Gradio or runs training, so every view can be tested with hand-built
+events (see tests/test_app_views.py). Colours, names and wording are shared by all views, so a
+method looks the same in the bar chart, the curves and the table.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from PIL import Image, ImageDraw
+from plotly.colors import sample_colorscale
+from plotly.subplots import make_subplots
+
+from fedmitr.events import SyntheticRound
+
+# --- shared look ----------------------------------------------------------------------------------
+
+# One colour per method everywhere. The method itself is the warm, saturated one; references are grey.
+METHOD_COLOURS: dict[str, str] = {
+    "fedmitr": "#d1495b",
+    "sparse-kd": "#edae49",
+    "dense-relabel": "#00798c",
+    "dense-kd": "#30638e",
+    "fedavg": "#8d8d8d",
+    "ensemble": "#2b2d42",
+}
+_FALLBACK_COLOURS = ("#6a4c93", "#8ac926", "#1982c4", "#ff924c", "#52a675")
+METHOD_LABELS: dict[str, str] = {
+    "fedmitr": "FedMITR",
+    "sparse-kd": "sparse inversion + KD",
+    "dense-relabel": "dense inversion + relabel",
+    "dense-kd": "dense inversion + KD",
+    "fedavg": "FedAvg",
+    "ensemble": "ensemble (teacher)",
+}
+CLIENT_COLOUR = "#9dbbd6"
+GENERATED_COLOUR = "#2a9d8f"  # patch trained on the generated label y
+RELABEL_COLOUR = "#f4a261"  # patch trained on the ensemble's relabel
+FONT = dict(family="Inter, system-ui, -apple-system, Segoe UI, sans-serif", size=13, color="#1f2937")
+
+
+def method_colour(name: str) -> str:
+    if name in METHOD_COLOURS:
+        return METHOD_COLOURS[name]
+    return _FALLBACK_COLOURS[sum(map(ord, name)) % len(_FALLBACK_COLOURS)]
+
+
+def method_label(name: str) -> str:
+    return METHOD_LABELS.get(name, name)
+
+
+def _base_layout(fig: go.Figure, title: str, height: int) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=15)),
+        template="plotly_white", font=FONT, height=height,
+        margin=dict(l=60, r=20, t=50, b=50), hoverlabel=dict(font_size=13),
+    )
+    return fig
+
+
+def placeholder_figure(message: str, height: int = 320) -> go.Figure:
+    """An empty figure that says what will appear here."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color="#6b7280"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _base_layout(fig, "", height)
+
+
+# --- the partition --------------------------------------------------------------------------------
+
+def partition_heatmap(class_counts: np.ndarray, class_names: Sequence[str]) -> go.Figure:
+    """Clients x classes heatmap of how many training images of each class each client holds.
+
+    ``class_counts`` is ``[K, C]`` int (``PartitionReady.class_counts``).
+    """
+    counts = np.asarray(class_counts)
+    if counts.ndim != 2 or counts.shape[1] != len(class_names):
+        raise ValueError(f"class_counts must be [clients, {len(class_names)}] (got shape {counts.shape})")
+    k, c = counts.shape
+    totals = counts.sum(axis=1)
+    clients = [f"client {i + 1} ({totals[i]:,})" for i in range(k)]
+    names = [str(n) for n in class_names]
+    show_text = k * c <= 400
+    fig = go.Figure(go.Heatmap(
+        z=counts, x=names, y=clients, colorscale="Blues", zmin=0,
+        text=counts if show_text else None, texttemplate="%{text}" if show_text else None,
+        textfont=dict(size=11 if c <= 20 else 8),
+        colorbar=dict(title=dict(text="images", side="right"), thickness=12),
+        hovertemplate="%{y}<br>class %{x}: %{z} images<extra></extra>", xgap=1, ygap=1,
+    ))
+    fig.update_yaxes(autorange="reversed", title=None)
+    fig.update_xaxes(title="class", type="category", tickangle=0 if c <= 20 else -60,
+                     showticklabels=c <= 60)
+    # At least as tall as the client chart beside it; rows stay readable up to 20 clients.
+    return _base_layout(fig, "Training images per client and class", height=min(max(380, 130 + 32 * k), 700))
+
+
+# --- clients vs references ------------------------------------------------------------------------
+
+def client_accuracy_chart(client_accuracy: Sequence[float | None], client_sizes: Sequence[int] | None = None,
+                          references: Mapping[str, float] | None = None) -> go.Figure:
+    """Each client's own test accuracy as a bar, with methods (FedAvg, ensemble, ...) as lines.
+
+    ``client_accuracy[k]`` is None while client k is not evaluated yet.
+    """
+    k = len(client_accuracy)
+    names = [f"client {i + 1}" for i in range(k)]
+    acc = [np.nan if a is None else float(a) for a in client_accuracy]
+    sizes = list(client_sizes) if client_sizes is not None else [None] * k
+    hover = [f"client {i + 1}" + (f", {sizes[i]:,} training images" if sizes[i] is not None else "")
+             for i in range(k)]
+    fig = go.Figure(go.Bar(
+        x=names, y=acc, marker_color=CLIENT_COLOUR, name="one client alone",
+        text=[("" if np.isnan(a) else f"{a:.0%}") for a in acc], textposition="outside",
+        customdata=hover, hovertemplate="%{customdata}<br>test accuracy %{y:.1%}<extra></extra>",
+    ))
+    for name, value in (references or {}).items():
+        dash = "dash" if name == "fedavg" else ("dot" if name == "ensemble" else "solid")
+        # A legend entry per reference line, drawn across the whole chart.
+        fig.add_trace(go.Scatter(
+            x=[names[0], names[-1]] if k else [0, 1], y=[value, value], mode="lines",
+            line=dict(color=method_colour(name), width=2.5, dash=dash),
+            name=f"{method_label(name)}: {value:.1%}",
+            hovertemplate=f"{method_label(name)}: {value:.1%}<extra></extra>",
+        ))
+    fig.update_yaxes(range=[0, 1.08], tickformat=".0%", title="test accuracy")
+    fig.update_xaxes(type="category", tickangle=0 if k <= 10 else -45)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.14, x=0.5, xanchor="center"), bargap=0.25)
+    fig = _base_layout(fig, "Accuracy of each client alone vs. combined", height=380)
+    fig.update_layout(margin=dict(b=70))
+    return fig
+
+
+# --- synthetic images and the sparse mask ---------------------------------------------------------
+
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+    """``[C, H, W]`` in [0, 1] (float) or 0..255 (uint8) -> ``[H, W, 3]`` uint8."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        img = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    if img.shape[0] == 1:
+        img = np.repeat(img, 3, axis=0)
+    return np.ascontiguousarray(img[:3].transpose(1, 2, 0))
+
+
+def stop_palette(event: SyntheticRound) -> dict[int, str]:
+    """Colour of every stop iteration that occurs in ``event`` (early stops dark, late ones bright)."""
+    steps = sorted(int(s) for s in np.unique(event.stop_step) if s >= 0)
+    if not steps:
+        return {}
+    points = [0.1] if len(steps) == 1 else list(np.linspace(0.08, 0.85, len(steps)))
+    return dict(zip(steps, sample_colorscale("Plasma", points, colortype="rgb")))
+
+
+def _rgb(colour: str) -> np.ndarray:
+    colour = colour.strip()
+    if colour.startswith("#"):
+        return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.float32)
+    inner = colour[colour.index("(") + 1:colour.index(")")]
+    return np.array([float(v) for v in inner.split(",")[:3]], dtype=np.float32)
+
+
+def mask_overlay(event: SyntheticRound, max_images: int | None = None, display_px: int = 168,
+                 alpha: float = 0.45) -> list[Image.Image]:
+    """The synthetic images of one round with the sparse mask drawn over them.
+
+    A patch that sparse inversion stopped is tinted with the colour of the iteration it was
+    stopped at (:func:`stop_palette`); patches still active at the end are left as they are. Thin
+    lines show the patch grid. Images are upscaled (nearest neighbour) to about ``display_px``.
+    """
+    n_images = len(event.images) if max_images is None else min(max_images, len(event.images))
+    palette = {step: _rgb(c) for step, c in stop_palette(event).items()}
+    out = []
+    for b in range(n_images):
+        rgb = _to_rgb(event.images[b])
+        h, w = rgb.shape[:2]
+        scale = max(1, round(display_px / max(h, w)))
+        big = np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8)).astype(np.float32)
+        g = event.grid
+        ys = np.linspace(0, big.shape[0], g + 1).round().astype(int)
+        xs = np.linspace(0, big.shape[1], g + 1).round().astype(int)
+        stops = np.asarray(event.stop_step[b]).reshape(g, g)
+        for r in range(g):
+            for c in range(g):
+                step = int(stops[r, c])
+                if step >= 0:
+                    cell = big[ys[r]:ys[r + 1], xs[c]:xs[c + 1]]
+                    cell[:] = (1 - alpha) * cell + alpha * palette[step]
+        img = Image.fromarray(big.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        line = (120, 120, 120)
+        for y in ys[1:-1]:
+            draw.line([(0, y), (img.width, y)], fill=line, width=1)
+        for x in xs[1:-1]:
+            draw.line([(x, 0), (x, img.height)], fill=line, width=1)
+        # A frame in the full stop colour, so the "when" reads even where the image is bright.
+        inset = max(1, scale // 2)
+        for r in range(g):
+            for c in range(g):
+                step = int(stops[r, c])
+                if step >= 0 and xs[c + 1] - xs[c] > 4 * inset:
+                    draw.rectangle([xs[c] + inset, ys[r] + inset, xs[c + 1] - 1 - inset, ys[r + 1] - 1 - inset],
+                                   outline=tuple(int(v) for v in palette[step]), width=max(1, scale // 2))
+        out.append(img)
+    return out
+
+
+def stop_legend_html(event: SyntheticRound | None) -> str:
+    """Colour key for :func:`mask_overlay`: which colour means "stopped at iteration t"."""
+    if event is None:
+        return ""
+    palette = stop_palette(event)
+    chip = ('<span class="fm-chip"><span class="fm-swatch" style="background:{c}"></span>{t}</span>')
+    if not palette:
+        parts = [chip.format(c="#ffffff; border:1px solid #9ca3af", t="every patch optimised to the end "
+                                                                       "(dense inversion: nothing stopped)")]
+    else:
+        parts = [chip.format(c=c, t=f"stopped at iteration {s} of {event.iterations}") for s, c in palette.items()]
+        parts.append(chip.format(c="#ffffff; border:1px solid #9ca3af", t="never stopped (untinted)"))
+    return '<div class="fm-legend">' + "".join(parts) + "</div>"
+
+
+def gallery_caption(event: SyntheticRound, i: int, class_names: Sequence[str] | None = None) -> str:
+    """Short, as it is drawn over the thumbnail: the round and the class, e.g. ``r2 · 7``."""
+    label = int(event.labels[i])
+    name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
+    return f"r{event.round} · {name}"
+
+
+# --- information density and token relabel --------------------------------------------------------
+
+def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None = None,
+                relabel_used: bool = True) -> go.Figure:
+    """Three panels for synthetic image ``i`` of ``event``: the image, each patch's information
+    density (share of the ensemble's CLS attention, high-information set outlined), and the label
+    each patch token was trained on (generated label vs. ensemble relabel).
+
+    ``relabel_used`` is False for methods that train the class token only (patch targets unused).
+    """
+    if not 0 <= i < len(event.images):
+        raise IndexError(f"image {i} is out of range: this round has {len(event.images)} images")
+    g = event.grid
+    names = list(class_names) if class_names is not None else [str(c) for c in range(int(event.token_labels.max()) + 1)]
+
+    def name_of(label: int) -> str:
+        return names[label] if 0 <= label < len(names) else str(label)
+
+    label = int(event.labels[i])
+    density = np.asarray(event.density[i], dtype=float).reshape(g, g)
+    high = np.asarray(event.high_mask[i], dtype=bool).reshape(g, g)
+    token_labels = np.asarray(event.token_labels[i]).reshape(g, g)
+    relabelled = np.asarray(event.token_relabelled[i], dtype=bool).reshape(g, g)
+
+    fig = make_subplots(
+        rows=1, cols=3, horizontal_spacing=0.07,
+        subplot_titles=(f"synthetic image (class {name_of(label)})", "information density per patch",
+                        "label each patch was trained on" if relabel_used else "patch labels (unused here)"),
+    )
+    fig.add_trace(go.Image(z=_to_rgb(event.images[i]), hoverinfo="skip"), row=1, col=1)
+    rgb = _to_rgb(event.images[i])
+    h, w = rgb.shape[:2]
+    for k in range(1, g):  # patch grid on the image
+        fig.add_shape(type="line", x0=k * w / g - 0.5, x1=k * w / g - 0.5, y0=-0.5, y1=h - 0.5,
+                      line=dict(color="rgba(160,160,160,0.6)", width=1), row=1, col=1)
+        fig.add_shape(type="line", y0=k * h / g - 0.5, y1=k * h / g - 0.5, x0=-0.5, x1=w - 0.5,
+                      line=dict(color="rgba(160,160,160,0.6)", width=1), row=1, col=1)
+
+    small = g <= 8
+    fig.add_trace(go.Heatmap(
+        z=density, colorscale="Viridis", zmin=0, showscale=True,
+        colorbar=dict(thickness=10, len=0.8, x=0.635, tickformat=".0%", title=dict(text="")),
+        text=np.vectorize(lambda v: f"{v:.0%}")(density) if small else None,
+        texttemplate="%{text}" if small else None, textfont=dict(size=10, color="white"),
+        hovertemplate="patch row %{y}, col %{x}<br>density %{z:.1%}<extra></extra>", xgap=1, ygap=1,
+    ), row=1, col=2)
+    for r, c in zip(*np.nonzero(high)):  # outline the high-information set H
+        fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5,
+                      line=dict(color="#ff5d8f", width=3), row=1, col=2)
+
+    fig.add_trace(go.Heatmap(
+        z=relabelled.astype(float), zmin=0, zmax=1, showscale=False,
+        colorscale=[[0, GENERATED_COLOUR], [0.5, GENERATED_COLOUR], [0.5, RELABEL_COLOUR], [1, RELABEL_COLOUR]],
+        text=np.vectorize(name_of)(token_labels) if small else None,
+        texttemplate="%{text}" if small else None, textfont=dict(size=12, color="white"),
+        customdata=np.where(relabelled, "ensemble relabel", "generated label"),
+        hovertemplate="patch row %{y}, col %{x}<br>%{customdata}<extra></extra>", xgap=1, ygap=1,
+    ), row=1, col=3)
+    # Legend entries for the two kinds of patch target, and for the outline of H.
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="generated label y (high density)",
+                             marker=dict(symbol="square", size=12, color=GENERATED_COLOUR)), row=1, col=3)
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="ensemble relabel (low density)",
+                             marker=dict(symbol="square", size=12, color=RELABEL_COLOUR)), row=1, col=3)
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="high-information patch",
+                             marker=dict(symbol="square-open", size=12, color="#ff5d8f", line=dict(width=3))),
+                  row=1, col=2)
+    for col in (2, 3):
+        fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain", row=1, col=col)
+        fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed",
+                         scaleanchor=f"x{col}", row=1, col=col)
+    fig.update_xaxes(showticklabels=False, showgrid=False, row=1, col=1)
+    fig.update_yaxes(showticklabels=False, showgrid=False, row=1, col=1)
+    method = method_label(event.method)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.04, x=0.5, xanchor="center"))
+    fig = _base_layout(fig, f"{method}, round {event.round}, image {i + 1}", height=440)
+    fig.update_layout(margin=dict(t=85))
+    return fig
+
+
+# --- accuracy curves ------------------------------------------------------------------------------
+
+def accuracy_curves(curves: Mapping[str, Mapping[int, float]], references: Mapping[str, float] | None = None,
+                    rounds: int | None = None) -> go.Figure:
+    """Test accuracy of each inversion method's global model after every round (one line each),
+    with single numbers such as FedAvg and the ensemble as horizontal reference lines.
+
+    ``curves[method][round] = accuracy``; ``references[name] = accuracy``.
+    """
+    fig = go.Figure()
+    last = max([rounds or 1] + [max(c) for c in curves.values() if c])
+    for name, points in curves.items():
+        xs = sorted(points)
+        main = name == "fedmitr"
+        fig.add_trace(go.Scatter(
+            x=xs, y=[points[r] for r in xs], mode="lines+markers", name=method_label(name),
+            line=dict(color=method_colour(name), width=4 if main else 2.5),
+            marker=dict(size=9 if main else 7),
+            hovertemplate=f"{method_label(name)}<br>round %{{x}}: %{{y:.1%}}<extra></extra>",
+        ))
+    for name, value in (references or {}).items():
+        dash = "dash" if name == "fedavg" else "dot"
+        fig.add_trace(go.Scatter(
+            x=[1, last], y=[value, value], mode="lines", name=f"{method_label(name)} (reference)",
+            line=dict(color=method_colour(name), width=2, dash=dash),
+            hovertemplate=f"{method_label(name)}: {value:.1%}<extra></extra>",
+        ))
+    if not curves:
+        fig.add_annotation(text="Per-round curves appear for inversion methods (e.g. fedmitr).",
+                           x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                           font=dict(size=13, color="#6b7280"))
+    fig.update_xaxes(title="round (one synthetic batch + distillation each)", range=[0.7, last + 0.3],
+                     dtick=1 if last <= 20 else None)
+    fig.update_yaxes(title="test accuracy", range=[0, 1.02], tickformat=".0%")
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, x=0.5, xanchor="center"))
+    fig = _base_layout(fig, "Global model accuracy per round", height=400)
+    fig.update_layout(margin=dict(b=90))
+    return fig
+
+
+# --- final table ----------------------------------------------------------------------------------
+
+RESULT_HEADERS = ["model", "accuracy", "time (s)", "notes"]  # accuracy on the test split
+
+
+def results_rows(metrics: Mapping) -> list[list]:
+    """Rows of the final results table from a run's ``metrics.json`` content.
+
+    Time is the server-side time of a method, and the local training time for the client rows.
+    """
+    rows = []
+    num_clients = len(metrics.get("clients", []))
+    for name, m in metrics.get("methods", {}).items():
+        if "synthetic_images" in m:
+            note = f"one global model, {m['synthetic_images']} synthetic images"
+        elif name == "ensemble":
+            note = f"needs all {num_clients} client models at test time"
+        else:
+            note = "one global model"
+        rows.append([method_label(name), f"{m['accuracy']:.1%}", _seconds(m["seconds"]), note])
+    clients = metrics.get("clients", [])
+    if clients:
+        accs = [c["accuracy"] for c in clients]
+        best = int(np.argmax(accs))
+        rows.append(["clients (mean)", f"{np.mean(accs):.1%}", _seconds(sum(c["seconds"] for c in clients)),
+                     f"each of {len(clients)} trained alone on its own data"])
+        rows.append([f"best client ({clients[best]['index'] + 1})", f"{accs[best]:.1%}",
+                     _seconds(clients[best]["seconds"]), "the best single local model"])
+    return rows
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"

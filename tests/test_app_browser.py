@@ -1,0 +1,189 @@
+"""The app in a real browser: Playwright for Python driving Debian's Chromium (/usr/bin/chromium).
+
+Opens the page, sets the inputs, runs a small job, and checks that the gallery, the plotly plots and
+the results table are on screen; saves a full-page screenshot. Skipped where Chromium is not
+installed (`apt-get install -y chromium`; never `playwright install`).
+
+The suite's run is a seconds-long `tiny` one; its screenshot goes to tests/artifacts/app.png. The
+README's assets/screenshot.png is the same test on the real demo (the app's defaults, the cpu preset,
+a few minutes on 2 cores):
+
+    FEDMITR_SCREENSHOT_DEMO=1 .venv/bin/python -m pytest tests/test_app_browser.py -k gallery
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the app/ package, under plain `pytest` too
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+DEMO = os.environ.get("FEDMITR_SCREENSHOT_DEMO") == "1"
+# The README's image comes from the demo run; the suite's quick run leaves it alone and saves its own
+# screenshot where git does not look.
+SCREENSHOT = ROOT / "assets" / "screenshot.png" if DEMO else ROOT / "tests" / "artifacts" / "app.png"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    mp.setenv("FEDMITR_APP_RUNS", str(tmp_path_factory.mktemp("app-runs")))
+    if DEMO:  # run as `python app/app.py` does, on every core (tests/conftest.py pins torch to 1 thread)
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    from app.app import create_app, launch_kwargs
+
+    demo = create_app()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1440, "height": 900})  # a laptop screen
+    page = context.new_page()
+    page.goto(server)
+    page.wait_for_selector("#run-btn", timeout=30_000)
+    yield page
+    context.close()
+
+
+def wait_for_status(page, text: str, timeout_s: float) -> None:
+    page.wait_for_function(f"document.querySelector('#status')?.innerText.includes({text!r})",
+                           timeout=timeout_s * 1000)
+
+
+def wait_until_idle(timeout: float = 20.0) -> None:
+    from app import jobs
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not jobs.DEVICE_LOCK.locked() and not jobs._ACTIVE:  # noqa: SLF001
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the app still holds a job {timeout} s later")
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_run_shows_gallery_plots_and_results(page):
+    from fedmitr.methods import METHODS
+
+    if DEMO:
+        # For the README: the app's defaults (cpu preset), as a visitor runs them. Minutes, not seconds.
+        finish_s = 1800
+    else:
+        # Seconds: the tiny preset with a little more training than its defaults.
+        advanced = page.get_by_role("button", name="Advanced")
+        advanced.click()
+        page.locator("#preset").get_by_label("tiny").check()
+        page.wait_for_timeout(300)  # the preset fills in its knobs; ours come after
+        set_number(page, "clients", 4)
+        set_number(page, "epochs", 8)
+        set_number(page, "iterations", 30)
+        set_number(page, "images", 20)
+        set_number(page, "rounds", 3)
+        methods = page.locator("#methods")
+        for name in ("fedavg", "ensemble", "fedmitr", "dense-kd"):
+            if name in METHODS:
+                methods.get_by_label(name, exact=True).check()
+        advanced.click()  # close it again for the screenshot
+        finish_s = 150
+
+    page.locator("#run-btn").click()
+    wait_for_status(page, "Running", 30)
+    wait_for_status(page, "Finished", finish_s)
+
+    partition = page.locator("#partition-plot .js-plotly-plot")
+    curves = page.locator("#curves-plot .js-plotly-plot")
+    assert partition.is_visible() and curves.is_visible()
+    assert page.locator("#partition-plot .heatmaplayer, #partition-plot .hm").count() > 0 \
+        or "client 1" in partition.inner_text()
+    table = page.locator("#results")
+    assert table.is_visible()
+    assert "FedAvg" in table.inner_text() and "%" in table.inner_text()
+    if any(spec.inversion for spec in METHODS.values()):
+        images = page.locator("#gallery img")
+        images.first.wait_for(state="visible", timeout=10_000)
+        assert images.count() >= 8
+        assert page.evaluate("document.querySelector('#gallery img').naturalWidth") >= 100
+        assert page.locator("#relabel-plot .js-plotly-plot").is_visible()
+        # Clicking a synthetic image shows its relabel map.
+        images.nth(2).click()
+        page.wait_for_function("document.querySelector('#relabel-plot').innerText.includes('image 3')",
+                               timeout=10_000)
+    assert "Device:" in page.locator("#status").inner_text()
+    page.mouse.move(0, 0)  # no hover labels in the screenshot
+    page.wait_for_timeout(500)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 50_000
+    wait_until_idle()
+
+
+def test_bad_input_shows_an_error_and_the_page_stays_usable(page):
+    alpha = page.locator("#alpha input")
+    alpha.fill("-1")
+    alpha.press("Enter")
+    page.locator("#run-btn").click()
+    error = page.get_by_text("alpha must be a number > 0", exact=False)
+    error.first.wait_for(state="visible", timeout=15_000)
+    from app import jobs
+
+    assert not jobs._ACTIVE  # noqa: SLF001 - nothing was started
+    assert page.locator("#run-btn").is_enabled()
+
+
+def test_closing_the_tab_frees_its_job(browser, server):
+    from app import jobs
+
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    page.goto(server)
+    page.wait_for_selector("#run-btn", timeout=30_000)
+    page.locator("#run-btn").click()  # the default: cpu preset, minutes of work
+    wait_for_status(page, "Running: clients", 60)
+    assert jobs.DEVICE_LOCK.locked()
+    context.close()  # the session disconnects
+    wait_until_idle(timeout=30)
