@@ -54,7 +54,7 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, image_size: i
                                f"Use the 'cpu' or 'tiny' preset, which train from scratch.") from None
     except Exception as err:  # noqa: BLE001 - network/Hub failures come in many types
         raise ModelUnavailable(f"cannot load pretrained weights for {cfg.arch!r}: {type(err).__name__}: "
-                               f"{str(err).splitlines()[0] if str(err) else ''}. Offline? Use the 'cpu' "
+                               f"{str(err).splitlines()[0].rstrip('.') if str(err) else ''}. Offline? Use the 'cpu' "
                                f"or 'tiny' preset, which train from scratch.") from None
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"{cfg.arch!r} is not a timm VisionTransformer; FedMITR needs one")

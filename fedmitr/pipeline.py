@@ -25,6 +25,7 @@ from fedmitr.config import ConfigError, RunConfig
 from fedmitr.data import ImageDataset, Partition, label_entropy, load_dataset, partition
 from fedmitr.events import EventHandler, Metric, PartitionReady, StageFinished, StageStarted, ignore
 from fedmitr.methods import METHODS
+from fedmitr.models import build_model
 from fedmitr.runtime import describe_device, make_accelerator, seed_everything
 
 
@@ -78,6 +79,9 @@ def prepare(cfg: RunConfig, dataset: ImageDataset | None = None) -> tuple[ImageD
         dataset = load_dataset(d.dataset, d.max_train_samples, d.max_test_samples)
     part = partition(dataset.train.labels.numpy(), d.num_clients, d.alpha, dataset.num_classes,
                      seed=cfg.seed, min_samples=d.min_client_samples)
+    # Build one model now: an unknown architecture, a patch grid that does not divide the image, or
+    # pretrained weights that cannot be fetched fail here, before any training (weights are cached).
+    build_model(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     return dataset, part
 
 

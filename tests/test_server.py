@@ -182,3 +182,21 @@ def test_bench_tiny_writes_tables(tmp_path):
     assert main(["bench", "--merge", str(out / "bench.json"), str(out / "bench.json"), "--out", str(merged)]) == 0
     assert len(json.loads((merged / "bench.json").read_text())["records"]) == 2 * len(records)
     assert main(["bench", "--merge", str(tmp_path / "missing.json"), "--out", str(merged)]) == 2
+
+
+def test_timm_named_model_with_resize_runs_the_whole_pipeline(tmp_path):
+    """The gpu preset's path (a timm model name, inputs resized to the model) without downloads."""
+    from fedmitr.config import apply_overrides
+    from fedmitr.pipeline import run
+
+    cfg = apply_overrides(TINY, {
+        "data": {"dataset": "digits", "num_clients": 2},
+        "model": {"arch": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32},
+        "clients": {"epochs": 1}, "methods": "fedavg,fedmitr",
+        "inversion": {"iterations": 4, "images_per_round": 4}, "distill": {"rounds": 1, "steps_per_round": 2},
+    })
+    result = run(cfg, out_dir=tmp_path / "run")
+    assert result.dataset.image_size == 16
+    assert result.methods["fedmitr"].model.patch_embed.img_size == (32, 32)
+    assert 0 <= result.metrics["methods"]["fedmitr"]["accuracy"] <= 1
+    assert result.metrics["methods"]["fedmitr"]["patches"] == 4
