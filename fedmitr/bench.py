@@ -39,6 +39,10 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (default: 0,1)")
     bench.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock reruns")
     bench.add_argument("--out", default="bench", help="output directory (default: bench)")
+    bench.add_argument("--speed-only", action="store_true",
+                       help="only time dense vs sparse inversion (equal iterations and images) on one set of "
+                            "trained clients, --repeats times each; writes speed.json")
+    bench.add_argument("--repeats", default="3", help="timing repeats for --speed-only (default: 3)")
     bench.add_argument("--merge", nargs="+", default=None, metavar="BENCH_JSON",
                        help="only rebuild bench.md / tradeoff.html in --out from existing bench.json files "
                             "(e.g. halves of a grid run in parallel); trains nothing")
@@ -187,9 +191,46 @@ def write_outputs(out: Path, config: dict[str, Any], records: list[dict[str, Any
     return table
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from fedmitr.cli import ProgressPrinter, config_from_args
+def inversion_speed(cfg, repeats: int) -> dict[str, Any]:
+    """Seconds of dense and sparse inversion of the same clients, same labels, iterations and images."""
+    import torch
 
+    from fedmitr.inversion import invert
+    from fedmitr.pipeline import prepare
+
+    dataset, part = prepare(cfg)
+    accelerator = make_accelerator()
+    clients = train_clients(dataset, part, cfg.model, cfg.clients, accelerator, cfg.seed)
+    models = [c.model for c in clients]
+    labels = torch.arange(cfg.inversion.images_per_round) % dataset.num_classes
+    seconds: dict[str, list[float]] = {"dense": [], "sparse": []}
+    for r in range(repeats):
+        for mode in ("dense", "sparse"):  # interleaved, so drifts in machine load hit both alike
+            gen = torch.Generator().manual_seed(r)
+            batch = invert(models, labels, cfg.inversion, dataset.pixel_bounds(), mode == "sparse", gen,
+                           allow_flip=dataset.allow_flip)
+            seconds[mode].append(batch.seconds)
+    dense, sparse = statistics.mean(seconds["dense"]), statistics.mean(seconds["sparse"])
+    return {"device": describe_device(accelerator), "threads": torch.get_num_threads(),
+            "images": cfg.inversion.images_per_round, "iterations": cfg.inversion.iterations,
+            "active_patches_at_end": int(batch.keep_idx.shape[1]), "patches": int(batch.stop_step.shape[1]),
+            "seconds": seconds, "dense_mean": dense, "sparse_mean": sparse, "inversion_speedup": dense / sparse}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedmitr.cli import ProgressPrinter, _int, config_from_args
+
+    if args.speed_only:
+        cfg = config_from_args(args)
+        result = inversion_speed(cfg, _int("--repeats", args.repeats, minimum=1))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps(result, indent=2))
+        print(f"inversion of {result['images']} images x {result['iterations']} iterations on {result['device']}: "
+              f"dense {result['dense_mean']:.2f} s, sparse {result['sparse_mean']:.2f} s "
+              f"({result['active_patches_at_end']}/{result['patches']} patches active at the end), "
+              f"inversion_speedup {result['inversion_speedup']:.2f}x")
+        return 0
     if args.merge:
         config, records = merge_records(args.merge)
         print(write_outputs(Path(args.out), config, records, "fedmitr bench (merged: " + " ".join(args.merge) + ")"))

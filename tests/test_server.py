@@ -200,3 +200,13 @@ def test_timm_named_model_with_resize_runs_the_whole_pipeline(tmp_path):
     assert result.methods["fedmitr"].model.patch_embed.img_size == (32, 32)
     assert 0 <= result.metrics["methods"]["fedmitr"]["accuracy"] <= 1
     assert result.metrics["methods"]["fedmitr"]["patches"] == 4
+
+
+def test_bench_speed_only_times_dense_and_sparse(tmp_path, capsys):
+    out = tmp_path / "speed"
+    assert main(["bench", "--preset", "tiny", "--speed-only", "--repeats", "1", "--out", str(out)]) == 0
+    speed = json.loads((out / "speed.json").read_text())
+    assert len(speed["seconds"]["dense"]) == len(speed["seconds"]["sparse"]) == 1
+    assert speed["inversion_speedup"] == pytest.approx(speed["dense_mean"] / speed["sparse_mean"])
+    assert speed["active_patches_at_end"] < speed["patches"] == 16
+    assert "inversion_speedup" in capsys.readouterr().out
