@@ -66,10 +66,12 @@ def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientT
     images, labels = data.images.to(device), data.labels.to(device)
     n = len(data)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    # Not accelerator.prepare: that would wrap the model in DDP and all-reduce gradients between
+    # processes, but each client trains alone (different clients run on different processes).
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(cfg.epochs * steps_per_epoch, cfg.warmup_frac))
-    model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     losses = []
     for epoch in range(cfg.epochs):
@@ -84,7 +86,7 @@ def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientT
         losses.append(total / steps_per_epoch)
         if on_epoch is not None:
             on_epoch(epoch + 1, losses[-1])
-    model = accelerator.unwrap_model(model).eval()
+    model = model.eval()
     return ClientResult(index, model, n, time.perf_counter() - start, losses)
 
 

@@ -1,0 +1,44 @@
+"""Clients dealt over several processes (accelerate launch) give the same models as one process."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import debug_launcher
+
+from fedmitr.clients import train_clients
+from fedmitr.config import preset_config
+from fedmitr.data import load_dataset, partition, subsample
+from fedmitr.runtime import make_accelerator
+
+TINY = preset_config("tiny")
+
+
+def _setup():
+    ds = subsample(load_dataset("mnist5k"), 300, 100)
+    part = partition(ds.train.labels.numpy(), 3, 0.5, 10, seed=0)
+    return ds, part
+
+
+def _train_on_two_processes(out_path: str):
+    from accelerate import Accelerator
+
+    torch.set_num_threads(1)
+    ds, part = _setup()
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    clients = train_clients(ds, part, TINY.model, TINY.clients, accelerator, seed=0)
+    assert [c.index for c in clients] == [0, 1, 2], "every process gets every client, in order"
+    if accelerator.is_main_process:
+        torch.save([{k: v.cpu() for k, v in c.model.state_dict().items()} for c in clients], out_path)
+
+
+def test_two_processes_train_the_same_clients_as_one(tmp_path):
+    out_path = str(tmp_path / "clients.pt")
+    debug_launcher(_train_on_two_processes, args=(out_path,), num_processes=2)
+    distributed = torch.load(out_path)
+    ds, part = _setup()
+    single = train_clients(ds, part, TINY.model, TINY.clients, make_accelerator(cpu=True), seed=0)
+    assert len(distributed) == len(single) == 3
+    for state, client in zip(distributed, single):
+        for key, value in client.model.state_dict().items():
+            torch.testing.assert_close(state[key], value.cpu(), rtol=1e-4, atol=1e-5)
