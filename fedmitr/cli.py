@@ -112,7 +112,7 @@ class ProgressPrinter:
         from tqdm import tqdm
 
         if isinstance(event, StageStarted):
-            self._close()
+            self.close()
             info = f" ({event.info})" if event.info else ""
             if event.total:
                 self.bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr, leave=False)
@@ -129,10 +129,10 @@ class ProgressPrinter:
             step = f" round {event.step}" if event.step is not None else ""
             tqdm.write(f"  {event.source}{step}: {event.name} = {event.value:.4f}", file=sys.stderr)
         elif isinstance(event, StageFinished):
-            self._close()
+            self.close()
             tqdm.write(f"[{event.stage}] done in {event.seconds:.1f} s", file=sys.stderr)
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -164,7 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_out_dir(out)
     printer = ProgressPrinter(quiet=args.quiet)
     result = run(cfg, out_dir=out, on_event=printer)
-    printer._close()
+    printer.close()
     print(results_table(result.metrics))
     print(f"\nwrote {out / 'metrics.json'}")
     return 0

@@ -16,7 +16,7 @@ From the Hugging Face Hub (needs the network, or a local ``datasets`` cache):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -296,8 +296,6 @@ def subsample(ds: ImageDataset, max_train: int | None, max_test: int | None) -> 
 
     if max_train is None and max_test is None:
         return ds
-    from dataclasses import replace
-
     return replace(ds, train=cut(ds.train, max_train), test=cut(ds.test, max_test))
 
 

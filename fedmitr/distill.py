@@ -17,7 +17,7 @@ A distillation step, for a batch of pool images shifted by a random +-``shift_px
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -119,8 +119,6 @@ def run_inversion_method(spec: MethodSpec, cfg: RunConfig, dataset: ImageDataset
     """
     inv = cfg.inversion
     if images_per_round is not None:
-        from dataclasses import replace
-
         inv = replace(inv, images_per_round=images_per_round)
     generator = torch.Generator().manual_seed(cfg.seed + 17)
     torch.manual_seed(cfg.seed + 17)
