@@ -125,6 +125,18 @@ def active_job(session: str) -> Job | None:
     return job if job is not None and job.alive else None
 
 
+def wait_idle(timeout_s: float) -> bool:
+    """Wait until no job holds the device or is registered; False if that takes over ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with _ACTIVE_LOCK:
+            busy = bool(_ACTIVE)
+        if not busy and not DEVICE_LOCK.locked():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def cancel_session(session: str) -> bool:
     """Stop the session's running job, if any. Returns whether there was one."""
     job = active_job(session)

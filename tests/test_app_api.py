@@ -114,12 +114,7 @@ def heatmap(value) -> dict | None:
 def wait_until_idle(timeout: float = 20.0) -> None:
     from app import jobs
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not jobs.DEVICE_LOCK.locked() and not jobs._ACTIVE:  # noqa: SLF001
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the app still holds a job {timeout} s after it should have stopped")
+    assert jobs.wait_idle(timeout), f"the app still holds a job {timeout} s after it should have stopped"
 
 
 def test_tiny_run_streams_partition_gallery_and_accuracy(client):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -93,12 +92,7 @@ def wait_for_status(page, text: str, timeout_s: float) -> None:
 def wait_until_idle(timeout: float = 20.0) -> None:
     from app import jobs
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not jobs.DEVICE_LOCK.locked() and not jobs._ACTIVE:  # noqa: SLF001
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the app still holds a job {timeout} s later")
+    assert jobs.wait_idle(timeout), f"the app still holds a job {timeout} s after it should have stopped"
 
 
 def set_number(page, elem_id: str, value) -> None:
