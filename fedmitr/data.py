@@ -268,7 +268,7 @@ BUNDLED: dict[str, Callable[[], ImageDataset]] = {"mnist5k": load_mnist5k, "digi
 DATASETS: tuple[str, ...] = (*BUNDLED, *HUB_DATASETS)
 
 
-def load_dataset(name: str, max_train: int | None = None, max_test: int | None = None) -> ImageDataset:
+def open_dataset(name: str, max_train: int | None = None, max_test: int | None = None) -> ImageDataset:
     """Load a dataset by registry name (see :data:`DATASETS`) or as ``hf:owner/name``.
 
     ``max_train`` / ``max_test`` take a fixed stratified subset (for quick runs on large sets).

@@ -22,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from fedmitr import baselines
 from fedmitr.clients import ClientResult, evaluate, train_clients
 from fedmitr.config import ConfigError, RunConfig
-from fedmitr.data import ImageDataset, Partition, label_entropy, load_dataset, partition
+from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, partition
 from fedmitr.events import EventHandler, Metric, PartitionReady, StageFinished, StageStarted, ignore
 from fedmitr.methods import METHODS
 from fedmitr.models import build_model
@@ -76,7 +76,7 @@ def prepare(cfg: RunConfig, dataset: ImageDataset | None = None) -> tuple[ImageD
     cfg.validate()
     d = cfg.data
     if dataset is None:
-        dataset = load_dataset(d.dataset, d.max_train_samples, d.max_test_samples)
+        dataset = open_dataset(d.dataset, d.max_train_samples, d.max_test_samples)
     part = partition(dataset.train.labels.numpy(), d.num_clients, d.alpha, dataset.num_classes,
                      seed=cfg.seed, min_samples=d.min_client_samples)
     # Build one model now: an unknown architecture, a patch grid that does not divide the image, or

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fedmitr.config import RunConfig, preset_config  # noqa: E402
-from fedmitr.data import ImageDataset, load_dataset, subsample  # noqa: E402
+from fedmitr.data import ImageDataset, open_dataset, subsample  # noqa: E402
 
 # The models under test are tiny (~20k parameters). With 2 intra-op threads on a 2-core machine,
 # any other busy process makes torch's threads spin against each other and a training step goes
@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def mnist5k() -> ImageDataset:
     """The bundled MNIST sample, loaded once. Tests must not mutate its tensors."""
-    return load_dataset("mnist5k")
+    return open_dataset("mnist5k")
 
 
 @pytest.fixture(scope="session")

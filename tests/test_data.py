@@ -19,7 +19,7 @@ from fedmitr.data import (
     ImageDataset,
     Split,
     dataset_from_hf,
-    load_dataset,
+    open_dataset,
     subsample,
 )
 
@@ -61,7 +61,7 @@ def test_mnist5k_is_normalised_with_train_statistics(mnist5k):
 
 
 def test_mnist5k_split_is_fixed_and_covers_the_bundled_file_once(mnist5k):
-    again = load_dataset("mnist5k")
+    again = open_dataset("mnist5k")
     assert torch.equal(again.train.images, mnist5k.train.images)
     assert torch.equal(again.train.labels, mnist5k.train.labels)
     assert torch.equal(again.test.images, mnist5k.test.images)
@@ -94,19 +94,19 @@ def test_pixel_bounds_and_to_unit_round_trip(mnist5k):
 
 
 def test_digits_are_16px_with_a_fixed_80_20_split():
-    ds = load_dataset("digits")
+    ds = open_dataset("digits")
     assert ds.train.images.shape[1:] == (1, 16, 16)
     assert ds.test.images.shape[1:] == (1, 16, 16)
     assert len(ds.train) + len(ds.test) == 1797  # scikit-learn's load_digits
     assert len(ds.test) / 1797 == pytest.approx(0.2, abs=0.01)
     assert set(ds.train.labels.tolist()) == set(range(10))
     assert ds.num_classes == 10
-    assert torch.equal(load_dataset("digits").test.images, ds.test.images)
+    assert torch.equal(open_dataset("digits").test.images, ds.test.images)
 
 
 def test_unknown_dataset_names_the_choices():
     with pytest.raises(ConfigError) as err:
-        load_dataset("nope")
+        open_dataset("nope")
     message = str(err.value)
     assert "'nope'" in message
     for name in ("mnist5k", "digits", "cifar10", "hf:owner/name"):
@@ -117,7 +117,7 @@ def test_unknown_dataset_names_the_choices():
 def test_hub_dataset_offline_fails_fast_and_points_at_bundled_data(name):
     start = time.perf_counter()
     with pytest.raises(DatasetUnavailable) as err:
-        load_dataset(name)
+        open_dataset(name)
     assert time.perf_counter() - start < 20
     message = str(err.value)
     assert "mnist5k" in message and "digits" in message

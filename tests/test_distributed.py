@@ -7,14 +7,14 @@ from accelerate import debug_launcher
 
 from fedmitr.clients import train_clients
 from fedmitr.config import preset_config
-from fedmitr.data import load_dataset, partition, subsample
+from fedmitr.data import open_dataset, partition, subsample
 from fedmitr.runtime import make_accelerator
 
 TINY = preset_config("tiny")
 
 
 def _setup():
-    ds = subsample(load_dataset("mnist5k"), 300, 100)
+    ds = subsample(open_dataset("mnist5k"), 300, 100)
     part = partition(ds.train.labels.numpy(), 3, 0.5, 10, seed=0)
     return ds, part
 
