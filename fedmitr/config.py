@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedmitr.methods import METHODS
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -134,8 +136,6 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check every value that can be checked without data. Raises :class:`ConfigError`."""
-        from fedmitr.methods import METHODS  # local: methods imports config
-
         d = self.data
         _check(isinstance(self.seed, int), f"seed must be an integer (got {self.seed!r})")
         _check(

@@ -7,17 +7,16 @@ frees the device for the next one; bad input is a clear error and the app keeps 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the app/ package, under plain `pytest` too
-
+from app_server import serving_app  # noqa: E402  (also puts the repo root on sys.path for app/)
 from fedmitr.methods import METHODS  # noqa: E402
 
 INVERSION = [m for m, spec in METHODS.items() if spec.inversion]
@@ -27,24 +26,13 @@ TINY = dict(dataset="mnist5k", clients=3, alpha="0.5",
             preset="tiny", epochs=2, iterations=8, images=8, keep=0.7, relabel="token", rounds=2, seed=0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 OUTBOUND: list[str] = []  # every non-local host the app looked up or connected to while starting
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_DATASETS_OFFLINE", "1")
-    mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    mp.setenv("FEDMITR_APP_RUNS", str(tmp_path_factory.mktemp("app-runs")))
-    # Record (not block) any step outside this machine while the app is built and launched.
+@contextlib.contextmanager
+def recording_outbound():
+    """Record (not block) any step outside this machine while the app is built and launched."""
     real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
 
     def getaddrinfo(host, *args, **kwargs):
@@ -57,18 +45,16 @@ def server(tmp_path_factory):
             OUTBOUND.append(str(address[0]))
         return real_connect(sock, address)
 
-    mp.setattr(socket, "getaddrinfo", getaddrinfo)
-    mp.setattr(socket.socket, "connect", connect)
-    from app.app import create_app, launch_kwargs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket, "getaddrinfo", getaddrinfo)
+        mp.setattr(socket.socket, "connect", connect)
+        yield
 
-    demo = create_app()
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
-    mp.setattr(socket, "getaddrinfo", real_getaddrinfo)
-    mp.setattr(socket.socket, "connect", real_connect)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    mp.undo()
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serving_app(tmp_path_factory.mktemp("app-runs"), around_launch=recording_outbound) as url:
+        yield url
 
 
 def test_app_starts_without_touching_the_network(server):

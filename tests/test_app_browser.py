@@ -14,14 +14,13 @@ a few minutes on 2 cores):
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 
+from app_server import serving_app  # also puts the repo root on sys.path for app/
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the app/ package, under plain `pytest` too
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -37,31 +36,14 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_DATASETS_OFFLINE", "1")
-    mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    mp.setenv("FEDMITR_APP_RUNS", str(tmp_path_factory.mktemp("app-runs")))
     if DEMO:  # run as `python app/app.py` does, on every core (tests/conftest.py pins torch to 1 thread)
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-    from app.app import create_app, launch_kwargs
-
-    demo = create_app()
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    mp.undo()
+    with serving_app(tmp_path_factory.mktemp("app-runs")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
