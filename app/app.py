@@ -29,9 +29,11 @@ from typing import Any  # noqa: E402
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from fedmitr.config import ConfigError, PRESETS  # noqa: E402
+from fedmitr.config import PRESETS, RELABEL_MODES  # noqa: E402
 from fedmitr.data import BUNDLED  # noqa: E402
+from fedmitr.errors import USER_ERRORS, ConfigError  # noqa: E402
 from fedmitr.methods import METHODS  # noqa: E402
+from fedmitr.runtime import DeviceInfo  # noqa: E402
 
 from app import form, jobs, views  # noqa: E402
 from app.runview import RunView, idle_status_html  # noqa: E402
@@ -124,7 +126,7 @@ class Page:
 
 # --- helpers --------------------------------------------------------------------------------------
 
-def startup_device() -> str:
+def startup_device() -> DeviceInfo | None:
     """The device a run will use, as the pipeline will describe it (no network, no training)."""
     try:
         from fedmitr.runtime import describe_device, make_accelerator
@@ -132,14 +134,14 @@ def startup_device() -> str:
         return describe_device(make_accelerator())
     except Exception as err:  # noqa: BLE001 - only a label; the run itself reports the real device
         log.warning("could not describe the device: %s", err)
-        return "unknown"
+        return None
 
 
-def _config(*values):
+def _config(values: tuple):
     """Form values -> RunConfig, or a gr.Error the user can act on (also when the Hub is needed but
     out of reach)."""
     try:
-        cfg = form.build_config(*values)
+        cfg = form.FormValues.from_inputs(values).to_config()
         form.check_hub(cfg)
         return cfg
     except ConfigError as err:
@@ -147,7 +149,7 @@ def _config(*values):
 
 
 def _friendly(err: BaseException) -> str:
-    if isinstance(err, jobs.USER_ERRORS):
+    if isinstance(err, USER_ERRORS):
         return str(err)
     return f"the run failed: {type(err).__name__}: {err}. The app is still up; try again or change the settings."
 
@@ -163,7 +165,7 @@ def check_data(cfg) -> None:
 
     try:
         prepare(cfg)
-    except jobs.USER_ERRORS as err:
+    except USER_ERRORS as err:
         raise gr.Error(str(err), title="Invalid settings") from None
 
 
@@ -183,7 +185,7 @@ def _empty_outputs(device: str) -> tuple:
 
 def build_demo() -> gr.Blocks:
     device = startup_device_label()
-    knobs = form.preset_knobs("cpu")
+    knobs = form.FormValues()  # the cpu preset's
     status0, partition0, clients0 = _empty_outputs(device)
 
     with gr.Blocks(title="FedMITR: one-shot federated learning", analytics_enabled=False,
@@ -197,15 +199,15 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Run FedMITR", id="run"):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=1, min_width=320, elem_id="controls"):
-                        dataset = gr.Dropdown(label="Dataset", choices=form.dataset_choices(), value="mnist5k",
+                        dataset = gr.Dropdown(label="Dataset", choices=form.dataset_choices(), value=knobs.dataset,
                                               allow_custom_value=True, elem_id="dataset")
                         clients = gr.Slider(label="Number of clients", minimum=form.MIN_CLIENTS,
-                                            maximum=form.MAX_CLIENTS, step=1, value=5, elem_id="clients")
-                        alpha = gr.Dropdown(label="Label skew (Dirichlet α)", choices=form.SKEW_CHOICES, value="0.5",
+                                            maximum=form.MAX_CLIENTS, step=1, value=knobs.clients, elem_id="clients")
+                        alpha = gr.Dropdown(label="Label skew (Dirichlet α)", choices=form.SKEW_CHOICES, value=knobs.alpha,
                                             allow_custom_value=True, elem_id="alpha",
                                             info="Smaller α: fewer classes per client. Any number > 0, or iid.")
                         methods = gr.CheckboxGroup(label="Methods", choices=list(METHODS),
-                                                   value=form.default_methods(), elem_id="methods",
+                                                   value=list(knobs.methods), elem_id="methods",
                                                    info="fedmitr is the method, fedavg and ensemble are "
                                                         "references, the others are ablations.")
                         with gr.Row():
@@ -214,13 +216,13 @@ def build_demo() -> gr.Blocks:
                         with gr.Accordion("What the methods are", open=False):
                             gr.Markdown("\n".join(f"- **{n}**: {s.summary}" for n, s in METHODS.items()))
                         with gr.Accordion("Advanced", open=False, elem_id="advanced"):
-                            preset = gr.Radio(label="Preset", choices=list(PRESETS), value="cpu", elem_id="preset",
+                            preset = gr.Radio(label="Preset", choices=list(PRESETS), value=knobs.preset, elem_id="preset",
                                               info="tiny: seconds (a smoke test); cpu: the demo, a few minutes "
                                                    "on 2 cores; gpu: paper-like, needs a GPU and the Hub.")
                             with gr.Row():
-                                epochs = gr.Number(label="Local epochs", value=knobs.epochs, precision=0,
+                                epochs = gr.Number(label="Local epochs", value=knobs.epochs, step=1,
                                                    minimum=1, elem_id="epochs")
-                                rounds = gr.Number(label="Rounds", value=knobs.rounds, precision=0, minimum=1,
+                                rounds = gr.Number(label="Rounds", value=knobs.rounds, step=1, minimum=1,
                                                    elem_id="rounds")
                             with gr.Row():
                                 iterations = gr.Number(label="Inversion iterations", value=knobs.iterations,
@@ -232,9 +234,9 @@ def build_demo() -> gr.Blocks:
                                              info="Share of still-active patches kept each time sparse "
                                                   "inversion stops patches.")
                             relabel = gr.Radio(label="Relabel of low-density patches",
-                                               choices=[(form.RELABEL_HELP.get(m, m), m) for m in form.RELABEL_MODES],
+                                               choices=[(form.RELABEL_HELP.get(m, m), m) for m in RELABEL_MODES],
                                                value=knobs.relabel, elem_id="relabel")
-                            seed = gr.Number(label="Seed", value=knobs.seed, precision=0, minimum=0, elem_id="seed")
+                            seed = gr.Number(label="Seed", value=knobs.seed, step=1, minimum=0, elem_id="seed")
 
                     with gr.Column(scale=3, min_width=640):
                         status = gr.HTML(status0, elem_id="status")
@@ -292,13 +294,14 @@ def build_demo() -> gr.Blocks:
                     gallery_method=gallery_method, legend=legend, relabel_plot=relabel_plot,
                     curves_plot=curves_plot, results=results, files=files, log_box=log_box,
                     view_state=view_state, gallery_index=gallery_index)
-        form_inputs = [dataset, clients, alpha, methods, preset, epochs, iterations, images, keep, relabel,
-                       rounds, seed]
+        inputs = {"dataset": dataset, "clients": clients, "alpha": alpha, "methods": methods, "preset": preset,
+                  "epochs": epochs, "iterations": iterations, "images": images, "keep": keep, "relabel": relabel,
+                  "rounds": rounds, "seed": seed}
+        form_inputs = [inputs[name] for name in form.FormValues.names()]
 
-        def run(dataset, clients, alpha, methods, preset, epochs, iterations, images, keep, relabel, rounds, seed,
-                request: gr.Request, progress=gr.Progress()):
-            yield from run_job(page, (dataset, clients, alpha, methods, preset, epochs, iterations, images, keep,
-                                      relabel, rounds, seed), request, progress)
+        @form.with_form_parameters
+        def run(request: gr.Request, progress=gr.Progress(), *values):
+            yield from run_job(page, values, request, progress)
 
         # Run = a quick check outside the training queue (bad input fails at once, even while another
         # session trains), then the training job itself in the shared queue.
@@ -311,7 +314,7 @@ def build_demo() -> gr.Blocks:
         )
         stop_btn.click(stop_job, [view_state], [status], cancels=[run_event], concurrency_limit=None,
                        api_visibility="private", show_progress="hidden")
-        preset.change(_preset_knobs, [preset], [epochs, iterations, images, keep, relabel, rounds, seed],
+        preset.change(_preset_knobs, [preset], [inputs[name] for name in PRESET_KNOBS],
                       api_visibility="private", show_progress="hidden")
         dataset.input(_dataset_note, [dataset], None, api_visibility="private", show_progress="hidden")
         gallery_method.input(_show_method, [view_state, gallery_method],
@@ -330,14 +333,15 @@ def _gallery_hint() -> str:
 
 # --- event handlers -------------------------------------------------------------------------------
 
-def precheck(dataset, clients, alpha, methods, preset, epochs, iterations, images, keep, relabel, rounds, seed,
-             request: gr.Request):
+@form.with_form_parameters
+def precheck(request: gr.Request, *values):
     """Fail fast on bad input; otherwise tell the user whether they wait for the device."""
-    cfg = _config(dataset, clients, alpha, methods, preset, epochs, iterations, images, keep, relabel, rounds, seed)
+    cfg = _config(values)
     check_data(cfg)
     if jobs.active_job(_session(request)) is not None:
         raise gr.Error("A run is already going in this browser tab. Press Stop first, or wait for it to finish.")
-    if cfg.preset == "gpu" and "cuda" not in startup_device_label():
+    device = _startup_device_once()
+    if cfg.preset == "gpu" and (device is None or device.type != "cuda"):
         gr.Warning("The gpu preset fine-tunes a 224 px DeiT and is sized for a GPU; on this CPU it takes hours. "
                    "Press Stop and pick the cpu preset for a demo.")
     _WAITING.add(_session(request))
@@ -347,15 +351,21 @@ def precheck(dataset, clients, alpha, methods, preset, epochs, iterations, image
     return idle_status_html(startup_device_label(), message)
 
 
-_DEVICE_LABEL: list[str] = []
+_DEVICE: list[DeviceInfo | None] = []
 
 
 def startup_device_label() -> str:
+    """The device's one-line description, or "unknown"."""
+    device = _startup_device_once()
+    return str(device) if device is not None else "unknown"
+
+
+def _startup_device_once() -> DeviceInfo | None:
     """:func:`startup_device`, computed once: creating an Accelerator resets accelerate's process-wide
     state, which must not happen while a job trains."""
-    if not _DEVICE_LABEL:
-        _DEVICE_LABEL.append(startup_device())
-    return _DEVICE_LABEL[0]
+    if not _DEVICE:
+        _DEVICE.append(startup_device())
+    return _DEVICE[0]
 
 
 def run_job(page: "Page", values: tuple, request: gr.Request | None, progress):
@@ -367,7 +377,7 @@ def run_job(page: "Page", values: tuple, request: gr.Request | None, progress):
     """
     session = _session(request)
     _WAITING.discard(session)
-    cfg = _config(*values)
+    cfg = _config(values)
     if jobs.active_job(session) is not None:
         raise gr.Error("A run is already going in this browser tab. Press Stop first, or wait for it to finish.")
     job = jobs.Job(cfg, jobs.new_run_dir(session), session)
@@ -421,7 +431,7 @@ def run_job(page: "Page", values: tuple, request: gr.Request | None, progress):
             view.state = "failed"
             view._log(f"failed: {job.error}")
             yield {page.status: view.status_html(), page.log_box: "\n".join(view.log)}
-            if not isinstance(job.error, jobs.USER_ERRORS):
+            if not isinstance(job.error, USER_ERRORS):
                 log.error("run failed", exc_info=job.error)
             raise gr.Error(_friendly(job.error), title="Run failed")
         if job.cancelled:
@@ -496,12 +506,15 @@ def stop_job(view: RunView | None, request: gr.Request):
 _WAITING: set[str] = set()  # sessions whose run passed the check and waits in the training queue
 
 
+PRESET_KNOBS = ("epochs", "iterations", "images", "keep", "relabel", "rounds", "seed")  # follow the preset
+
+
 def _preset_knobs(preset: str):
     try:
-        k = form.preset_knobs(preset)
+        knobs = form.FormValues.for_preset(preset)
     except ConfigError as err:
         raise gr.Error(str(err)) from None
-    return k.epochs, k.iterations, k.images, k.keep, k.relabel, k.rounds, k.seed
+    return tuple(getattr(knobs, name) for name in PRESET_KNOBS)
 
 
 def _dataset_note(dataset: str) -> None:
@@ -533,6 +546,7 @@ def _select_image(view: RunView | None, index: list, evt: gr.SelectData):
 def on_unload(request: gr.Request):
     """A tab closed: stop its job and delete its run directories once the worker has let go."""
     session = _session(request)
+    _WAITING.discard(session)
     job = jobs.active_job(session)
     if job is not None:
         job.cancel()

@@ -1,24 +1,34 @@
-"""The app's controls as data: dataset choices, preset knobs, and form values -> a checked RunConfig.
+"""The Run form as data: one definition of its fields, and form values -> a checked RunConfig.
 
-Everything here is plain Python (no Gradio), so the rules the UI enforces can be tested directly.
-Only :func:`hub_reachable` touches the network, and only for a run that needs the Hub.
-Errors are :class:`fedmitr.config.ConfigError` with a message for the person at the keyboard.
+:class:`FormValues` lists the form's inputs once, in order: the page builds its components from
+it, the run endpoint takes its values in that order (and names them, over the API), and the tests
+submit them through it. The form keeps only UI rules (whole numbers in the number boxes, the
+slider's range, the app's caps); every other check and its message come from
+:meth:`fedmitr.config.RunConfig.validate`, so the CLI and the app can never disagree.
+
+Everything here is plain Python (no Gradio). Only :func:`hub_reachable` touches the network, and
+only for a run that needs the Hub. Errors are :class:`fedmitr.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
-from fedmitr.config import ConfigError, PRESETS, RunConfig, apply_overrides, parse_alpha, preset_config
+from fedmitr.config import RunConfig, apply_overrides, preset_config
 from fedmitr.data import BUNDLED, HUB_DATASETS
+from fedmitr.errors import ConfigError
 from fedmitr.methods import METHODS
-from fedmitr.relabel import RELABEL_MODES
 
 MIN_CLIENTS, MAX_CLIENTS = 2, 20
+# Caps of the app (the library has none): a run on a shared machine must stay stoppable within a
+# few seconds, and one inversion step on this many images takes about a second on 2 CPU cores.
+MAX_IMAGES_PER_ROUND = 2_000
 
 RELABEL_HELP = {
     "token": "token: each client's classifier on its own patch token (Token Labeling)",
@@ -38,6 +48,118 @@ SKEW_CHOICES = [
     ("0.05: very extreme skew", "0.05"),
 ]
 
+
+@dataclass(frozen=True)
+class FormValues:
+    """The Run form's values, one field per input, in the order of the inputs.
+
+    Defaults are the cpu preset's. Number boxes and sliders send floats; :meth:`to_config` accepts
+    only whole values for the integer fields.
+    """
+
+    dataset: str = "mnist5k"  # registry name or hf:owner/name
+    clients: Any = 5  # K, MIN_CLIENTS..MAX_CLIENTS
+    alpha: Any = "0.5"  # Dirichlet skew: a number > 0, or "iid"
+    methods: Any = ("fedavg", "ensemble", "fedmitr")  # methods to run
+    preset: str = "cpu"  # the preset the knobs below override
+    epochs: Any = 40  # local epochs per client
+    iterations: Any = 80  # inversion iterations per synthetic batch
+    images: Any = 100  # synthetic images per round
+    keep: Any = 0.7  # fraction of still-active patches kept at each stop
+    relabel: str = "neighbourhood"  # low-density relabel mode
+    rounds: Any = 5  # synthesis + distillation rounds
+    seed: Any = 0
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The field names, in input order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_inputs(cls, values: Sequence[Any]) -> "FormValues":
+        """From the values of the inputs, in :meth:`names` order."""
+        if len(values) != len(cls.names()):
+            raise ConfigError(f"the run form has {len(cls.names())} inputs ({', '.join(cls.names())}); "
+                              f"got {len(values)} values")
+        return cls(*values)
+
+    @classmethod
+    def for_preset(cls, preset: str, **changes: Any) -> "FormValues":
+        """The form showing ``preset``'s knobs (the Advanced section follows the chosen preset)."""
+        cfg = preset_config(preset)
+        base = cls(preset=preset, epochs=cfg.clients.epochs, iterations=cfg.inversion.iterations,
+                   images=cfg.inversion.images_per_round, keep=cfg.inversion.keep_per_stop,
+                   relabel=cfg.relabel.mode, rounds=cfg.distill.rounds, seed=cfg.seed)
+        return dataclasses.replace(base, **changes)
+
+    def inputs(self) -> list[Any]:
+        """The values in input order (what the run endpoint takes positionally)."""
+        return [getattr(self, name) for name in self.names()]
+
+    def to_config(self) -> RunConfig:
+        """The preset with the form's values overriding it, validated by the library."""
+        if self.alpha is None:
+            raise ConfigError("the skew α is required: a number > 0, or 'iid' for an unskewed split")
+        methods = self.methods
+        if isinstance(methods, str):
+            methods = [m.strip() for m in methods.split(",") if m.strip()]
+        overrides = {
+            "seed": _whole("seed", self.seed, 0),
+            "methods": tuple(dict.fromkeys(methods or [])),
+            "data": {"dataset": (self.dataset or "").strip(),
+                     "num_clients": _whole("number of clients", self.clients, MIN_CLIENTS, MAX_CLIENTS),
+                     "alpha": self.alpha.strip() if isinstance(self.alpha, str) else self.alpha},
+            "clients": {"epochs": _whole("local epochs", self.epochs, 1, 1000)},
+            "inversion": {"iterations": _whole("inversion iterations", self.iterations, 1, 100_000),
+                          "images_per_round": _whole("synthetic images per round", self.images, 1,
+                                                     MAX_IMAGES_PER_ROUND),
+                          "keep_per_stop": _number("keep ratio", self.keep)},
+            "relabel": {"mode": self.relabel},
+            "distill": {"rounds": _whole("rounds", self.rounds, 1, 1000)},
+        }
+        return apply_overrides(preset_config(self.preset), overrides).validate()
+
+
+def with_form_parameters(fn: Callable) -> Callable:
+    """Name the form's fields in the signature of ``fn(<special parameters>, *values)``.
+
+    Gradio passes an event's input values positionally after the parameters it fills itself
+    (``gr.Request``, ``gr.Progress``); with this signature its API lists each input by its field
+    name, so an API client can call ``/run`` with ``dataset=..., alpha=...``.
+    """
+    sig = inspect.signature(fn)
+    special = [p for p in sig.parameters.values() if p.kind is not p.VAR_POSITIONAL]
+    fields = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default)
+              for f in dataclasses.fields(FormValues)]
+    fn.__signature__ = sig.replace(parameters=special + fields)
+    return fn
+
+
+def _whole(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """An integer form value (number boxes and sliders send floats) within [low, high]."""
+    number = _number(name, value)
+    if not number.is_integer():
+        raise ConfigError(f"{name} must be a whole number (got {number:g})")
+    out = int(number)
+    if out < low or (high is not None and out > high):
+        allowed = f"{low} to {high}" if high is not None else f">= {low}"
+        raise ConfigError(f"{name} must be {allowed} (got {out})")
+    return out
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number (got a yes/no value)")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number (got {type(value).__name__})") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name} must be a finite number")
+    return number
+
+
+# --- the Hub ---------------------------------------------------------------------------------------
 
 def hub_offline() -> bool:
     """True when the environment forbids the Hugging Face Hub (checked without touching the network)."""
@@ -69,7 +191,7 @@ def needs_hub(cfg: RunConfig) -> list[str]:
     return needs
 
 
-def check_hub(cfg: RunConfig, reachable=hub_reachable) -> None:
+def check_hub(cfg: RunConfig, reachable: Callable[[], bool] = hub_reachable) -> None:
     """Refuse a run that needs the Hub when it cannot be had, with what to do instead."""
     needs = needs_hub(cfg)
     if not needs:
@@ -97,87 +219,8 @@ def dataset_choices() -> list[tuple[str, str]]:
 
 
 def default_methods() -> list[str]:
-    return [m for m in ("fedavg", "ensemble", "fedmitr") if m in METHODS]
+    return list(FormValues().methods)
 
 
-@dataclass(frozen=True)
-class Knobs:
-    """The Advanced section: the main knobs of a preset, shown and overridable in the UI."""
-
-    epochs: int  # local epochs per client
-    iterations: int  # inversion iterations per synthetic batch
-    images: int  # synthetic images per round
-    keep: float  # fraction of still-active patches kept at each stop
-    relabel: str  # low-density relabel mode
-    rounds: int  # synthesis + distillation rounds
-    seed: int
-
-
-def preset_knobs(preset: str) -> Knobs:
-    cfg = preset_config(preset)
-    return Knobs(cfg.clients.epochs, cfg.inversion.iterations, cfg.inversion.images_per_round,
-                 cfg.inversion.keep_per_stop, cfg.relabel.mode, cfg.distill.rounds, cfg.seed)
-
-
-def _whole(name: str, value: Any, low: int, high: int | None = None) -> int:
-    """An integer form value (sliders and number boxes send floats) within [low, high]."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a whole number (got {value!r})") from None
-    if not number.is_integer():
-        raise ConfigError(f"{name} must be a whole number (got {value!r})")
-    out = int(number)
-    if out < low or (high is not None and out > high):
-        allowed = f"{low} to {high}" if high is not None else f">= {low}"
-        raise ConfigError(f"{name} must be {allowed} (got {out})")
-    return out
-
-
-def build_config(dataset: str, clients: Any, alpha: Any, methods: Any, preset: str, epochs: Any,
-                 iterations: Any, images: Any, keep: Any, relabel: str, rounds: Any, seed: Any) -> RunConfig:
-    """Form values -> a validated :class:`RunConfig` (the preset, with the form's values overriding it).
-
-    Checks what can be checked without loading data. A Hub dataset while offline is refused here.
-    """
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    dataset = (dataset or "").strip()
-    if not dataset:
-        raise ConfigError("choose a dataset")
-    if dataset not in BUNDLED and not is_hub_dataset(dataset):
-        raise ConfigError(f"unknown dataset {dataset!r}; bundled (offline): {', '.join(BUNDLED)}; "
-                          f"from the Hub: {', '.join(HUB_DATASETS)}, or hf:owner/name")
-    num_clients = _whole("number of clients", clients, MIN_CLIENTS, MAX_CLIENTS)
-    alpha_value = parse_alpha(alpha.strip() if isinstance(alpha, str) else alpha)
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    methods = list(dict.fromkeys(methods or []))
-    if not methods:
-        raise ConfigError(f"choose at least one method: {', '.join(METHODS)}")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    try:
-        keep_value = float(keep)
-    except (TypeError, ValueError):
-        raise ConfigError(f"keep ratio must be a number in (0, 1] (got {keep!r})") from None
-    if not 0 < keep_value <= 1:
-        raise ConfigError(f"keep ratio must be in (0, 1] (got {keep_value:g}): the share of active patches "
-                          f"kept at each stop")
-    if relabel not in RELABEL_MODES:
-        raise ConfigError(f"relabel must be one of {', '.join(RELABEL_MODES)} (got {relabel!r})")
-    overrides = {
-        "seed": _whole("seed", seed, 0),
-        "methods": tuple(methods),
-        "data": {"dataset": dataset, "num_clients": num_clients, "alpha": alpha_value},
-        "clients": {"epochs": _whole("local epochs", epochs, 1, 1000)},
-        "inversion": {"iterations": _whole("inversion iterations", iterations, 1, 100_000),
-                      "images_per_round": _whole("synthetic images per round", images, 1, 10_000),
-                      "keep_per_stop": keep_value},
-        "relabel": {"mode": relabel},
-        "distill": {"rounds": _whole("rounds", rounds, 1, 1000)},
-    }
-    cfg = apply_overrides(preset_config(preset), overrides).validate()
-    check_hub(cfg, reachable=lambda: True)  # offline by setting: refused here; unreachable: see check_hub
-    return cfg
+def method_choices() -> list[str]:
+    return list(METHODS)

@@ -17,12 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmitr.config import ConfigError, RunConfig
-from fedmitr.data import DatasetUnavailable
+from fedmitr.config import RunConfig
 from fedmitr.events import Event
-from fedmitr.models import ModelUnavailable
 
-USER_ERRORS = (ConfigError, DatasetUnavailable, ModelUnavailable)  # the user's to fix: shown as they are
 DEVICE_LOCK = threading.Lock()  # one training job on the device at a time, across all sessions
 
 MAX_RUN_AGE_S = float(os.environ.get("FEDMITR_APP_MAX_RUN_AGE_S", 6 * 3600))  # delete run dirs older than this

@@ -68,8 +68,8 @@ class RunView:
             self.stage, self.step, self.total, self.message = event.stage, 0, event.total or 0, ""
             if event.info:
                 self.stage_info[event.stage] = event.info
-            if event.stage == "clients" and event.info:
-                self.device = event.info
+            if event.device is not None:
+                self.device = str(event.device)
             self._log(f"[{event.stage}] started" + (f" ({event.info})" if event.info else ""))
             return {"status"}
         if isinstance(event, Progress):
@@ -98,10 +98,8 @@ class RunView:
         if event.name != "accuracy":
             self._log(f"  {event.source}: {event.name} = {event.value:.4f}")
             return {"log"}
-        client = event.source.split()
-        if len(client) == 2 and client[0] == "client" and client[1].isdigit():  # "client 3", 1-based
-            index = int(client[1]) - 1
-            self.client_accuracy[index] = event.value
+        if event.client is not None:
+            self.client_accuracy[event.client] = event.value
             self._log(f"  {event.source}: accuracy {event.value:.1%}")
             return {"clients"}
         if event.step is not None:

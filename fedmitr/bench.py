@@ -1,4 +1,4 @@
-"""``fedmitr bench``: every method on the same trained clients, over a grid of skews and seeds.
+"""The benchmark: every method on the same trained clients, over a grid of skews and seeds.
 
 For each (alpha, seed) the clients are trained once; then each method runs on them. Inversion
 methods are compared twice:
@@ -7,103 +7,59 @@ methods are compared twice:
 * **equal wall-clock** (``<method>@time`` rows): sparse methods get ``images_per_round`` scaled by
   the measured inversion speed-up of that cell, so they spend about the inversion time dense does.
 
-Writes ``bench.json`` (every record), ``bench.md`` (tables: mean +- std over seeds) and
-``tradeoff.html`` (accuracy against seconds, plotly).
+:func:`run_bench` writes ``bench.json`` (every record), ``bench.md`` (tables: mean +- std over
+seeds) and ``tradeoff.html`` (accuracy against seconds, plotly). It reports progress through events,
+like the pipeline; the command line is in :mod:`fedmitr.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedmitr.clients import evaluate, train_clients
-from fedmitr.config import ConfigError, apply_overrides, parse_alpha
-from fedmitr.events import EventHandler, ignore
-from fedmitr.methods import METHODS, parse_methods
-from fedmitr.runtime import describe_device, make_accelerator, seed_everything
+import torch
+
+from fedmitr.config import RunConfig, apply_overrides
+from fedmitr.errors import ConfigError
+from fedmitr.events import BenchCell, EventHandler, Metric, ignore
+from fedmitr.inversion import invert
+from fedmitr.methods import METHODS
+from fedmitr.pipeline import check_out_dir, train
+from fedmitr.server import ServerContext, run_method
 
 
-def add_bench_parser(sub) -> None:
-    from fedmitr.cli import add_run_flags
-
-    bench = sub.add_parser("bench", help="compare methods over a grid of alpha and seeds",
-                           description=__doc__.split("\n\n")[0] + " Writes bench.json, bench.md, tradeoff.html.")
-    add_run_flags(bench)
-    bench.add_argument("--alphas", default="0.1,0.3,0.5,iid", help="comma-separated skews (default: 0.1,0.3,0.5,iid)")
-    bench.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (default: 0,1)")
-    bench.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock reruns")
-    bench.add_argument("--out", default="bench", help="output directory (default: bench)")
-    bench.add_argument("--speed-only", action="store_true",
-                       help="only time dense vs sparse inversion (equal iterations and images) on one set of "
-                            "trained clients, --repeats times each; writes speed.json")
-    bench.add_argument("--repeats", default="3", help="timing repeats for --speed-only (default: 3)")
-    bench.add_argument("--merge", nargs="+", default=None, metavar="BENCH_JSON",
-                       help="only rebuild bench.md / tradeoff.html in --out from existing bench.json files "
-                            "(e.g. halves of a grid run in parallel); trains nothing")
-
-
-def parse_grid(alphas: str, seeds: str) -> tuple[list[float | None], list[int]]:
-    alpha_list = [parse_alpha(a.strip()) for a in alphas.split(",") if a.strip()]
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds must be comma-separated integers (got {seeds!r})") from None
-    if not alpha_list or not seed_list:
-        raise ConfigError("--alphas and --seeds need at least one value each")
-    return alpha_list, seed_list
-
-
-def _alpha_name(alpha: float | None) -> str:
+def alpha_name(alpha: float | None) -> str:
     return "iid" if alpha is None else f"{alpha:g}"
 
 
-def bench_cell(cfg, equal_time: bool, on_event: EventHandler = ignore) -> list[dict[str, Any]]:
+def bench_cell(cfg: RunConfig, equal_time: bool, on_event: EventHandler = ignore) -> list[dict[str, Any]]:
     """Train clients once for ``cfg`` and run every method on them. Returns one record per method."""
-    from fedmitr.pipeline import prepare, run_method
-
-    dataset, part = prepare(cfg)
-    accelerator = make_accelerator()
-    seed_everything(cfg.seed)
-    t0 = time.perf_counter()
-    clients = train_clients(dataset, part, cfg.model, cfg.clients, accelerator, cfg.seed, on_event)
-    client_seconds = time.perf_counter() - t0
-    base = {"alpha": _alpha_name(cfg.data.alpha), "seed": cfg.seed, "client_seconds": client_seconds,
-            "client_accuracy": [evaluate(c.model, dataset.test) for c in clients], "device": describe_device(accelerator)}
+    fed = train(cfg, on_event)
+    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event)
+    base = {"alpha": alpha_name(cfg.data.alpha), "seed": cfg.seed, "client_seconds": fed.seconds["clients"],
+            "client_accuracy": fed.client_accuracy, "device": str(fed.device)}
     records = []
     inversion_seconds: dict[str, float] = {}
-    for name in cfg.methods:
-        t0 = time.perf_counter()
-        result = run_method(name, cfg, dataset, clients, accelerator, on_event)
-        seconds = time.perf_counter() - t0
-        rec = {**base, "method": name, "budget": "iterations", "accuracy": result.accuracy, "seconds": seconds,
-               "curve": result.curve, **result.extra}
-        if "stage_seconds" in result.extra:
-            inversion_seconds[name] = result.extra["stage_seconds"]["inversion"]
-        records.append(rec)
-        print(f"  alpha={base['alpha']} seed={cfg.seed} {name}: acc={result.accuracy:.4f} ({seconds:.1f} s)",
-              file=sys.stderr, flush=True)
 
+    def record(name: str, budget: str, images_per_round: int | None = None) -> dict[str, Any]:
+        result = run_method(name.removesuffix("@time"), server, images_per_round)
+        on_event(Metric("accuracy", result.accuracy, name))
+        return {**base, "method": name, "budget": budget, **result.to_dict()}
+
+    for name in cfg.methods:
+        records.append(record(name, "iterations"))
+        if "stage_seconds" in records[-1]:
+            inversion_seconds[name] = records[-1]["stage_seconds"]["inversion"]
     speedup = _speedup(inversion_seconds)
     for rec in records:
         rec["inversion_speedup"] = speedup
     if equal_time and speedup:
         for name in cfg.methods:
-            if not METHODS[name].sparse:
-                continue
-            images = max(1, round(cfg.inversion.images_per_round * speedup))
-            t0 = time.perf_counter()
-            result = run_method(name, cfg, dataset, clients, accelerator, on_event, images_per_round=images)
-            seconds = time.perf_counter() - t0
-            records.append({**base, "method": f"{name}@time", "budget": "wall-clock", "accuracy": result.accuracy,
-                            "seconds": seconds, "curve": result.curve, "inversion_speedup": speedup, **result.extra})
-            print(f"  alpha={base['alpha']} seed={cfg.seed} {name}@time ({images} images/round): "
-                  f"acc={result.accuracy:.4f} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+            if METHODS[name].sparse:
+                images = max(1, round(cfg.inversion.images_per_round * speedup))
+                records.append({**record(f"{name}@time", "wall-clock", images), "inversion_speedup": speedup})
     return records
 
 
@@ -114,6 +70,28 @@ def _speedup(inversion_seconds: dict[str, float]) -> float | None:
     if not dense or not sparse:
         return None
     return statistics.mean(dense) / statistics.mean(sparse)
+
+
+def run_bench(base: RunConfig, alphas: list[float | None], seeds: list[int], out: str | Path,
+              equal_time: bool = True, command: str = "fedmitr bench", on_event: EventHandler = ignore) -> str:
+    """Every (alpha, seed) cell of the grid; writes the outputs after each cell. Returns bench.md.
+
+    ``command`` is recorded in ``bench.md`` as how the tables were produced.
+    """
+    if not alphas or not seeds:
+        raise ConfigError("the benchmark needs at least one alpha and one seed")
+    out = check_out_dir(out)
+    base.validate()
+    records: list[dict[str, Any]] = []
+    cells = [(a, s) for a in alphas for s in seeds]
+    table = ""
+    for index, (alpha, seed) in enumerate(cells, start=1):
+        cfg = apply_overrides(base, {"seed": seed, "data": {"alpha": alpha_name(alpha)}})
+        on_event(BenchCell(alpha_name(alpha), seed, index, len(cells)))
+        records.extend(bench_cell(cfg, equal_time, on_event))
+        # Written after every cell, so a long bench can be read (and merged) early.
+        table = write_outputs(out, base.to_dict(), records, command)
+    return table
 
 
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -182,6 +160,12 @@ def merge_records(paths: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]
     return config, records
 
 
+def merge(paths: list[str], out: str | Path, command: str) -> str:
+    """Rebuild the outputs in ``out`` from existing ``bench.json`` files (e.g. halves of a grid)."""
+    config, records = merge_records(paths)
+    return write_outputs(check_out_dir(out), config, records, command)
+
+
 def write_outputs(out: Path, config: dict[str, Any], records: list[dict[str, Any]], command: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"config": config, "records": records}, indent=2))
@@ -191,68 +175,22 @@ def write_outputs(out: Path, config: dict[str, Any], records: list[dict[str, Any
     return table
 
 
-def inversion_speed(cfg, repeats: int) -> dict[str, Any]:
+def inversion_speed(cfg: RunConfig, repeats: int, on_event: EventHandler = ignore) -> dict[str, Any]:
     """Seconds of dense and sparse inversion of the same clients, same labels, iterations and images."""
-    import torch
-
-    from fedmitr.inversion import invert
-    from fedmitr.pipeline import prepare
-
-    dataset, part = prepare(cfg)
-    accelerator = make_accelerator()
-    clients = train_clients(dataset, part, cfg.model, cfg.clients, accelerator, cfg.seed)
-    models = [c.model for c in clients]
-    labels = torch.arange(cfg.inversion.images_per_round) % dataset.num_classes
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1 (got {repeats})")
+    fed = train(cfg, on_event)
+    models = [c.model for c in fed.clients]
+    labels = torch.arange(cfg.inversion.images_per_round) % fed.dataset.num_classes
     seconds: dict[str, list[float]] = {"dense": [], "sparse": []}
     for r in range(repeats):
         for mode in ("dense", "sparse"):  # interleaved, so drifts in machine load hit both alike
             gen = torch.Generator().manual_seed(r)
-            batch = invert(models, labels, cfg.inversion, dataset.pixel_bounds(), mode == "sparse", gen,
-                           allow_flip=dataset.allow_flip)
+            batch = invert(models, labels, cfg.inversion, fed.dataset.pixel_bounds(), mode == "sparse", gen,
+                           allow_flip=fed.dataset.allow_flip)
             seconds[mode].append(batch.seconds)
     dense, sparse = statistics.mean(seconds["dense"]), statistics.mean(seconds["sparse"])
-    return {"device": describe_device(accelerator), "threads": torch.get_num_threads(),
+    return {"device": str(fed.device), "threads": torch.get_num_threads(),
             "images": cfg.inversion.images_per_round, "iterations": cfg.inversion.iterations,
             "active_patches_at_end": int(batch.keep_idx.shape[1]), "patches": int(batch.stop_step.shape[1]),
             "seconds": seconds, "dense_mean": dense, "sparse_mean": sparse, "inversion_speedup": dense / sparse}
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from fedmitr.cli import ProgressPrinter, _int, config_from_args
-
-    if args.speed_only:
-        cfg = config_from_args(args)
-        result = inversion_speed(cfg, _int("--repeats", args.repeats, minimum=1))
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "speed.json").write_text(json.dumps(result, indent=2))
-        print(f"inversion of {result['images']} images x {result['iterations']} iterations on {result['device']}: "
-              f"dense {result['dense_mean']:.2f} s, sparse {result['sparse_mean']:.2f} s "
-              f"({result['active_patches_at_end']}/{result['patches']} patches active at the end), "
-              f"inversion_speedup {result['inversion_speedup']:.2f}x")
-        return 0
-    if args.merge:
-        config, records = merge_records(args.merge)
-        print(write_outputs(Path(args.out), config, records, "fedmitr bench (merged: " + " ".join(args.merge) + ")"))
-        return 0
-
-    base = config_from_args(args)
-    if args.methods is None:
-        base = replace(base, methods=tuple(METHODS))
-    alphas, seeds = parse_grid(args.alphas, args.seeds)
-    out = Path(args.out)
-    from fedmitr.pipeline import check_out_dir
-
-    check_out_dir(out)
-    command = "fedmitr bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "fedmitr bench"
-    records: list[dict[str, Any]] = []
-    printer = ProgressPrinter(quiet=True)
-    for alpha in alphas:
-        for seed in seeds:
-            cfg = apply_overrides(base, {"seed": seed, "data": {"alpha": alpha if alpha is not None else "iid"}})
-            print(f"[bench] alpha={_alpha_name(alpha)} seed={seed}", file=sys.stderr, flush=True)
-            records.extend(bench_cell(cfg, equal_time=not args.no_equal_time, on_event=printer))
-            # Written after every cell, so a long bench can be read (and merged) early.
-            table = write_outputs(out, base.to_dict(), records, command)
-    print(table)
-    return 0

@@ -1,24 +1,24 @@
 """Command line: ``fedmitr run`` (one pipeline run) and ``fedmitr bench`` (a grid of runs).
 
 Bad input prints one line on stderr, ``fedmitr: error: <what was wrong and what is allowed>``, and
-exits with code 2 before anything is written.
+exits with code 2 before anything is written. Progress goes to stderr (a progress bar on a
+terminal, plain lines in a log file); results go to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
-from fedmitr.config import ConfigError, PRESETS, apply_overrides, load_config_file, parse_alpha, preset_config
-from fedmitr.data import DATASETS, DatasetUnavailable
-from fedmitr.events import Event, Metric, Progress, StageFinished, StageStarted
+from fedmitr.config import PRESETS, RunConfig, apply_overrides, load_config_file, parse_alpha, preset_config
+from fedmitr.data import DATASETS
+from fedmitr.errors import USER_ERRORS, ConfigError
+from fedmitr.events import BenchCell, Event, Metric, Progress, StageFinished, StageStarted
 from fedmitr.methods import METHODS, parse_methods
-from fedmitr.models import ModelUnavailable
-
-USER_ERRORS = (ConfigError, DatasetUnavailable, ModelUnavailable)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,11 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None,
                      help="run directory for config.json, metrics.json and checkpoints "
                           "(default: runs/<dataset>-k<clients>-a<alpha>-s<seed>-<time>)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar, only the results table")
+    run.add_argument("--quiet", action="store_true", help="no progress output, only the results table")
 
-    from fedmitr.bench import add_bench_parser
-
-    add_bench_parser(sub)
+    bench = sub.add_parser("bench", help="compare methods over a grid of alpha and seeds",
+                           description="Every method on the same trained clients, over a grid of skews and "
+                                       "seeds, at equal iterations and (sparse methods) at equal wall-clock. "
+                                       "Writes bench.json, bench.md and tradeoff.html.")
+    add_run_flags(bench)
+    bench.add_argument("--alphas", default="0.1,0.3,0.5,iid", help="comma-separated skews (default: 0.1,0.3,0.5,iid)")
+    bench.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (default: 0,1)")
+    bench.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock reruns")
+    bench.add_argument("--out", default="bench", help="output directory (default: bench)")
+    bench.add_argument("--speed-only", action="store_true",
+                       help="only time dense vs sparse inversion (equal iterations and images) on one set of "
+                            "trained clients, --repeats times each; writes speed.json")
+    bench.add_argument("--repeats", default="3", help="timing repeats for --speed-only (default: 3)")
+    bench.add_argument("--merge", nargs="+", default=None, metavar="BENCH_JSON",
+                       help="only rebuild bench.md / tradeoff.html in --out from existing bench.json files "
+                            "(e.g. halves of a grid run in parallel); trains nothing")
     return parser
 
 
@@ -62,7 +75,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="Dirichlet label skew, a number > 0 (0.1 extreme, 0.5 moderate), or 'iid' (default: 0.5)")
     p.add_argument("--seed", type=str, default=None, help="integer seed for split, models and synthesis (default: 0)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods to run: {', '.join(METHODS)} (default: fedavg,ensemble)")
+                   help=f"comma-separated methods to run: {', '.join(METHODS)} (default: fedavg,ensemble; "
+                        f"bench: all)")
     p.add_argument("--epochs", type=str, default=None, help="local training epochs per client (preset default)")
 
 
@@ -76,7 +90,8 @@ def _int(flag: str, value: str, minimum: int | None = None) -> int:
     return out
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, default_methods: tuple[str, ...] | None = None) -> RunConfig:
+    """The preset, then ``--config``, then the flags; validated."""
     cfg = preset_config(args.preset)
     if args.config:
         cfg = apply_overrides(cfg, load_config_file(args.config))
@@ -94,43 +109,82 @@ def config_from_args(args: argparse.Namespace):
         over["seed"] = _int("--seed", args.seed)
     if args.methods is not None:
         over["methods"] = parse_methods(args.methods)
+    elif default_methods is not None:
+        over["methods"] = default_methods
     if args.epochs is not None:
         over["clients"] = {"epochs": _int("--epochs", args.epochs, minimum=1)}
     return apply_overrides(cfg, over).validate()
 
 
-class ProgressPrinter:
-    """Renders pipeline events on stderr: a tqdm bar per stage, and one line per metric."""
+def parse_grid(alphas: str, seeds: str) -> tuple[list[float | None], list[int]]:
+    alpha_list = [parse_alpha(a.strip()) for a in alphas.split(",") if a.strip()]
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers (got {seeds!r})") from None
+    if not alpha_list or not seed_list:
+        raise ConfigError("--alphas and --seeds need at least one value each")
+    return alpha_list, seed_list
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
+
+class ProgressPrinter:
+    """Renders pipeline events on ``stream`` (stderr).
+
+    On a terminal: a tqdm bar per stage. Elsewhere (a log file, CI): plain lines only, one when a
+    stage starts, every 10% of its steps, and when it ends, so a log reads top to bottom.
+    ``quiet`` drops everything; ``brief`` keeps only stage, cell and result lines (the benchmark).
+    """
+
+    def __init__(self, quiet: bool = False, brief: bool = False, stream: TextIO | None = None):
+        self.quiet, self.brief = quiet, brief
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar = None
+        self._shown_tenth = -1
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def __call__(self, event: Event) -> None:
         if self.quiet:
             return
-        from tqdm import tqdm
-
-        if isinstance(event, StageStarted):
+        if isinstance(event, BenchCell):
+            self.write(f"[bench {event.index}/{event.total}] alpha={event.alpha} seed={event.seed}")
+        elif isinstance(event, StageStarted):
             self.close()
-            info = f" ({event.info})" if event.info else ""
-            if event.total:
-                self.bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr, leave=False)
-            else:
-                tqdm.write(f"[{event.stage}] started{info}", file=sys.stderr)
-            if event.total and info:
-                tqdm.write(f"[{event.stage}] started{info}", file=sys.stderr)
-        elif isinstance(event, Progress) and self.bar is not None:
-            self.bar.n = event.step
-            self.bar.set_postfix_str(event.message + "".join(f" {k}={v:.3f}" for k, v in event.values.items()),
-                                     refresh=False)
-            self.bar.refresh()
+            if not self.brief:
+                self.write(f"[{event.stage}] started" + (f" ({event.info})" if event.info else ""))
+                if event.total and self.tty:
+                    from tqdm import tqdm
+
+                    self.bar = tqdm(total=event.total, desc=event.stage, file=self.stream, leave=False)
+            self._shown_tenth = -1
+        elif isinstance(event, Progress) and not self.brief:
+            self._progress(event)
         elif isinstance(event, Metric):
+            if self.brief and (event.step is not None or event.client is not None):
+                return
             step = f" round {event.step}" if event.step is not None else ""
-            tqdm.write(f"  {event.source}{step}: {event.name} = {event.value:.4f}", file=sys.stderr)
+            self.write(f"  {event.source}{step}: {event.name} = {event.value:.4f}")
         elif isinstance(event, StageFinished):
             self.close()
-            tqdm.write(f"[{event.stage}] done in {event.seconds:.1f} s", file=sys.stderr)
+            if not self.brief:
+                self.write(f"[{event.stage}] done in {event.seconds:.1f} s")
+
+    def _progress(self, event: Progress) -> None:
+        detail = event.message + "".join(f" {k}={v:.3f}" for k, v in event.values.items())
+        if self.bar is not None:
+            self.bar.n = event.step
+            self.bar.set_postfix_str(detail, refresh=False)
+            self.bar.refresh()
+            return
+        tenth = int(10 * event.step / max(1, event.total))
+        if tenth > self._shown_tenth:
+            self._shown_tenth = tenth
+            self.write(f"  {event.stage} {event.step}/{event.total} {detail}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -150,41 +204,63 @@ def results_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def default_out(cfg) -> Path:
+def default_out(cfg: RunConfig) -> Path:
     alpha = "iid" if cfg.data.alpha is None else f"{cfg.data.alpha:g}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.data.dataset.replace('/', '_')}-k{cfg.data.num_clients}-a{alpha}-s{cfg.seed}-{stamp}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedmitr.pipeline import check_out_dir, run
+    from fedmitr.pipeline import run
 
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else default_out(cfg)
-    check_out_dir(out)
     printer = ProgressPrinter(quiet=args.quiet)
-    result = run(cfg, out_dir=out, on_event=printer)
+    result = run(cfg, out_dir=out, on_event=printer)  # checks `out` before any work
     printer.close()
     print(results_table(result.metrics))
     print(f"\nwrote {out / 'metrics.json'}")
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, command: str) -> int:
+    import json
+
+    from fedmitr import bench
+
+    if args.merge:
+        print(bench.merge(args.merge, args.out, "fedmitr bench (merged: " + " ".join(args.merge) + ")"))
+        return 0
+    cfg = config_from_args(args, default_methods=tuple(METHODS))
+    printer = ProgressPrinter(brief=True)
+    if args.speed_only:
+        result = bench.inversion_speed(cfg, _int("--repeats", args.repeats, minimum=1), printer)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps(result, indent=2))
+        print(f"inversion of {result['images']} images x {result['iterations']} iterations on {result['device']}: "
+              f"dense {result['dense_mean']:.2f} s, sparse {result['sparse_mean']:.2f} s "
+              f"({result['active_patches_at_end']}/{result['patches']} patches active at the end), "
+              f"inversion_speedup {result['inversion_speedup']:.2f}x")
+        return 0
+    alphas, seeds = parse_grid(args.alphas, args.seeds)
+    print(bench.run_bench(cfg, alphas, seeds, args.out, equal_time=not args.no_equal_time, command=command,
+                          on_event=printer))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(args)
-        if args.command == "bench":
-            from fedmitr.bench import cmd_bench
-
-            return cmd_bench(args)
+        return cmd_bench(args, command="fedmitr " + shlex.join(argv))
     except USER_ERRORS as err:
         return _fail(str(err))
     except KeyboardInterrupt:
         print("fedmitr: interrupted", file=sys.stderr)
         return 130
-    return 2
 
 
 if __name__ == "__main__":

@@ -90,17 +90,25 @@ def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientT
     return ClientResult(index, model, n, time.perf_counter() - start, losses)
 
 
+def initial_model(model_cfg: ModelConfig, dataset: ImageDataset, seed: int) -> VisionTransformer:
+    """The weights the server sends every client before local training (as in FedAvg): the same
+    for all clients, so only the data and the order of the batches differ between them."""
+    torch.manual_seed(seed)
+    return build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
+
+
 def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig,
-                  accelerator: Accelerator, seed: int, on_event: EventHandler = ignore) -> list[ClientResult]:
-    """Train every client of ``part`` independently. Emits one :class:`Progress` per client epoch."""
+                  accelerator: Accelerator, seed: int, on_event: EventHandler = ignore,
+                  init: VisionTransformer | None = None) -> list[ClientResult]:
+    """Train every client of ``part`` independently from ``init`` (default :func:`initial_model`).
+
+    Emits one :class:`Progress` per client epoch.
+    """
     k_total = part.num_clients
     total = k_total * cfg.epochs
     done = 0
     mine: list[ClientResult] = []
-    # The server sends every client the same initial weights (as in FedAvg); only the data and the
-    # order of the batches differ between clients.
-    torch.manual_seed(seed)
-    init_state = build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size).state_dict()
+    init_state = (init if init is not None else initial_model(model_cfg, dataset, seed)).state_dict()
     for k in range(k_total):
         if k % accelerator.num_processes != accelerator.process_index:
             continue

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedmitr.data import check_dataset_name
+from fedmitr.errors import ConfigError
 from fedmitr.methods import METHODS
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "RelabelConfig",
     "DistillConfig",
     "RunConfig",
+    "RELABEL_MODES",
     "PRESETS",
     "preset_config",
     "apply_overrides",
@@ -35,8 +38,8 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value. The message says what was wrong and what is allowed."""
+RELABEL_MODES = ("token", "image", "neighbourhood")  # see fedmitr.relabel for what each one is
+DISTILL_INITS = ("fresh", "fedavg")
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class InversionConfig:
 @dataclass(frozen=True)
 class RelabelConfig:
     # "neighbourhood" measured best on bundled MNIST (README), as in the prototype of METHOD.md.
-    mode: str = "neighbourhood"  # low-density relabel: "token" (client heads), "image" or "neighbourhood" (3x3)
+    mode: str = "neighbourhood"  # low-density relabel, one of RELABEL_MODES: client heads, image or 3x3 patches
     high_ratio: float | None = None  # size of the high-density set; None = inversion kept fraction
     temperature: float = 1.0  # softmax temperature of the ensemble relabel
     label_smoothing: float = 0.0  # smoothing of the generated label on high-density patches
@@ -137,6 +140,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Check every value that can be checked without data. Raises :class:`ConfigError`."""
         d = self.data
+        check_dataset_name(d.dataset)
         _check(isinstance(self.seed, int), f"seed must be an integer (got {self.seed!r})")
         _check(
             isinstance(d.num_clients, int) and d.num_clients >= 2,
@@ -171,15 +175,15 @@ class RunConfig:
         _check(all(0 < s < 1 for s in inv.stop_at),
                f"stop_at fractions must lie in (0, 1) (got {list(inv.stop_at)})")
         r = self.relabel
-        _check(r.mode in ("token", "image", "neighbourhood"),
-               f"relabel mode must be 'token', 'image' or 'neighbourhood' (got {r.mode!r})")
+        _check(r.mode in RELABEL_MODES,
+               f"relabel mode must be one of {', '.join(RELABEL_MODES)} (got {r.mode!r})")
         _check(r.high_ratio is None or 0 < r.high_ratio <= 1,
                f"relabel high_ratio must be in (0, 1] or null (got {r.high_ratio})")
         k = self.distill
         _check(k.rounds >= 1 and k.steps_per_round >= 0 and k.batch_size >= 1,
                f"distillation needs rounds >= 1, steps_per_round >= 0, batch_size >= 1 "
                f"(got {k.rounds}, {k.steps_per_round}, {k.batch_size})")
-        _check(k.init in ("fresh", "fedavg"), f"distill init must be 'fresh' or 'fedavg' (got {k.init!r})")
+        _check(k.init in DISTILL_INITS, f"distill init must be one of {', '.join(DISTILL_INITS)} (got {k.init!r})")
         return self
 
 

@@ -24,16 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmitr.config import ConfigError
+from fedmitr.errors import ConfigError, DatasetUnavailable
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Fixed seed for the train/test split of datasets that ship without one: the test set must not
 # change with the run seed, or runs could not be compared.
 SPLIT_SEED = 1234
-
-
-class DatasetUnavailable(RuntimeError):
-    """A dataset could not be loaded (offline, unknown id, unexpected columns)."""
 
 
 @dataclass(frozen=True)
@@ -268,22 +264,41 @@ BUNDLED: dict[str, Callable[[], ImageDataset]] = {"mnist5k": load_mnist5k, "digi
 DATASETS: tuple[str, ...] = (*BUNDLED, *HUB_DATASETS)
 
 
+def check_dataset_name(name: str) -> None:
+    """Refuse a name that is neither in the registry nor ``hf:owner/name``, without loading anything."""
+    if not isinstance(name, str):
+        raise ConfigError(f"dataset must be a name (got {type(name).__name__})")
+    if name in BUNDLED or name in HUB_DATASETS:
+        return
+    if name.startswith("hf:"):
+        owner, _, repo = name[3:].partition("/")
+        if owner.strip() and repo.strip() and "/" not in repo and not any(c.isspace() for c in name):
+            return
+        raise ConfigError(f"a Hub dataset is written hf:owner/name, e.g. hf:uoft-cs/cifar10 "
+                          f"(got {_excerpt(name)}); bundled (offline): {', '.join(BUNDLED)}")
+    raise ConfigError(
+        f"unknown dataset {_excerpt(name)}; bundled (offline): {', '.join(BUNDLED)}; "
+        f"from the Hub: {', '.join(HUB_DATASETS)}, or hf:owner/name"
+    )
+
+
+def _excerpt(value: str, limit: int = 40) -> str:
+    """A short, quoted excerpt of a user's value for an error message."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
 def open_dataset(name: str, max_train: int | None = None, max_test: int | None = None) -> ImageDataset:
     """Load a dataset by registry name (see :data:`DATASETS`) or as ``hf:owner/name``.
 
     ``max_train`` / ``max_test`` take a fixed stratified subset (for quick runs on large sets).
     """
+    check_dataset_name(name)
     if name in BUNDLED:
         ds = BUNDLED[name]()
     elif name in HUB_DATASETS:
         ds = _load_hub(name, HUB_DATASETS[name])
-    elif name.startswith("hf:") and "/" in name:
-        ds = _load_hub(name, HubSpec(name[3:], image_size=64))
     else:
-        raise ConfigError(
-            f"unknown dataset {name!r}; bundled (offline): {', '.join(BUNDLED)}; "
-            f"from the Hub: {', '.join(HUB_DATASETS)}, or 'hf:owner/name'"
-        )
+        ds = _load_hub(name, HubSpec(name[3:], image_size=64))
     return subsample(ds, max_train, max_test)
 
 

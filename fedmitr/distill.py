@@ -1,8 +1,7 @@
-"""Stage 4: distil the client ensemble into one global ViT on synthetic images, in rounds.
+"""Stage 4: distil the client ensemble into one global ViT on the pool of synthetic images.
 
-Each round: synthesise a batch (stage 2), relabel its patches (stage 3), add it to the pool, take
-``steps_per_round`` distillation steps over the pool, and evaluate the global model on the test
-split (one point of the accuracy curve).
+The student, the pool it learns from, the losses and one distillation step. The rounds that
+interleave synthesis and distillation are in :mod:`fedmitr.server`.
 
 A distillation step, for a batch of pool images shifted by a random +-``shift_px``:
 
@@ -16,8 +15,7 @@ A distillation step, for a batch of pool images shifted by a random +-``shift_px
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -25,14 +23,11 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.baselines import fedavg
-from fedmitr.clients import evaluate
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset
-from fedmitr.events import EventHandler, Metric, Progress, SyntheticRound, ignore
-from fedmitr.inversion import SyntheticBatch, ensemble_forward, invert
-from fedmitr.methods import MethodSpec
+from fedmitr.inversion import SyntheticBatch, ensemble_forward
 from fedmitr.models import build_model, random_shift, sparse_forward
-from fedmitr.relabel import TokenTargets, relabel
+from fedmitr.relabel import TokenTargets
 
 
 class GlobalModel(nn.Module):
@@ -48,6 +43,16 @@ class GlobalModel(nn.Module):
     def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None):
         out = sparse_forward(self.vit, images, keep_idx)
         return out.logits, self.aux_head(out.tokens)
+
+
+def new_student(cfg: RunConfig, dataset: ImageDataset, teachers: list[VisionTransformer],
+                device: torch.device) -> GlobalModel:
+    """The global model before distillation: the FedAvg average of the clients (``distill.init =
+    "fedavg"``, as FedDF starts) or a fresh initialisation (``"fresh"``), plus a fresh aux head."""
+    vit = build_model(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
+    if cfg.distill.init == "fedavg":
+        vit.load_state_dict(fedavg(teachers).state_dict())
+    return GlobalModel(vit, dataset.num_classes).to(device)
 
 
 @dataclass
@@ -107,108 +112,3 @@ def distill_step(student: GlobalModel, teachers: list[VisionTransformer], images
     optimizer.step()
     losses["total"] = float(loss.detach())
     return losses
-
-
-def run_inversion_method(spec: MethodSpec, cfg: RunConfig, dataset: ImageDataset, teachers: list[VisionTransformer],
-                         device: torch.device, on_event: EventHandler = ignore,
-                         images_per_round: int | None = None) -> dict:
-    """Interleaved synthesis + distillation for one method. Returns the global model and its record.
-
-    ``images_per_round`` overrides the config (the benchmark's equal-wall-clock comparison gives
-    sparse methods more images for the same inversion time).
-    """
-    inv = cfg.inversion
-    if images_per_round is not None:
-        inv = replace(inv, images_per_round=images_per_round)
-    generator = torch.Generator().manual_seed(cfg.seed + 17)
-    torch.manual_seed(cfg.seed + 17)
-    vit = build_model(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
-    if cfg.distill.init == "fedavg":
-        vit.load_state_dict(fedavg(teachers).state_dict())
-    student = GlobalModel(vit, dataset.num_classes).to(device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
-    pool = Pool()
-    curve: list[float] = []
-    seconds = {"inversion": 0.0, "relabel": 0.0, "distill": 0.0, "evaluate": 0.0}
-    rounds = cfg.distill.rounds
-    total_steps = rounds * (inv.iterations + cfg.distill.steps_per_round)
-    done = 0
-    last_losses: dict[str, float] = {}
-
-    for r in range(1, rounds + 1):
-        labels = (torch.arange(inv.images_per_round) + (r - 1) * inv.images_per_round) % dataset.num_classes
-
-        def on_step(it: int, losses: dict[str, float]) -> None:
-            if it % 10 == 0 or it == inv.iterations:
-                on_event(Progress(spec.name, done + it, total_steps,
-                                  f"round {r}/{rounds}: inversion {it}/{inv.iterations}", losses))
-
-        batch = invert(teachers, labels, inv, dataset.pixel_bounds(), spec.sparse, generator,
-                       high_ratio=cfg.relabel.high_ratio, allow_flip=dataset.allow_flip, on_step=on_step,
-                       student=student.vit)
-        done += inv.iterations
-        seconds["inversion"] += batch.seconds
-        t0 = time.perf_counter()
-        targets = relabel(teachers, batch, cfg.relabel, dataset.num_classes) if spec.relabel else None
-        seconds["relabel"] += time.perf_counter() - t0
-        pool.add(batch, targets)
-        on_event(_round_event(spec, r, batch, targets, dataset))
-
-        t0 = time.perf_counter()
-        images, keep_idx, token_targets = pool.tensors()
-        student.train()
-        for step in range(1, cfg.distill.steps_per_round + 1):
-            idx = torch.randint(0, images.shape[0], (min(cfg.distill.batch_size, images.shape[0]),),
-                                generator=generator).to(device)
-            last_losses = distill_step(
-                student, teachers, images[idx], keep_idx[idx] if spec.sparse else None,
-                token_targets[idx] if token_targets is not None else None, optimizer, cfg, generator)
-            if step % 10 == 0 or step == cfg.distill.steps_per_round:
-                on_event(Progress(spec.name, done + step, total_steps,
-                                  f"round {r}/{rounds}: distillation {step}/{cfg.distill.steps_per_round}",
-                                  last_losses))
-        done += cfg.distill.steps_per_round
-        seconds["distill"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        acc = evaluate(student.vit, dataset.test)
-        seconds["evaluate"] += time.perf_counter() - t0
-        curve.append(acc)
-        on_event(Metric("accuracy", acc, spec.name, step=r))
-
-    student.vit.eval()
-    return {
-        "model": student.vit,
-        "curve": curve,
-        "extra": {
-            "stage_seconds": seconds,
-            "synthetic_images": len(pool),
-            "inversion_iterations": inv.iterations,
-            "active_patches": int(pool.keep_idx[-1].shape[1]),
-            "patches": int(batch.stop_step.shape[1]),
-            "final_losses": last_losses,
-        },
-    }
-
-
-def _round_event(spec: MethodSpec, r: int, batch: SyntheticBatch, targets: TokenTargets | None,
-                 dataset: ImageDataset) -> SyntheticRound:
-    n = batch.stop_step.shape[1]
-    if targets is None:
-        token_labels = batch.labels.unsqueeze(1).expand(-1, n)
-        relabelled = torch.zeros_like(batch.high_mask)
-    else:
-        token_labels = targets.targets.argmax(-1)
-        relabelled = targets.relabelled
-    return SyntheticRound(
-        method=spec.name, round=r,
-        images=dataset.to_unit(batch.images).cpu().numpy(),
-        labels=batch.labels.cpu().numpy(),
-        stop_step=batch.stop_step.cpu().numpy(),
-        density=batch.density.cpu().numpy(),
-        high_mask=batch.high_mask.cpu().numpy(),
-        token_labels=token_labels.cpu().numpy(),
-        token_relabelled=relabelled.cpu().numpy(),
-        grid=int(round(n ** 0.5)),
-        iterations=batch.iterations,
-    )

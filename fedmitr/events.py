@@ -10,12 +10,15 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
+from fedmitr.runtime import DeviceInfo
+
 
 @dataclass(frozen=True)
 class StageStarted:
     stage: str  # e.g. "data", "clients", "fedavg", "fedmitr"
     total: int | None = None  # number of progress steps this stage will report, if known
-    info: str = ""  # a human-readable detail, e.g. the device in use
+    info: str = ""  # a human-readable detail, e.g. what the method is
+    device: DeviceInfo | None = None  # where the stage runs (set for the training stages)
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,9 @@ class Progress:
 class Metric:
     name: str  # e.g. "accuracy"
     value: float
-    source: str  # what was measured: "client 3", "ensemble", "fedmitr", ...
+    source: str  # what was measured, for display: "client 3", "ensemble", "fedmitr", ...
     step: int | None = None  # round index for curves, None for a final number
+    client: int | None = None  # 0-based client index when a client's own model was measured
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,17 @@ class SyntheticRound:
     iterations: int  # inversion iterations of this batch
 
 
-Event = Union[StageStarted, StageFinished, Progress, Metric, PartitionReady, SyntheticRound]
+@dataclass(frozen=True)
+class BenchCell:
+    """The benchmark starts one cell of its grid: clients trained once, then every method on them."""
+
+    alpha: str  # "0.1", ..., or "iid"
+    seed: int
+    index: int  # 1-based position in the grid
+    total: int  # cells in the grid
+
+
+Event = Union[StageStarted, StageFinished, Progress, Metric, PartitionReady, SyntheticRound, BenchCell]
 EventHandler = Callable[[Event], Any]
 
 

@@ -31,8 +31,6 @@ class SyntheticBatch:
     labels: torch.Tensor  # [B] the class each image was inverted for (the generated pseudo-label)
     keep_idx: torch.Tensor  # [B, M] patches still active at the end of the optimisation (all N if dense)
     stop_step: torch.Tensor  # [B, N] iteration at which each patch was stopped; -1 = never stopped
-    density: torch.Tensor  # [B, N] information density: share of the ensemble's CLS attention (sums to 1)
-    high_mask: torch.Tensor  # [B, N] bool, the high-information set H (top patches by density)
     iterations: int  # optimisation steps taken
     seconds: float  # wall-clock time of the inversion
 
@@ -90,28 +88,14 @@ def roll_patch_indices(keep_idx: torch.Tensor, grid: int, dy_patches: int, dx_pa
     return rows * grid + cols
 
 
-@torch.no_grad()
-def information_density(models: list[VisionTransformer], images: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` share of the ensemble's last-block CLS attention on each patch, from one dense pass."""
-    _, attention = ensemble_forward(models, images, None)
-    return attention / attention.sum(dim=1, keepdim=True)
-
-
-def top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean ``[B, N]`` with the ``count`` highest scores of each row set."""
-    idx = scores.topk(count, dim=1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
-
-
 def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: InversionConfig,
            pixel_bounds: tuple[torch.Tensor, torch.Tensor], sparse: bool, generator: torch.Generator,
-           high_ratio: float | None = None, allow_flip: bool = False,
+           allow_flip: bool = False,
            on_step: Callable[[int, dict[str, float]], None] | None = None,
            student: VisionTransformer | None = None) -> SyntheticBatch:
     """Synthesise one batch of images for ``labels`` [B] from the ensemble of ``models``.
 
     ``pixel_bounds`` are the normalised values of black and white, each ``[1, C, 1, 1]``.
-    ``high_ratio`` sets |H| / N; by default it is the fraction sparse inversion keeps active.
     ``on_step(iteration, losses)`` is called after every step (losses: ce, tv, total, active).
     ``student`` with ``cfg.adv_weight > 0`` adds Adaptive DeepInversion's competition term,
     ``adv_weight * (1 - JS(teacher || student))``: images on which the current global model still
@@ -187,15 +171,7 @@ def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: Inversion
             on_step(it, {"ce": float(ce.detach().mean()), "tv": float(tv.detach().mean()), "total": float(loss.detach()),
                          "active": float(keep_idx.shape[1])})
 
-    images = best_x.detach()
-    density = information_density(models, images)
-    if high_ratio is None:
-        h_count = kept_count(n_patches, cfg.keep_per_stop, len(stop_iterations(cfg)))
-    else:
-        h_count = max(1, round(high_ratio * n_patches))
     for m, flag in zip(frozen, was_training):
         m.train(flag).requires_grad_(True)
-    return SyntheticBatch(
-        images=images, labels=labels, keep_idx=keep_idx, stop_step=stop_step, density=density,
-        high_mask=top_mask(density, h_count), iterations=cfg.iterations, seconds=time.perf_counter() - start,
-    )
+    return SyntheticBatch(images=best_x.detach(), labels=labels, keep_idx=keep_idx, stop_step=stop_step,
+                          iterations=cfg.iterations, seconds=time.perf_counter() - start)

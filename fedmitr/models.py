@@ -14,11 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from fedmitr.config import ConfigError, ModelConfig
-
-
-class ModelUnavailable(RuntimeError):
-    """Pretrained weights could not be loaded (offline, unknown name)."""
+from fedmitr.config import ModelConfig
+from fedmitr.errors import ConfigError, ModelUnavailable
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, image_size: int) -> VisionTransformer:

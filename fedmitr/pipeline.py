@@ -2,6 +2,12 @@
 
     result = run(preset_config("cpu"), out_dir="runs/demo", on_event=print)
 
+1. :func:`prepare` checks the config and does the cheap work that can fail (load and split the
+   data, build the clients' shared initial model), before anything heavy or written.
+2. :func:`train` trains every client once on its own data: the only round of communication.
+3. :func:`run` hands the trained clients to the server (:mod:`fedmitr.server`), runs each chosen
+   method on them, and writes the run directory.
+
 Every stage reports through ``on_event`` (see :mod:`fedmitr.events`); nothing here prints.
 """
 
@@ -11,39 +17,45 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from fedmitr import baselines
-from fedmitr.clients import ClientResult, evaluate, train_clients
-from fedmitr.config import ConfigError, RunConfig
+from fedmitr.clients import ClientResult, evaluate, initial_model, train_clients
+from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, partition
+from fedmitr.errors import ConfigError
 from fedmitr.events import EventHandler, Metric, PartitionReady, StageFinished, StageStarted, ignore
 from fedmitr.methods import METHODS
-from fedmitr.models import build_model
-from fedmitr.runtime import describe_device, make_accelerator, seed_everything
+from fedmitr.runtime import DeviceInfo, describe_device, make_accelerator, seed_everything
+from fedmitr.server import MethodResult, ServerContext, run_method
 
 
 @dataclass
-class MethodResult:
-    name: str
-    accuracy: float  # test accuracy, 0..1
-    seconds: float  # wall-clock time of the server-side method
-    model: VisionTransformer | None = None  # the single global model, if the method makes one
-    curve: list[float] = field(default_factory=list)  # test accuracy after each round (inversion methods)
-    extra: dict[str, Any] = field(default_factory=dict)  # stage timings and counters, saved to metrics.json
+class Prepared:
+    """A checked config's data, split and the clients' shared starting point."""
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"accuracy": self.accuracy, "seconds": self.seconds}
-        if self.curve:
-            out["curve"] = self.curve
-        out.update(self.extra)
-        return out
+    dataset: ImageDataset
+    partition: Partition
+    init: VisionTransformer  # the weights the server sends every client (see clients.initial_model)
+
+
+@dataclass
+class Federation:
+    """The clients after their one round of local training, and what it cost."""
+
+    dataset: ImageDataset
+    partition: Partition
+    clients: list[ClientResult]
+    client_accuracy: list[float]  # test accuracy of each client's own model
+    accelerator: Accelerator
+    device: DeviceInfo
+    seconds: dict[str, float]  # "data" and "clients", wall-clock
 
 
 @dataclass
@@ -71,18 +83,45 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return path
 
 
-def prepare(cfg: RunConfig, dataset: ImageDataset | None = None) -> tuple[ImageDataset, Partition]:
-    """Validate ``cfg`` and do the cheap, fallible work (load data, split it) before anything heavy."""
+def prepare(cfg: RunConfig, dataset: ImageDataset | None = None) -> Prepared:
+    """Validate ``cfg`` and do the cheap, fallible work before anything heavy.
+
+    An invalid value, an impossible split, an unknown architecture, a patch grid that does not
+    divide the image, or pretrained weights that cannot be fetched all fail here.
+    """
     cfg.validate()
     d = cfg.data
     if dataset is None:
         dataset = open_dataset(d.dataset, d.max_train_samples, d.max_test_samples)
     part = partition(dataset.train.labels.numpy(), d.num_clients, d.alpha, dataset.num_classes,
                      seed=cfg.seed, min_samples=d.min_client_samples)
-    # Build one model now: an unknown architecture, a patch grid that does not divide the image, or
-    # pretrained weights that cannot be fetched fail here, before any training (weights are cached).
-    build_model(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
-    return dataset, part
+    return Prepared(dataset, part, initial_model(cfg.model, dataset, cfg.seed))
+
+
+def train(cfg: RunConfig, on_event: EventHandler = ignore, dataset: ImageDataset | None = None) -> Federation:
+    """Prepare the data and train every client once: everything before the server's work."""
+    t0 = time.perf_counter()
+    prepared = prepare(cfg, dataset)  # may raise: nothing reported or written before this
+    dataset, part = prepared.dataset, prepared.partition
+    seconds = {"data": time.perf_counter() - t0}
+    on_event(StageStarted("data", info=f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test"))
+    on_event(PartitionReady(part.class_counts, dataset.class_names))
+    on_event(StageFinished("data", seconds["data"]))
+
+    accelerator = make_accelerator()
+    seed_everything(cfg.seed)
+    device = describe_device(accelerator)
+    on_event(StageStarted("clients", total=cfg.data.num_clients * cfg.clients.epochs, info=str(device),
+                          device=device))
+    t0 = time.perf_counter()
+    clients = train_clients(dataset, part, cfg.model, cfg.clients, accelerator, cfg.seed, on_event,
+                            init=prepared.init)
+    client_accuracy = [evaluate(c.model, dataset.test) for c in clients]
+    for c, acc in zip(clients, client_accuracy):
+        on_event(Metric("accuracy", acc, f"client {c.index + 1}", client=c.index))
+    seconds["clients"] = time.perf_counter() - t0
+    on_event(StageFinished("clients", seconds["clients"]))
+    return Federation(dataset, part, clients, client_accuracy, accelerator, device, seconds)
 
 
 def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandler = ignore,
@@ -94,45 +133,35 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandle
     """
     t_start = time.perf_counter()
     out_path = check_out_dir(out_dir) if out_dir is not None else None
+    fed = train(cfg, on_event, dataset)
 
-    t0 = time.perf_counter()
-    dataset, part = prepare(cfg, dataset)  # may raise: nothing reported or written before this
-    seconds = {"data": time.perf_counter() - t0}
-    on_event(StageStarted("data", info=f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test"))
-    on_event(PartitionReady(part.class_counts, dataset.class_names))
-    on_event(StageFinished("data", seconds["data"]))
-
-    accelerator = make_accelerator()
-    seed_everything(cfg.seed)
-    device = describe_device(accelerator)
-    on_event(StageStarted("clients", total=cfg.data.num_clients * cfg.clients.epochs, info=device))
-    t0 = time.perf_counter()
-    clients = train_clients(dataset, part, cfg.model, cfg.clients, accelerator, cfg.seed, on_event)
-    client_acc = [evaluate(c.model, dataset.test) for c in clients]
-    for c, acc in zip(clients, client_acc):
-        on_event(Metric("accuracy", acc, f"client {c.index + 1}"))
-    seconds["clients"] = time.perf_counter() - t0
-    on_event(StageFinished("clients", seconds["clients"]))
-
+    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event)
     methods: dict[str, MethodResult] = {}
     for name in cfg.methods:
         on_event(StageStarted(name, info=METHODS[name].summary))
-        t0 = time.perf_counter()
-        result = run_method(name, cfg, dataset, clients, accelerator, on_event)
-        result.seconds = time.perf_counter() - t0
-        methods[name] = result
+        methods[name] = result = run_method(name, server)
         on_event(Metric("accuracy", result.accuracy, name))
         on_event(StageFinished(name, result.seconds))
-    seconds["total"] = time.perf_counter() - t_start
+    seconds = {**fed.seconds, "total": time.perf_counter() - t_start}
 
-    metrics = {
+    metrics = run_metrics(cfg, fed, methods, seconds)
+    if out_path is not None and fed.accelerator.is_main_process:
+        write_run_dir(out_path, cfg, metrics, fed.clients, methods)
+    return RunResult(cfg, fed.dataset, fed.partition, fed.clients, methods, metrics, out_path)
+
+
+def run_metrics(cfg: RunConfig, fed: Federation, methods: dict[str, MethodResult],
+                seconds: dict[str, float]) -> dict[str, Any]:
+    """The content of ``metrics.json``."""
+    dataset, part = fed.dataset, fed.partition
+    return {
         "config": cfg.to_dict(),
         "dataset": {
             "name": dataset.name, "source": dataset.source, "num_classes": dataset.num_classes,
             "class_names": list(dataset.class_names), "image_size": dataset.image_size,
             "channels": dataset.channels, "num_train": len(dataset.train), "num_test": len(dataset.test),
         },
-        "device": device,
+        "device": str(fed.device),
         "partition": {
             "alpha": part.alpha,
             "class_counts": part.class_counts.tolist(),
@@ -141,35 +170,11 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandle
         "clients": [
             {"index": c.index, "accuracy": acc, "num_samples": c.num_samples, "seconds": c.seconds,
              "final_loss": c.losses[-1] if c.losses else None}
-            for c, acc in zip(clients, client_acc)
+            for c, acc in zip(fed.clients, fed.client_accuracy)
         ],
         "methods": {name: r.to_dict() for name, r in methods.items()},
         "seconds": seconds,
     }
-    if out_path is not None and accelerator.is_main_process:
-        write_run_dir(out_path, cfg, metrics, clients, methods)
-    return RunResult(cfg, dataset, part, clients, methods, metrics, out_path)
-
-
-def run_method(name: str, cfg: RunConfig, dataset: ImageDataset, clients: list[ClientResult],
-               accelerator, on_event: EventHandler, images_per_round: int | None = None) -> MethodResult:
-    """Run one server-side method by name on the trained clients.
-
-    ``images_per_round`` overrides the inversion batch size (the benchmark's equal-time runs).
-    """
-    models = [c.model for c in clients]
-    if name == "ensemble":
-        return MethodResult(name, evaluate(models, dataset.test), 0.0)
-    if name == "fedavg":
-        model = baselines.fedavg(models, [c.num_samples for c in clients])
-        return MethodResult(name, evaluate(model, dataset.test), 0.0, model=model)
-    spec = METHODS.get(name)
-    if spec is None or not spec.inversion:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    from fedmitr.distill import run_inversion_method
-
-    out = run_inversion_method(spec, cfg, dataset, models, accelerator.device, on_event, images_per_round)
-    return MethodResult(name, out["curve"][-1], 0.0, model=out["model"], curve=out["curve"], extra=out["extra"])
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,8 +1,12 @@
-"""Stage 3: token relabel. Every patch of a synthetic image gets its own soft target.
+"""Stage 3: information density and token relabel. Every patch of a synthetic image gets a target.
 
-* Patches in the high-information set H keep the generated pseudo-label ``y`` (one-hot, optionally
-  smoothed): the inversion put the class evidence there.
-* Low-information patches get an ensemble relabel ``q_i``, one of:
+**Information density** of a patch is its share of the ensemble's last-block CLS->patch attention
+on the final image (mean over heads and clients, normalised to sum to 1 over the patches). The
+**high-information set** H is the top patches by density.
+
+* Patches in H keep the generated pseudo-label ``y`` (one-hot, optionally smoothed): the inversion
+  put the class evidence there.
+* Low-information patches get an ensemble relabel ``q_i``, one of :data:`RELABEL_MODES`:
   - ``"token"``: Token Labeling's annotator, each client's classifier head on its own final patch
     token, ``q_i = mean_k softmax(head_k(norm_k(token_i^k)) / tau)``;
   - ``"image"``: the image-level soft label ``q_i = softmax(f_E(x) / tau)`` for every low patch;
@@ -18,17 +22,45 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from fedmitr.config import RelabelConfig
-from fedmitr.inversion import SyntheticBatch, ensemble_forward
+from fedmitr.config import RELABEL_MODES, InversionConfig, RelabelConfig
+from fedmitr.inversion import SyntheticBatch, ensemble_forward, kept_count, stop_iterations
 from fedmitr.models import patch_grid, sparse_forward, token_logits
 
-RELABEL_MODES = ("token", "image", "neighbourhood")
+
+@dataclass
+class PatchScores:
+    """How much class evidence each patch of a batch carries. B images, N patches."""
+
+    density: torch.Tensor  # [B, N] share of the ensemble's CLS attention (rows sum to 1)
+    high_mask: torch.Tensor  # [B, N] bool, the high-information set H (top patches by density)
 
 
 @dataclass
 class TokenTargets:
     targets: torch.Tensor  # [B, N, L] per-patch target distributions (rows sum to 1)
     relabelled: torch.Tensor  # [B, N] bool, True where the target is the ensemble relabel
+
+
+@torch.no_grad()
+def information_density(models: list[VisionTransformer], images: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` share of the ensemble's last-block CLS attention on each patch, from one dense pass."""
+    _, attention = ensemble_forward(models, images, None)
+    return attention / attention.sum(dim=1, keepdim=True)
+
+
+def high_set_size(num_patches: int, cfg: RelabelConfig, inversion: InversionConfig) -> int:
+    """|H|: ``cfg.high_ratio`` of the patches, or by default as many as sparse inversion keeps active."""
+    if cfg.high_ratio is None:
+        return kept_count(num_patches, inversion.keep_per_stop, len(stop_iterations(inversion)))
+    return max(1, round(cfg.high_ratio * num_patches))
+
+
+def score_patches(models: list[VisionTransformer], images: torch.Tensor, high_count: int) -> PatchScores:
+    """Information density of every patch of ``images`` [B, C, H, W] and the top ``high_count`` of each."""
+    density = information_density(models, images)
+    top = density.topk(high_count, dim=1).indices
+    high_mask = torch.zeros_like(density, dtype=torch.bool).scatter_(1, top, True)
+    return PatchScores(density=density, high_mask=high_mask)
 
 
 @torch.no_grad()
@@ -73,13 +105,13 @@ def neighbourhoods(grid: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def relabel(models: list[VisionTransformer], batch: SyntheticBatch, cfg: RelabelConfig,
+def relabel(models: list[VisionTransformer], batch: SyntheticBatch, scores: PatchScores, cfg: RelabelConfig,
             num_classes: int) -> TokenTargets:
-    """Per-patch targets for ``batch``: generated label on H, ensemble relabel elsewhere."""
+    """Per-patch targets for ``batch``: the generated label on H, the ensemble relabel elsewhere."""
     q = ensemble_relabel(models, batch.images, cfg.mode, cfg.temperature)  # [B, N, L]
     one_hot = F.one_hot(batch.labels, num_classes).float()
     if cfg.label_smoothing > 0:
         one_hot = one_hot * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
-    high = batch.high_mask.unsqueeze(-1)
+    high = scores.high_mask.unsqueeze(-1)
     targets = torch.where(high, one_hot.unsqueeze(1).expand_as(q), q)
-    return TokenTargets(targets=targets, relabelled=~batch.high_mask)
+    return TokenTargets(targets=targets, relabelled=~scores.high_mask)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,8 +35,22 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def describe_device(accelerator: Accelerator) -> str:
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Where a run executes. ``str()`` is the one-line description saved in ``metrics.json``."""
+
+    type: str  # torch device type: "cpu", "cuda", "mps"
+    name: str  # e.g. "NVIDIA H100 80GB HBM3"; the device type for CPUs
+    processes: int  # processes of the run (accelerate / torchrun)
+    threads: int  # torch intra-op threads of this process
+
+    def __str__(self) -> str:
+        if self.type == "cuda":
+            return f"{self.name} (cuda, {self.processes} process(es))"
+        return f"{self.type} ({self.threads} threads, {self.processes} process(es))"
+
+
+def describe_device(accelerator: Accelerator) -> DeviceInfo:
     dev = accelerator.device
-    if dev.type == "cuda":
-        return f"{torch.cuda.get_device_name(dev)} (cuda, {accelerator.num_processes} process(es))"
-    return f"{dev.type} ({torch.get_num_threads()} threads, {accelerator.num_processes} process(es))"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return DeviceInfo(dev.type, name, accelerator.num_processes, torch.get_num_threads())

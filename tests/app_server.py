@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import sys
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the app/ package, under plain `pytest` too
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import socket
 import time
@@ -15,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from app_server import serving_app  # noqa: E402  (also puts the repo root on sys.path for app/)
-from fedmitr.methods import METHODS  # noqa: E402
+from app.form import FormValues
+from app_server import serving_app
 
-INVERSION = [m for m, spec in METHODS.items() if spec.inversion]
-# Form values in the order of the run endpoint's inputs. A few seconds on 2 CPU cores.
-TINY = dict(dataset="mnist5k", clients=3, alpha="0.5",
-            methods=["fedavg", "ensemble", *(["fedmitr"] if "fedmitr" in METHODS else [])],
-            preset="tiny", epochs=2, iterations=8, images=8, keep=0.7, relabel="token", rounds=2, seed=0)
+# A few seconds on 2 CPU cores.
+TINY = FormValues(dataset="mnist5k", clients=3, alpha="0.5", methods=["fedavg", "ensemble", "fedmitr"],
+                  preset="tiny", epochs=2, iterations=8, images=8, keep=0.7, relabel="token", rounds=2, seed=0)
 
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
@@ -69,8 +69,7 @@ def client(server):
 
 
 def submit(client, **changes):
-    values = {**TINY, **changes}
-    return client.submit(*values.values(), api_name="/run")
+    return client.submit(*dataclasses.replace(TINY, **changes).inputs(), api_name="/run")
 
 
 def plot_json(value) -> dict | None:
@@ -115,17 +114,14 @@ def test_tiny_run_streams_partition_gallery_and_accuracy(client):
     assert counts.sum() > 0 and (counts >= 0).all()
     assert partitions[0] < len(updates) - 1  # live: the partition arrives before the run is over
 
-    if INVERSION and "fedmitr" in TINY["methods"]:
-        galleries = [u[3] for u in updates if isinstance(u[3], list) and u[3]]
-        assert galleries, "no gallery images were streamed"
-        image = Path(galleries[-1][0]["image"])
-        assert image.exists() and image.stat().st_size > 0
-        from PIL import Image
-
-        with Image.open(image) as im:
-            assert im.size[0] >= 100  # upscaled for display
-        curves = plot_json(updates[-1][7])
-        assert any(t.get("name") == "FedMITR" and len(array(t["x"])) == TINY["rounds"] for t in curves["data"])
+    galleries = [u[3] for u in updates if isinstance(u[3], list) and u[3]]
+    assert galleries, "no gallery images were streamed"
+    image = Path(galleries[-1][0]["image"])
+    assert image.exists() and image.stat().st_size > 0
+    with Image.open(image) as im:
+        assert im.size[0] >= 100  # upscaled for display
+    curves = plot_json(updates[-1][7])
+    assert any(t.get("name") == "FedMITR" and len(array(t["x"])) == TINY.rounds for t in curves["data"])
 
     final = updates[-1]
     assert "Finished" in final[0]
@@ -137,7 +133,7 @@ def test_tiny_run_streams_partition_gallery_and_accuracy(client):
     files = {Path(f).name: Path(f) for f in final[9]}
     assert "metrics.json" in files and "fedavg.safetensors" in files
     metrics = json.loads(files["metrics.json"].read_text())
-    assert set(TINY["methods"]) == set(metrics["methods"])
+    assert set(TINY.methods) == set(metrics["methods"])
     assert metrics["config"]["data"]["num_clients"] == 3 and metrics["config"]["preset"] == "tiny"
     wait_until_idle()
 
@@ -177,7 +173,7 @@ def test_bad_input_is_a_clear_error_and_the_app_still_answers(client, changes, m
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match=message):
-        client.predict(*{**TINY, **changes}.values(), api_name="/run")
+        client.predict(*dataclasses.replace(TINY, **changes).inputs(), api_name="/run")
     wait_until_idle()
 
 
@@ -194,6 +190,6 @@ def test_bad_input_from_one_session_does_not_disturb_another(server):
     good, bad = Client(server, verbose=False), Client(server, verbose=False)
     running = submit(good, methods=["fedavg"])
     with pytest.raises(AppError, match="alpha"):
-        bad.predict(*{**TINY, "alpha": "0"}.values(), api_name="/run")
+        bad.predict(*dataclasses.replace(TINY, alpha="0").inputs(), api_name="/run")
     updates = list(running)
     assert "Finished" in updates[-1][0]

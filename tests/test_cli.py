@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from fedmitr.cli import main
+from fedmitr.config import preset_config
+
+TINY = preset_config("tiny")
 
 RUN_FLAGS = ["--dataset", "--clients", "--alpha", "--seed", "--preset", "--methods", "--out", "--config"]
 
@@ -164,3 +167,55 @@ def test_out_under_a_read_only_directory(tmp_path, capsys):
     assert code == 2
     assert err.startswith("fedmitr: error: ") and "not writable" in err and len(err.splitlines()) == 1
     assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["fedmitr", "dense-kd"])
+def test_cli_tiny_inversion_method_writes_a_curve(tmp_path, method, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "tiny", "--methods", f"fedavg,{method}", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    m = metrics["methods"][method]
+    assert len(m["curve"]) == TINY.distill.rounds and all(0 <= a <= 1 for a in m["curve"])
+    assert m["accuracy"] == m["curve"][-1] and m["seconds"] > 0
+    assert m["synthetic_images"] == TINY.distill.rounds * TINY.inversion.images_per_round
+    assert (out / "models" / f"{method}.safetensors").exists()
+    assert method in capsys.readouterr().out
+
+
+
+def test_python_m_fedmitr_is_the_same_command_line():
+    out = subprocess.run([sys.executable, "-m", "fedmitr", "run", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "--alpha" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "fedmitr", "run", "--alpha", "-1", "--out", "/nonexistent/x"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("fedmitr: error: alpha must be")
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path):
+    """Not a terminal: no progress bar and no carriage returns, only whole lines in order."""
+    import io
+
+    from fedmitr.cli import ProgressPrinter
+    from fedmitr.pipeline import run
+
+    log = io.StringIO()
+    cfg = TINY.__class__(**{**TINY.__dict__, "methods": ("fedavg", "fedmitr")})
+    run(cfg, out_dir=tmp_path / "run", on_event=ProgressPrinter(stream=log))
+    text = log.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith("[data] started") and lines[-1].startswith("[fedmitr] done in")
+    # A progress line every 10% of a stage at most: a handful per stage, not one per step.
+    fedmitr_steps = [line for line in lines if line.startswith("  fedmitr ") and "/" in line.split()[1]]
+    assert 1 <= len(fedmitr_steps) <= 11
+
+
+def test_the_out_dir_is_checked_once(tmp_path, monkeypatch, capsys):
+    import fedmitr.pipeline
+
+    calls = []
+    real = fedmitr.pipeline.check_out_dir
+    monkeypatch.setattr(fedmitr.pipeline, "check_out_dir", lambda path: calls.append(path) or real(path))
+    assert main(["run", "--preset", "tiny", "--methods", "ensemble", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert len(calls) == 1

@@ -1,15 +1,10 @@
-"""Local client training, evaluation, the FedAvg baseline and the accelerate runtime."""
+"""Local client training and evaluation."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
-from fedmitr.baselines import fedavg
 from fedmitr.clients import accuracy, evaluate, predict_logits, train_clients
 from fedmitr.config import apply_overrides
 from fedmitr.data import partition
@@ -106,74 +101,3 @@ def test_evaluate_restores_training_mode(model_factory, tiny_data):
 def test_accuracy():
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [0.0, 1.0]])
     assert accuracy(logits, torch.tensor([0, 1, 1, 0])) == 0.5
-
-
-# --- FedAvg ------------------------------------------------------------------------------------------
-
-def _filled(model, value: float):
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(value)
-    return model
-
-
-def test_fedavg_of_identical_models_is_that_model(model_factory, tiny_data):
-    model = model_factory()
-    avg = fedavg([model, copy.deepcopy(model), copy.deepcopy(model)], [5, 1, 30])
-    assert avg is not model
-    assert not avg.training
-    for key, value in model.state_dict().items():
-        assert torch.allclose(avg.state_dict()[key], value, atol=1e-6), key
-    x = tiny_data.test.images[:8]
-    with torch.no_grad():
-        assert torch.allclose(avg(x), model.eval()(x), atol=1e-5)
-
-
-@pytest.mark.parametrize("num_samples, expected", [([1, 3], 2.5), ([3, 1], 1.5), ([10, 10], 2.0), (None, 2.0)])
-def test_fedavg_weights_by_client_size(model_factory, num_samples, expected):
-    ones, threes = _filled(model_factory(), 1.0), _filled(model_factory(), 3.0)
-    avg = fedavg([ones, threes], num_samples)
-    for name, p in avg.named_parameters():
-        assert torch.allclose(p, torch.full_like(p, expected)), name
-    # The inputs are left as they were.
-    assert all(bool((p == 1.0).all()) for p in ones.parameters())
-    assert all(bool((p == 3.0).all()) for p in threes.parameters())
-
-
-def test_fedavg_of_trained_clients_is_their_weighted_mean(trained):
-    _, _, results, _ = trained
-    models, sizes = [r.model for r in results], [r.num_samples for r in results]
-    avg = fedavg(models, sizes)
-    w = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
-    expected = sum(wi * m.head.weight.double() for wi, m in zip(w, models)).float()
-    assert torch.allclose(avg.head.weight, expected, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "count, num_samples",
-    [(0, None), (2, [1]), (2, [1, 2, 3]), (2, [0, 5]), (2, [-1, 5])],
-)
-def test_fedavg_rejects_bad_weights(model_factory, count, num_samples):
-    models = [model_factory(seed=i) for i in range(count)]
-    with pytest.raises(ValueError, match="fedavg needs at least one model|one positive count per model"):
-        fedavg(models, num_samples)
-
-
-# --- runtime -----------------------------------------------------------------------------------------
-
-def test_make_accelerator_can_be_called_again_with_other_settings():
-    make_accelerator()
-    # What make_accelerator protects against: once accelerate's process-wide state exists, an
-    # Accelerator with other settings raises.
-    with pytest.raises(ValueError, match="already been initialized"):
-        Accelerator(cpu=True, mixed_precision="bf16")
-    AcceleratorState._reset_state(True)  # noqa: SLF001
-    GradientState._reset_state()  # noqa: SLF001
-    Accelerator(cpu=True, mixed_precision="bf16")  # someone else's accelerator, other settings
-    first = make_accelerator()
-    second = make_accelerator(cpu=True)
-    assert first.num_processes == 1
-    assert second.device.type == "cpu"
-    assert second.mixed_precision == "no"  # bf16 only on a GPU that supports it
-    assert second.num_processes == 1 and second.is_main_process

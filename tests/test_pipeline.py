@@ -10,8 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from fedmitr.clients import evaluate
-from fedmitr.config import ConfigError, apply_overrides
-from fedmitr.data import DatasetUnavailable
+from fedmitr.config import apply_overrides, preset_config
+from fedmitr.errors import ConfigError, DatasetUnavailable
 from fedmitr.events import Metric, PartitionReady, Progress, StageFinished, StageStarted
 from fedmitr.models import build_model
 from fedmitr.pipeline import run
@@ -187,3 +187,36 @@ def test_unusable_out_dir_fails_before_any_work(kind, tiny_cfg, tmp_path):
         run(tiny_cfg, out_dir=out, on_event=events.append)
     assert events == []
     assert blocker.read_text() == "keep me"
+
+
+def test_timm_named_model_with_resize_runs_the_whole_pipeline(tmp_path):
+    """The gpu preset's path (a timm model name, inputs resized to the model) without downloads."""
+    cfg = apply_overrides(preset_config("tiny"), {
+        "data": {"dataset": "digits", "num_clients": 2},
+        "model": {"arch": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32},
+        "clients": {"epochs": 1}, "methods": "fedavg,fedmitr",
+        "inversion": {"iterations": 4, "images_per_round": 4}, "distill": {"rounds": 1, "steps_per_round": 2},
+    })
+    result = run(cfg, out_dir=tmp_path / "run")
+    assert result.dataset.image_size == 16
+    assert result.methods["fedmitr"].model.patch_embed.img_size == (32, 32)
+    assert 0 <= result.metrics["methods"]["fedmitr"]["accuracy"] <= 1
+    assert result.metrics["methods"]["fedmitr"]["patches"] == 4
+
+
+
+def test_every_model_built_is_used(tiny_cfg, tiny_data, monkeypatch):
+    """The clients' shared initial model is built once, in prepare, and no throwaway model is built."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    built = []
+    real_init = VisionTransformer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisionTransformer, "__init__", counting_init)
+    cfg = dataclasses.replace(tiny_cfg, methods=("ensemble",))
+    run(cfg, dataset=tiny_data)
+    assert len(built) == 1 + cfg.data.num_clients  # the initial model, then one per client

@@ -1,16 +1,44 @@
-"""Clients dealt over several processes (accelerate launch) give the same models as one process."""
+"""The runtime: accelerate set-up, and clients dealt over several processes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from accelerate import debug_launcher
+from accelerate import Accelerator, debug_launcher
+from accelerate.state import AcceleratorState, GradientState
 
 from fedmitr.clients import train_clients
 from fedmitr.config import preset_config
 from fedmitr.data import open_dataset, partition, subsample
-from fedmitr.runtime import make_accelerator
+from fedmitr.runtime import DeviceInfo, describe_device, make_accelerator
 
 TINY = preset_config("tiny")
+
+
+def test_make_accelerator_can_be_called_again_with_other_settings():
+    make_accelerator()
+    # What make_accelerator protects against: once accelerate's process-wide state exists, an
+    # Accelerator with other settings raises.
+    with pytest.raises(ValueError, match="already been initialized"):
+        Accelerator(cpu=True, mixed_precision="bf16")
+    AcceleratorState._reset_state(True)  # noqa: SLF001
+    GradientState._reset_state()  # noqa: SLF001
+    Accelerator(cpu=True, mixed_precision="bf16")  # someone else's accelerator, other settings
+    first = make_accelerator()
+    second = make_accelerator(cpu=True)
+    assert first.num_processes == 1
+    assert second.device.type == "cpu"
+    assert second.mixed_precision == "no"  # bf16 only on a GPU that supports it
+    assert second.num_processes == 1 and second.is_main_process
+
+
+
+def test_describe_device_is_typed_and_prints_as_before():
+    torch.set_num_threads(1)
+    device = describe_device(make_accelerator(cpu=True))
+    assert device == DeviceInfo("cpu", "cpu", 1, 1)
+    assert str(device) == "cpu (1 threads, 1 process(es))"
+    assert str(DeviceInfo("cuda", "NVIDIA H100", 2, 8)) == "NVIDIA H100 (cuda, 2 process(es))"
 
 
 def _setup():
@@ -48,3 +76,4 @@ def test_two_processes_train_the_same_clients_as_one(tmp_path):
         for key, value in client.model.state_dict().items():
             # Same seeds, same data: equal up to float reordering (other clients differ by ~1e-1).
             torch.testing.assert_close(state[key], value.cpu(), rtol=1e-3, atol=2e-4)
+

@@ -1,0 +1,141 @@
+"""The Run form: one definition of its fields, its UI rules, and the checks it leaves to the library."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app import form
+from fedmitr.config import preset_config
+from fedmitr.errors import ConfigError
+from fedmitr.methods import METHODS
+
+
+GOOD = form.FormValues(dataset="mnist5k", clients=5, alpha="0.5", methods=["fedavg", "ensemble"], preset="tiny",
+                       epochs=2, iterations=10, images=8, keep=0.7, relabel="token", rounds=2, seed=3)
+
+
+def config(**changes):
+    return dataclasses.replace(GOOD, **changes).to_config()
+
+
+def test_form_values_override_the_preset():
+    cfg = config(alpha="iid", clients=7.0)
+    assert cfg.preset == "tiny" and cfg.data.num_clients == 7 and cfg.data.alpha is None
+    assert cfg.clients.epochs == 2 and cfg.inversion.iterations == 10 and cfg.inversion.images_per_round == 8
+    assert cfg.distill.rounds == 2 and cfg.seed == 3 and cfg.methods == ("fedavg", "ensemble")
+    assert cfg.data.max_train_samples == preset_config("tiny").data.max_train_samples  # untouched fields stay
+
+
+def test_the_fields_are_defined_once_in_input_order():
+    names = form.FormValues.names()
+    assert names == ["dataset", "clients", "alpha", "methods", "preset", "epochs", "iterations", "images", "keep",
+                     "relabel", "rounds", "seed"]
+    assert form.FormValues.from_inputs(GOOD.inputs()) == GOOD
+    with pytest.raises(ConfigError, match="12 inputs"):
+        form.FormValues.from_inputs(GOOD.inputs()[:-1])
+
+
+def test_defaults_are_the_cpu_preset():
+    assert form.FormValues() == form.FormValues.for_preset("cpu")
+    assert form.FormValues().to_config() == preset_config("cpu").__class__(
+        **{**preset_config("cpu").__dict__, "methods": ("fedavg", "ensemble", "fedmitr")})
+
+
+@pytest.mark.parametrize("change, message", [
+    # UI rules, checked by the form and naming the field:
+    ({"clients": 1}, "number of clients must be 2 to 20"),
+    ({"clients": 21}, "number of clients must be 2 to 20"),
+    ({"clients": 2.5}, "number of clients must be a whole number"),
+    ({"seed": 1.5}, "seed must be a whole number"),
+    ({"epochs": 2.5}, "local epochs must be a whole number"),
+    ({"rounds": 0.5}, "rounds must be a whole number"),
+    ({"iterations": "ten"}, "inversion iterations must be a number"),
+    ({"images": form.MAX_IMAGES_PER_ROUND + 1}, "synthetic images per round must be 1 to"),
+    ({"epochs": 0}, "local epochs must be 1 to"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"keep": "half"}, "keep ratio must be a number"),
+    ({"alpha": None}, "the skew α is required"),
+    # Everything else comes from RunConfig.validate, exactly as the CLI reports it:
+    ({"alpha": "0"}, "alpha must be a number > 0"),
+    ({"alpha": "-1"}, "alpha must be a number > 0"),
+    ({"alpha": "lots"}, "alpha must be a number > 0 or 'iid'"),
+    ({"methods": []}, "at least one method"),
+    ({"methods": ["magic"]}, "unknown method"),
+    ({"dataset": "nope"}, "unknown dataset"),
+    ({"dataset": "hf:foo"}, "hf:owner/name"),
+    ({"preset": "huge"}, "unknown preset"),
+    ({"keep": 0}, "keep_per_stop must be in \\(0, 1\\]"),
+    ({"relabel": "psychic"}, "relabel mode must be one of"),
+])
+def test_bad_input_is_refused_clearly(change, message):
+    with pytest.raises(ConfigError, match=message):
+        config(**change)
+
+
+def test_the_app_and_the_library_give_the_same_message():
+    from fedmitr.config import apply_overrides
+
+    with pytest.raises(ConfigError) as from_form:
+        config(relabel="psychic")
+    with pytest.raises(ConfigError) as from_library:
+        apply_overrides(preset_config("tiny"), {"relabel": {"mode": "psychic"}}).validate()
+    assert str(from_form.value) == str(from_library.value)
+
+
+def test_hub_dataset_refused_while_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="offline"):
+        form.check_hub(config(dataset="cifar10"))
+    assert all("offline" in label.lower() for label, name in form.dataset_choices() if form.is_hub_dataset(name))
+
+
+def test_hub_dataset_accepted_when_online(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert config(dataset="cifar10").data.dataset == "cifar10"
+    assert config(dataset="hf:someone/some-set").data.dataset == "hf:someone/some-set"
+
+
+def test_dataset_choices_list_bundled_first():
+    names = [name for _, name in form.dataset_choices()]
+    assert names[:2] == ["mnist5k", "digits"] and "cifar10" in names
+
+
+def test_default_methods_are_registered_methods():
+    assert form.default_methods() == ["fedavg", "ensemble", "fedmitr"]
+    assert set(form.default_methods()) <= set(METHODS)
+
+
+def test_preset_knobs_match_the_preset():
+    k = form.FormValues.for_preset("gpu")
+    cfg = preset_config("gpu")
+    assert (k.epochs, k.iterations, k.images, k.rounds, k.relabel, k.keep) == (
+        cfg.clients.epochs, cfg.inversion.iterations, cfg.inversion.images_per_round, cfg.distill.rounds,
+        cfg.relabel.mode, cfg.inversion.keep_per_stop)
+
+
+def test_check_hub_refuses_what_cannot_be_had(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    cfg = config(dataset="cifar10")
+    with pytest.raises(ConfigError, match="cannot reach"):
+        form.check_hub(cfg, reachable=lambda: False)
+    form.check_hub(cfg, reachable=lambda: True)  # online: fine
+    form.check_hub(config(), reachable=lambda: pytest.fail("a bundled run must not probe the network"))
+    # The gpu preset needs pretrained weights from the Hub, whatever the dataset.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="pretrained weights"):
+        form.check_hub(config(preset="gpu", images=100))
+
+
+def test_hub_reachable_is_false_for_a_closed_port(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert form.hub_reachable(timeout_s=1.0) is False
+

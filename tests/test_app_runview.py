@@ -1,0 +1,66 @@
+"""The run view: the pipeline's events folded into what one session has seen."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from app.runview import GALLERY_PER_ROUND, MAX_ROUNDS_KEPT, RunView
+from app_events import make_round
+from fedmitr.config import apply_overrides, preset_config
+from fedmitr.events import Metric, PartitionReady, Progress, StageFinished, StageStarted
+from fedmitr.runtime import DeviceInfo
+
+
+def run_cfg(methods=("fedavg", "ensemble")):
+    return apply_overrides(preset_config("tiny"), {"methods": list(methods), "data": {"num_clients": 3}})
+
+
+def test_run_view_folds_events_and_tracks_progress():
+    view = RunView(run_cfg())
+    assert view.fraction() == 0
+    assert view.apply(StageStarted("data")) == {"status"}
+    assert view.apply(PartitionReady(np.ones((3, 10), dtype=int), tuple("0123456789"))) == {"partition", "clients"}
+    view.apply(StageFinished("data", 0.1))
+    view.apply(StageStarted("clients", total=12, info="ignored text", device=DeviceInfo("cpu", "cpu", 1, 2)))
+    assert view.device == "cpu (2 threads, 1 process(es))"
+    view.apply(Progress("clients", 6, 12, "client 2/3, epoch 2/4"))
+    half = view.fraction()
+    assert 0.3 < half < 0.6
+    assert "client 2/3" in view.status_html() and "cpu (2 threads" in view.status_html()
+    assert view.apply(Metric("accuracy", 0.5, "client 2", client=1)) == {"clients"}
+    assert view.client_accuracy == {1: 0.5}
+    # The client index is a field: the display text is never parsed.
+    assert view.apply(Metric("accuracy", 0.7, "the third one", client=2)) == {"clients"}
+    assert view.client_accuracy == {1: 0.5, 2: 0.7}
+    view.apply(StageFinished("clients", 1.0))
+    assert view.fraction() > half
+    assert view.apply(Metric("accuracy", 0.4, "fedavg")) == {"clients", "curves"}
+    assert view.references() == {"fedavg": 0.4}
+    view.state = "done"
+    assert view.fraction() == 1.0 and "Finished" in view.status_html()
+
+
+def test_run_view_keeps_rounds_small_and_bounded():
+    view = RunView(run_cfg(("fedavg",)))
+    for r in range(1, MAX_ROUNDS_KEPT + 4):
+        assert view.apply(make_round(round_=r, batch=GALLERY_PER_ROUND + 5)) == {"gallery"}
+    kept = view.rounds["fedmitr"]
+    assert len(kept) == MAX_ROUNDS_KEPT
+    assert kept[0].round == 1 and kept[-1].round == MAX_ROUNDS_KEPT + 3  # first and latest kept
+    assert kept[0].images.dtype == np.uint8 and len(kept[0].images) == GALLERY_PER_ROUND
+    items, index = view.gallery_items("fedmitr")
+    assert len(items) == len(index) == MAX_ROUNDS_KEPT * GALLERY_PER_ROUND
+    assert items[0][1] == "r1 · 0"
+    method, round_pos, image = index[GALLERY_PER_ROUND + 2]
+    assert (method, round_pos, image) == ("fedmitr", 1, 2)
+    assert isinstance(view.relabel_figure(method, round_pos, image), go.Figure)
+
+
+def test_run_view_curve_metrics_go_to_curves():
+    view = RunView(run_cfg(("fedmitr",)))
+    assert view.apply(Metric("accuracy", 0.2, "fedmitr", step=1)) == {"curves"}
+    view.apply(Metric("accuracy", 0.3, "fedmitr", step=2))
+    assert view.curves == {"fedmitr": {1: 0.2, 2: 0.3}}
+    assert "fedmitr" not in view.method_accuracy
+

@@ -1,0 +1,71 @@
+"""``fedmitr.bench``: the grid of methods, the equal-time reruns, the tables and the speed test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedmitr import bench
+from fedmitr.cli import main
+from fedmitr.config import preset_config
+from fedmitr.events import BenchCell, Metric
+
+
+def test_bench_tiny_writes_tables(tmp_path):
+    out = tmp_path / "bench"
+    argv = ["bench", "--preset", "tiny", "--alphas", "0.5,iid", "--seeds", "0", "--methods",
+            "fedavg,ensemble,dense-kd,fedmitr", "--out", str(out)]
+    assert main(argv) == 0
+    records = json.loads((out / "bench.json").read_text())["records"]
+    methods = {r["method"] for r in records}
+    assert methods == {"fedavg", "ensemble", "dense-kd", "fedmitr", "fedmitr@time"}
+    assert {r["alpha"] for r in records} == {"0.5", "iid"}
+    assert all(r["inversion_speedup"] > 0 for r in records)
+    table = (out / "bench.md").read_text()
+    assert "| fedmitr |" in table and "inversion_speedup" in table and "α=iid" in table
+    assert (out / "tradeoff.html").exists()
+    merged = tmp_path / "merged"
+    assert main(["bench", "--merge", str(out / "bench.json"), str(out / "bench.json"), "--out", str(merged)]) == 0
+    assert len(json.loads((merged / "bench.json").read_text())["records"]) == 2 * len(records)
+    assert main(["bench", "--merge", str(tmp_path / "missing.json"), "--out", str(merged)]) == 2
+
+
+def test_bench_speed_only_times_dense_and_sparse(tmp_path, capsys):
+    out = tmp_path / "speed"
+    assert main(["bench", "--preset", "tiny", "--speed-only", "--repeats", "1", "--out", str(out)]) == 0
+    speed = json.loads((out / "speed.json").read_text())
+    assert len(speed["seconds"]["dense"]) == len(speed["seconds"]["sparse"]) == 1
+    assert speed["inversion_speedup"] == pytest.approx(speed["dense_mean"] / speed["sparse_mean"])
+    assert speed["active_patches_at_end"] < speed["patches"] == 16
+    assert "inversion_speedup" in capsys.readouterr().out
+
+
+
+def test_run_bench_reports_through_events_and_records_the_command_it_was_given(tmp_path, capsys):
+    cfg = preset_config("tiny").validate()
+    cfg = cfg.__class__(**{**cfg.__dict__, "methods": ("fedavg", "ensemble")})
+    events = []
+    table = bench.run_bench(cfg, [0.5], [0, 1], tmp_path / "b", command="my own command", on_event=events.append)
+    assert "`my own command`" in table and "`my own command`" in (tmp_path / "b" / "bench.md").read_text()
+    assert [(e.alpha, e.seed, e.index, e.total) for e in events if isinstance(e, BenchCell)] == [
+        ("0.5", 0, 1, 2), ("0.5", 1, 2, 2)]
+    finals = [e.source for e in events if isinstance(e, Metric) and e.step is None and e.client is None]
+    assert finals == ["fedavg", "ensemble"] * 2
+    assert capsys.readouterr().out == ""  # a library module: nothing printed
+
+
+def test_cli_bench_records_its_own_arguments(tmp_path):
+    out = tmp_path / "b"
+    assert main(["bench", "--preset", "tiny", "--alphas", "iid", "--seeds", "0", "--methods", "ensemble",
+                 "--out", str(out)]) == 0
+    assert f"`fedmitr bench --preset tiny --alphas iid --seeds 0 --methods ensemble --out {out}`" in (
+        out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("alphas, seeds, message", [("0.5", "a", "--seeds must be comma-separated integers"),
+                                                     ("", "0", "at least one value"),
+                                                     ("-1", "0", "alpha must be a number > 0")])
+def test_bad_grid_is_one_error_line(alphas, seeds, message, tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny", "--alphas", alphas, "--seeds", seeds, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
