@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from fedmitr.config import RunConfig, apply_overrides, preset_config
 from fedmitr.data import BUNDLED, HUB_DATASETS
-from fedmitr.errors import ConfigError
+from fedmitr.errors import ConfigError, excerpt
 from fedmitr.methods import METHODS
 
 MIN_CLIENTS, MAX_CLIENTS = 2, 20
@@ -185,9 +185,9 @@ def needs_hub(cfg: RunConfig) -> list[str]:
     """What of ``cfg`` must come from the Hugging Face Hub (empty for the bundled, offline setups)."""
     needs = []
     if is_hub_dataset(cfg.data.dataset):
-        needs.append(f"the dataset {cfg.data.dataset!r}")
+        needs.append(f"the dataset {excerpt(cfg.data.dataset)}")
     if cfg.model.pretrained:
-        needs.append(f"the pretrained weights of {cfg.model.arch!r}")
+        needs.append(f"the pretrained weights of {excerpt(cfg.model.arch)}")
     return needs
 
 

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 from PIL import Image, ImageDraw
-from plotly.colors import sample_colorscale
+from plotly.colors import hex_to_rgb, sample_colorscale, unlabel_rgb
 from plotly.subplots import make_subplots
 
 from fedmitr.events import SyntheticRound
@@ -159,11 +159,10 @@ def stop_palette(event: SyntheticRound) -> dict[int, str]:
 
 
 def _rgb(colour: str) -> np.ndarray:
+    """A plotly colour, ``"#rrggbb"`` or ``"rgb(r, g, b)"``, as a float array of 0..255."""
     colour = colour.strip()
-    if colour.startswith("#"):
-        return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.float32)
-    inner = colour[colour.index("(") + 1:colour.index(")")]
-    return np.array([float(v) for v in inner.split(",")[:3]], dtype=np.float32)
+    values = hex_to_rgb(colour) if colour.startswith("#") else unlabel_rgb(colour)
+    return np.array(values, dtype=np.float32)
 
 
 def mask_overlay(event: SyntheticRound, max_images: int | None = None, display_px: int = 168,
@@ -178,10 +177,10 @@ def mask_overlay(event: SyntheticRound, max_images: int | None = None, display_p
     palette = {step: _rgb(c) for step, c in stop_palette(event).items()}
     out = []
     for b in range(n_images):
-        rgb = _to_rgb(event.images[b])
-        h, w = rgb.shape[:2]
-        scale = max(1, round(display_px / max(h, w)))
-        big = np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8)).astype(np.float32)
+        small = Image.fromarray(_to_rgb(event.images[b]))
+        scale = max(1, round(display_px / max(small.size)))
+        big = np.asarray(small.resize((small.width * scale, small.height * scale), Image.Resampling.NEAREST),
+                         dtype=np.float32).copy()
         g = event.grid
         ys = np.linspace(0, big.shape[0], g + 1).round().astype(int)
         xs = np.linspace(0, big.shape[1], g + 1).round().astype(int)

@@ -16,7 +16,7 @@ from typing import Any, Sequence, TextIO
 
 from fedmitr.config import PRESETS, RunConfig, apply_overrides, load_config_file, parse_alpha, preset_config
 from fedmitr.data import DATASETS
-from fedmitr.errors import USER_ERRORS, ConfigError
+from fedmitr.errors import USER_ERRORS, ConfigError, excerpt, redact
 from fedmitr.events import BenchCell, Event, Metric, Progress, StageFinished, StageStarted
 from fedmitr.methods import METHODS, parse_methods
 
@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str) -> int:
-    print(f"fedmitr: error: {message}", file=sys.stderr)
+    print(f"fedmitr: error: {redact(message)}", file=sys.stderr)
     return 2
 
 
@@ -84,7 +84,7 @@ def _int(flag: str, value: str, minimum: int | None = None) -> int:
     try:
         out = int(value)
     except ValueError:
-        raise ConfigError(f"{flag} must be an integer (got {value!r})") from None
+        raise ConfigError(f"{flag} must be an integer (got {excerpt(value)})") from None
     if minimum is not None and out < minimum:
         raise ConfigError(f"{flag} must be >= {minimum} (got {out})")
     return out
@@ -121,7 +121,7 @@ def parse_grid(alphas: str, seeds: str) -> tuple[list[float | None], list[int]]:
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
-        raise ConfigError(f"--seeds must be comma-separated integers (got {seeds!r})") from None
+        raise ConfigError(f"--seeds must be comma-separated integers (got {excerpt(seeds)})") from None
     if not alpha_list or not seed_list:
         raise ConfigError("--alphas and --seeds need at least one value each")
     return alpha_list, seed_list

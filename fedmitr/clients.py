@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from timm.models.vision_transformer import VisionTransformer
+from timm.scheduler import CosineLRScheduler
 
 from fedmitr.config import ClientTrainConfig, ModelConfig
 from fedmitr.data import ImageDataset, Partition, Split
@@ -32,16 +34,13 @@ class ClientResult:
     losses: list[float] = field(default_factory=list)  # mean training loss per epoch
 
 
-def cosine_with_warmup(total_steps: int, warmup_frac: float):
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float) -> CosineLRScheduler:
+    """timm's cosine schedule over ``total_steps`` optimiser steps, after a linear warm-up from
+    lr / warmup over the first ``warmup_frac`` of them. Call ``step_update(step)`` after each step."""
     warmup = max(1, int(total_steps * warmup_frac))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    peak = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), warmup_t=warmup,
+                             warmup_lr_init=peak / warmup, warmup_prefix=True, t_in_epochs=False)
 
 
 def train_step(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor,
@@ -58,20 +57,22 @@ def train_step(model: VisionTransformer, images: torch.Tensor, labels: torch.Ten
 
 def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientTrainConfig,
                  accelerator: Accelerator, generator: torch.Generator, allow_flip: bool = False,
-                 on_epoch=None) -> ClientResult:
-    """Train ``model`` on one client's data with cross-entropy, AdamW and shift (+flip) augmentation."""
+                 on_step: Callable[[int, float], None] | None = None) -> ClientResult:
+    """Train ``model`` on one client's data with cross-entropy, AdamW and shift (+flip) augmentation.
+
+    ``on_step(epoch, mean_loss_so_far)`` is called after every optimiser step (epochs 1-based).
+    """
     start = time.perf_counter()
     device = accelerator.device
     size = model_input_size(model)
     images, labels = data.images.to(device), data.labels.to(device)
     n = len(data)
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    steps_per_epoch = client_steps(n, cfg) // cfg.epochs
     # Not accelerator.prepare: that would wrap the model in DDP and all-reduce gradients between
     # processes, but each client trains alone (different clients run on different processes).
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(cfg.epochs * steps_per_epoch, cfg.warmup_frac))
+    scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_frac)
     model.train()
     losses = []
     for epoch in range(cfg.epochs):
@@ -81,13 +82,18 @@ def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientT
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             x = random_shift(images[idx], cfg.shift_px, generator, flip=allow_flip)
             step = train_step(model, fit_input(x, size), labels[idx], optimizer, accelerator, cfg.label_smoothing)
-            scheduler.step()
+            scheduler.step_update(epoch * steps_per_epoch + s + 1)
             total += step["loss"]
+            if on_step is not None:
+                on_step(epoch + 1, total / (s + 1))
         losses.append(total / steps_per_epoch)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, losses[-1])
     model = model.eval()
     return ClientResult(index, model, n, time.perf_counter() - start, losses)
+
+
+def client_steps(num_samples: int, cfg: ClientTrainConfig) -> int:
+    """Optimiser steps of one client's local training: ``epochs`` passes in batches of ``batch_size``."""
+    return cfg.epochs * max(1, math.ceil(num_samples / cfg.batch_size))
 
 
 def initial_model(model_cfg: ModelConfig, dataset: ImageDataset, seed: int) -> VisionTransformer:
@@ -102,10 +108,11 @@ def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig
                   init: VisionTransformer | None = None) -> list[ClientResult]:
     """Train every client of ``part`` independently from ``init`` (default :func:`initial_model`).
 
-    Emits one :class:`Progress` per client epoch.
+    Emits one :class:`Progress` per optimiser step (so a consumer can stop a run between any two),
+    counting the steps of all clients; the last step of an epoch carries that epoch's mean loss.
     """
     k_total = part.num_clients
-    total = k_total * cfg.epochs
+    total = sum(client_steps(len(idx), cfg) for idx in part.client_indices)
     done = 0
     mine: list[ClientResult] = []
     init_state = (init if init is not None else initial_model(model_cfg, dataset, seed)).state_dict()
@@ -120,13 +127,14 @@ def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig
         idx = torch.from_numpy(part.client_indices[k])
         split = Split(dataset.train.images[idx], dataset.train.labels[idx])
 
-        def on_epoch(epoch: int, loss: float, k: int = k) -> None:
+        def on_step(epoch: int, loss: float, k: int = k) -> None:
             nonlocal done
             done += 1
-            on_event(Progress("clients", done * accelerator.num_processes, total,
+            # Under several processes each reports its own share; scaled, the bar still ends near 100%.
+            on_event(Progress("clients", min(total, done * accelerator.num_processes), total,
                               f"client {k + 1}/{k_total}, epoch {epoch}/{cfg.epochs}", {"loss": loss}))
 
-        mine.append(train_client(k, split, model, cfg, accelerator, generator, dataset.allow_flip, on_epoch))
+        mine.append(train_client(k, split, model, cfg, accelerator, generator, dataset.allow_flip, on_step))
     if accelerator.num_processes == 1:
         return mine
     return _share_clients(mine, dataset, model_cfg, accelerator)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedmitr.data import check_dataset_name
-from fedmitr.errors import ConfigError
+from fedmitr.errors import ConfigError, excerpt
 from fedmitr.methods import METHODS
 
 __all__ = [
@@ -40,6 +40,8 @@ __all__ = [
 
 RELABEL_MODES = ("token", "image", "neighbourhood")  # see fedmitr.relabel for what each one is
 DISTILL_INITS = ("fresh", "fedavg")
+# Beyond this the Dirichlet draw is an IID split in all but name (and near 1e308 it overflows).
+MAX_ALPHA = 1e4
 
 
 @dataclass(frozen=True)
@@ -141,23 +143,27 @@ class RunConfig:
         """Check every value that can be checked without data. Raises :class:`ConfigError`."""
         d = self.data
         check_dataset_name(d.dataset)
-        _check(isinstance(self.seed, int), f"seed must be an integer (got {self.seed!r})")
+        _check(isinstance(self.seed, int), f"seed must be an integer (got {excerpt(self.seed)})")
         _check(
             isinstance(d.num_clients, int) and d.num_clients >= 2,
-            f"clients must be an integer >= 2 (got {d.num_clients!r}); one-shot FL needs several clients",
+            f"clients must be an integer >= 2 (got {excerpt(d.num_clients)}); one-shot FL needs several clients",
         )
         if d.alpha is not None:
             _check(
                 isinstance(d.alpha, (int, float)) and math.isfinite(d.alpha) and d.alpha > 0,
-                f"alpha must be a number > 0 (got {d.alpha!r}); use 'iid' for an unskewed split",
+                f"alpha must be a number > 0 (got {excerpt(d.alpha)}); use 'iid' for an unskewed split",
             )
+            _check(d.alpha <= MAX_ALPHA,
+                   f"alpha must be <= {MAX_ALPHA:g} (got {d.alpha:g}); a larger alpha is an IID split in all but "
+                   f"name: use 'iid'")
         _check(d.min_client_samples >= 1, f"min_client_samples must be >= 1 (got {d.min_client_samples})")
         for name in ("max_train_samples", "max_test_samples"):
             value = getattr(d, name)
             _check(value is None or value >= 10, f"{name} must be >= 10 or null (got {value})")
         _check(len(self.methods) > 0, f"choose at least one method from: {', '.join(METHODS)}")
         unknown = [m for m in self.methods if m not in METHODS]
-        _check(not unknown, f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        _check(not unknown, f"unknown method(s) {', '.join(excerpt(m) for m in unknown[:3])}; "
+                            f"known: {', '.join(METHODS)}")
         m = self.model
         _check(m.patch_grid >= 1 and m.depth >= 1 and m.embed_dim % m.num_heads == 0,
                f"model needs patch_grid >= 1, depth >= 1 and embed_dim divisible by num_heads "
@@ -176,14 +182,14 @@ class RunConfig:
                f"stop_at fractions must lie in (0, 1) (got {list(inv.stop_at)})")
         r = self.relabel
         _check(r.mode in RELABEL_MODES,
-               f"relabel mode must be one of {', '.join(RELABEL_MODES)} (got {r.mode!r})")
+               f"relabel mode must be one of {', '.join(RELABEL_MODES)} (got {excerpt(r.mode)})")
         _check(r.high_ratio is None or 0 < r.high_ratio <= 1,
                f"relabel high_ratio must be in (0, 1] or null (got {r.high_ratio})")
         k = self.distill
         _check(k.rounds >= 1 and k.steps_per_round >= 0 and k.batch_size >= 1,
                f"distillation needs rounds >= 1, steps_per_round >= 0, batch_size >= 1 "
                f"(got {k.rounds}, {k.steps_per_round}, {k.batch_size})")
-        _check(k.init in DISTILL_INITS, f"distill init must be one of {', '.join(DISTILL_INITS)} (got {k.init!r})")
+        _check(k.init in DISTILL_INITS, f"distill init must be one of {', '.join(DISTILL_INITS)} (got {excerpt(k.init)})")
         return self
 
 
@@ -202,9 +208,9 @@ def parse_alpha(value: str | float | None) -> float | None:
         try:
             value = float(value)
         except ValueError:
-            raise ConfigError(f"alpha must be a number > 0 or 'iid' (got {value!r})") from None
+            raise ConfigError(f"alpha must be a number > 0 or 'iid' (got {excerpt(value)})") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"alpha must be a number > 0 or 'iid' (got {value!r})")
+        raise ConfigError(f"alpha must be a number > 0 or 'iid' (got {excerpt(value)})")
     return float(value)
 
 
@@ -243,7 +249,7 @@ PRESETS = {"tiny": _tiny, "cpu": _cpu, "gpu": _gpu}
 
 def preset_config(name: str) -> RunConfig:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {excerpt(name)}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()
 
 
@@ -267,7 +273,7 @@ def _replace(obj: Any, overrides: Mapping[str, Any], path: str) -> Any:
     for key, value in overrides.items():
         where = f"{path}{key}"
         if key not in fields:
-            raise ConfigError(f"unknown config field {where!r}; allowed here: {', '.join(fields)}")
+            raise ConfigError(f"unknown config field {excerpt(where)}; allowed here: {', '.join(fields)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             changes[key] = _replace(current, value, path=f"{where}.")
@@ -294,9 +300,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 try:
                     value = [args[0](v) for v in value]
                 except ValueError:
-                    raise ConfigError(f"{where} must be comma-separated numbers (got {value!r})") from None
+                    raise ConfigError(f"{where} must be comma-separated numbers (got {excerpt(value)})") from None
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list (got {value!r})")
+            raise ConfigError(f"{where} must be a list (got {excerpt(value)})")
         return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     ok = {
         bool: isinstance(value, bool),
@@ -305,7 +311,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         str: isinstance(value, str),
     }.get(hint, True)
     if not ok:
-        raise ConfigError(f"{where} must be of type {hint.__name__} (got {value!r})")
+        raise ConfigError(f"{where} must be of type {hint.__name__} (got {excerpt(value)})")
     return float(value) if hint is float else value
 
 

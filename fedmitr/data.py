@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmitr.errors import ConfigError, DatasetUnavailable
+from fedmitr.errors import ConfigError, DatasetUnavailable, excerpt, redact
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Fixed seed for the train/test split of datasets that ship without one: the test set must not
@@ -192,11 +192,17 @@ def _pick_column(columns: list[str], candidates: tuple[str, ...], what: str, hub
     )
 
 
-def _images_to_unit(column: Any, size: int, channels: int) -> torch.Tensor:
-    """PIL images (any mode/size) -> ``[N, channels, size, size]`` float in [0, 1]."""
+def _images_to_unit(column: Any, size: int, channels: int,
+                    on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """PIL images (any mode/size) -> ``[N, channels, size, size]`` float in [0, 1].
+
+    ``on_progress(done, total)`` is called every 1,000 images (decoding a large set takes a while).
+    """
     mode = "RGB" if channels == 3 else "L"
     arrays = []
-    for img in column:
+    for i, img in enumerate(column, start=1):
+        if on_progress is not None and i % 1000 == 0:
+            on_progress(i, len(column))
         img = img.convert(mode)
         if img.size != (size, size):
             img = img.resize((size, size))
@@ -207,7 +213,8 @@ def _images_to_unit(column: Any, size: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(255)
 
 
-def dataset_from_hf(splits: Any, name: str, spec: HubSpec, channels: int = 3) -> ImageDataset:
+def dataset_from_hf(splits: Any, name: str, spec: HubSpec, channels: int = 3,
+                    on_progress: Callable[[int, int], None] | None = None) -> ImageDataset:
     """Adapt a ``datasets.DatasetDict`` (or a mapping of split name to ``datasets.Dataset``).
 
     Handles the column differences between Hub datasets (``img``/``image``,
@@ -240,24 +247,24 @@ def dataset_from_hf(splits: Any, name: str, spec: HubSpec, channels: int = 3) ->
         raise DatasetUnavailable(f"{spec.hub_id}: labels fall outside 0..{len(class_names) - 1}")
     return _make_dataset(
         name,
-        _images_to_unit(train[image_col], spec.image_size, channels), y_train,
-        _images_to_unit(test[image_col], spec.image_size, channels), y_test,
+        _images_to_unit(train[image_col], spec.image_size, channels, on_progress), y_train,
+        _images_to_unit(test[image_col], spec.image_size, channels, on_progress), y_test,
         class_names, allow_flip=spec.allow_flip, source=f"Hugging Face Hub: {spec.hub_id}",
     )
 
 
-def _load_hub(name: str, spec: HubSpec) -> ImageDataset:
+def _load_hub(name: str, spec: HubSpec, on_progress: Callable[[int, int], None] | None) -> ImageDataset:
     try:
         import datasets
 
         splits = datasets.load_dataset(spec.hub_id)
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot have it"
         raise DatasetUnavailable(
-            f"cannot load {name!r} ({spec.hub_id}) from the Hugging Face Hub: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}. Offline? The bundled datasets work "
+            f"cannot load {excerpt(name)} ({excerpt(spec.hub_id)}) from the Hugging Face Hub: {type(err).__name__}: "
+            f"{redact(str(err).splitlines()[0])[:200] if str(err) else ''}. Offline? The bundled datasets work "
             f"without the network: {', '.join(BUNDLED)}"
         ) from None
-    return dataset_from_hf(splits, name, spec)
+    return dataset_from_hf(splits, name, spec, on_progress=on_progress)
 
 
 BUNDLED: dict[str, Callable[[], ImageDataset]] = {"mnist5k": load_mnist5k, "digits": load_digits16}
@@ -275,30 +282,27 @@ def check_dataset_name(name: str) -> None:
         if owner.strip() and repo.strip() and "/" not in repo and not any(c.isspace() for c in name):
             return
         raise ConfigError(f"a Hub dataset is written hf:owner/name, e.g. hf:uoft-cs/cifar10 "
-                          f"(got {_excerpt(name)}); bundled (offline): {', '.join(BUNDLED)}")
+                          f"(got {excerpt(name)}); bundled (offline): {', '.join(BUNDLED)}")
     raise ConfigError(
-        f"unknown dataset {_excerpt(name)}; bundled (offline): {', '.join(BUNDLED)}; "
+        f"unknown dataset {excerpt(name)}; bundled (offline): {', '.join(BUNDLED)}; "
         f"from the Hub: {', '.join(HUB_DATASETS)}, or hf:owner/name"
     )
 
 
-def _excerpt(value: str, limit: int = 40) -> str:
-    """A short, quoted excerpt of a user's value for an error message."""
-    return repr(value if len(value) <= limit else value[:limit] + "…")
-
-
-def open_dataset(name: str, max_train: int | None = None, max_test: int | None = None) -> ImageDataset:
+def open_dataset(name: str, max_train: int | None = None, max_test: int | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> ImageDataset:
     """Load a dataset by registry name (see :data:`DATASETS`) or as ``hf:owner/name``.
 
     ``max_train`` / ``max_test`` take a fixed stratified subset (for quick runs on large sets).
+    ``on_progress(done, total)`` follows the decoding of a Hub dataset's images.
     """
     check_dataset_name(name)
     if name in BUNDLED:
         ds = BUNDLED[name]()
     elif name in HUB_DATASETS:
-        ds = _load_hub(name, HUB_DATASETS[name])
+        ds = _load_hub(name, HUB_DATASETS[name], on_progress)
     else:
-        ds = _load_hub(name, HubSpec(name[3:], image_size=64))
+        ds = _load_hub(name, HubSpec(name[3:], image_size=64), on_progress)
     return subsample(ds, max_train, max_test)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.baselines import fedavg
@@ -84,11 +85,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean", log_target=True) * t * t
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over all leading dims of ``-sum_l target_l log softmax(logits)_l``."""
-    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-
-
 def distill_step(student: GlobalModel, teachers: list[VisionTransformer], images: torch.Tensor,
                  keep_idx: torch.Tensor | None, targets: torch.Tensor | None, optimizer: torch.optim.Optimizer,
                  cfg: RunConfig, generator: torch.Generator) -> dict[str, float]:
@@ -104,7 +100,7 @@ def distill_step(student: GlobalModel, teachers: list[VisionTransformer], images
     if targets is not None:
         if keep_idx is not None:  # the token loss needs every patch: one more (dense) student pass
             _, aux_logits = student(view, None)
-        loss_tok = soft_cross_entropy(aux_logits.float(), targets)
+        loss_tok = SoftTargetCrossEntropy()(aux_logits.float(), targets)  # mean over images and patches
         loss = loss + k.token_weight * loss_tok
         losses["token"] = float(loss_tok.detach())
     optimizer.zero_grad(set_to_none=True)

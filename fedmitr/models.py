@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.config import ModelConfig
-from fedmitr.errors import ConfigError, ModelUnavailable
+from fedmitr.errors import ConfigError, ModelUnavailable, excerpt, redact
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, image_size: int) -> VisionTransformer:
@@ -46,16 +46,21 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, image_size: i
                                   in_chans=in_chans, img_size=cfg.img_size or 224)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ConfigError(f"unknown timm model {cfg.arch!r}; use 'scratch' or a name from timm.list_models()") from None
-        raise ModelUnavailable(f"cannot load pretrained weights for {cfg.arch!r}: {err}. Offline? "
+            raise ConfigError(f"unknown timm model {excerpt(cfg.arch)}; use 'scratch' or a name from timm.list_models()") from None
+        raise ModelUnavailable(f"cannot load pretrained weights for {excerpt(cfg.arch)}: {_first_line(err)}. Offline? "
                                f"Use the 'cpu' or 'tiny' preset, which train from scratch.") from None
     except Exception as err:  # noqa: BLE001 - network/Hub failures come in many types
-        raise ModelUnavailable(f"cannot load pretrained weights for {cfg.arch!r}: {type(err).__name__}: "
-                               f"{str(err).splitlines()[0].rstrip('.') if str(err) else ''}. Offline? Use the 'cpu' "
+        raise ModelUnavailable(f"cannot load pretrained weights for {excerpt(cfg.arch)}: {type(err).__name__}: "
+                               f"{_first_line(err)}. Offline? Use the 'cpu' "
                                f"or 'tiny' preset, which train from scratch.") from None
     if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"{cfg.arch!r} is not a timm VisionTransformer; FedMITR needs one")
+        raise ConfigError(f"{excerpt(cfg.arch)} is not a timm VisionTransformer; FedMITR needs one")
     return model
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return redact(lines[0].rstrip("."))[:200] if lines else ""
 
 
 def model_input_size(model: VisionTransformer) -> int:

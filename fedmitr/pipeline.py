@@ -26,11 +26,11 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from fedmitr.clients import ClientResult, evaluate, initial_model, train_clients
+from fedmitr.clients import ClientResult, client_steps, evaluate, initial_model, train_clients
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, partition
 from fedmitr.errors import ConfigError
-from fedmitr.events import EventHandler, Metric, PartitionReady, StageFinished, StageStarted, ignore
+from fedmitr.events import EventHandler, Metric, PartitionReady, Progress, StageFinished, StageStarted, ignore
 from fedmitr.methods import METHODS
 from fedmitr.runtime import DeviceInfo, describe_device, make_accelerator, seed_everything
 from fedmitr.server import MethodResult, ServerContext, run_method
@@ -83,16 +83,18 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return path
 
 
-def prepare(cfg: RunConfig, dataset: ImageDataset | None = None) -> Prepared:
+def prepare(cfg: RunConfig, dataset: ImageDataset | None = None, on_event: EventHandler = ignore) -> Prepared:
     """Validate ``cfg`` and do the cheap, fallible work before anything heavy.
 
     An invalid value, an impossible split, an unknown architecture, a patch grid that does not
-    divide the image, or pretrained weights that cannot be fetched all fail here.
+    divide the image, or pretrained weights that cannot be fetched all fail here. ``dataset``, if
+    given, is used instead of loading ``cfg.data.dataset`` (it must be that dataset).
     """
     cfg.validate()
     d = cfg.data
     if dataset is None:
-        dataset = open_dataset(d.dataset, d.max_train_samples, d.max_test_samples)
+        dataset = open_dataset(d.dataset, d.max_train_samples, d.max_test_samples, on_progress=lambda done, total: (
+            on_event(Progress("data", done, total, f"decoding images {done}/{total}"))))
     part = partition(dataset.train.labels.numpy(), d.num_clients, d.alpha, dataset.num_classes,
                      seed=cfg.seed, min_samples=d.min_client_samples)
     return Prepared(dataset, part, initial_model(cfg.model, dataset, cfg.seed))
@@ -101,7 +103,8 @@ def prepare(cfg: RunConfig, dataset: ImageDataset | None = None) -> Prepared:
 def train(cfg: RunConfig, on_event: EventHandler = ignore, dataset: ImageDataset | None = None) -> Federation:
     """Prepare the data and train every client once: everything before the server's work."""
     t0 = time.perf_counter()
-    prepared = prepare(cfg, dataset)  # may raise: nothing reported or written before this
+    # May raise: nothing but the decoding progress of a Hub dataset is reported before this.
+    prepared = prepare(cfg, dataset, on_event)
     dataset, part = prepared.dataset, prepared.partition
     seconds = {"data": time.perf_counter() - t0}
     on_event(StageStarted("data", info=f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test"))
@@ -111,8 +114,8 @@ def train(cfg: RunConfig, on_event: EventHandler = ignore, dataset: ImageDataset
     accelerator = make_accelerator()
     seed_everything(cfg.seed)
     device = describe_device(accelerator)
-    on_event(StageStarted("clients", total=cfg.data.num_clients * cfg.clients.epochs, info=str(device),
-                          device=device))
+    steps = sum(client_steps(len(idx), cfg.clients) for idx in part.client_indices)
+    on_event(StageStarted("clients", total=steps, info=str(device), device=device))
     t0 = time.perf_counter()
     clients = train_clients(dataset, part, cfg.model, cfg.clients, accelerator, cfg.seed, on_event,
                             init=prepared.init)

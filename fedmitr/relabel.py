@@ -17,6 +17,7 @@ on the final image (mean over heads and clients, normalised to sum to 1 over the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +65,12 @@ def score_patches(models: list[VisionTransformer], images: torch.Tensor, high_co
 
 
 @torch.no_grad()
-def ensemble_relabel(models: list[VisionTransformer], images: torch.Tensor, mode: str,
-                     temperature: float) -> torch.Tensor:
-    """Soft ensemble label of every patch, ``[B, N, L]``, by ``mode`` (see module docstring)."""
+def ensemble_relabel(models: list[VisionTransformer], images: torch.Tensor, mode: str, temperature: float,
+                     on_chunk: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Soft ensemble label of every patch, ``[B, N, L]``, by ``mode`` (see module docstring).
+
+    ``on_chunk(done, total)`` is called after each chunk of the neighbourhood relabel's forwards.
+    """
     n = patch_grid(models[0]) ** 2
     if mode == "image":
         logits, _ = ensemble_forward(models, images, None)
@@ -85,9 +89,12 @@ def ensemble_relabel(models: list[VisionTransformer], images: torch.Tensor, mode
         rep = images.repeat_interleave(n, dim=0)  # [B*N, C, H, W]
         keep = hood.repeat(b, 1)  # [B*N, 9]
         out = []
-        for start in range(0, rep.shape[0], 1024):
+        chunks = range(0, rep.shape[0], 1024)
+        for i, start in enumerate(chunks, start=1):
             logits, _ = ensemble_forward(models, rep[start:start + 1024], keep[start:start + 1024])
             out.append(F.softmax(logits / temperature, dim=-1))
+            if on_chunk is not None:
+                on_chunk(i, len(chunks))
         return torch.cat(out).view(b, n, -1)
     raise ValueError(f"relabel mode must be one of {', '.join(RELABEL_MODES)} (got {mode!r})")
 
@@ -106,9 +113,9 @@ def neighbourhoods(grid: int) -> torch.Tensor:
 
 
 def relabel(models: list[VisionTransformer], batch: SyntheticBatch, scores: PatchScores, cfg: RelabelConfig,
-            num_classes: int) -> TokenTargets:
+            num_classes: int, on_chunk: Callable[[int, int], None] | None = None) -> TokenTargets:
     """Per-patch targets for ``batch``: the generated label on H, the ensemble relabel elsewhere."""
-    q = ensemble_relabel(models, batch.images, cfg.mode, cfg.temperature)  # [B, N, L]
+    q = ensemble_relabel(models, batch.images, cfg.mode, cfg.temperature, on_chunk)  # [B, N, L]
     one_hot = F.one_hot(batch.labels, num_classes).float()
     if cfg.label_smoothing > 0:
         one_hot = one_hot * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes

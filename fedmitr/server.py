@@ -28,7 +28,7 @@ from fedmitr.clients import ClientResult, evaluate
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset
 from fedmitr.distill import Pool, distill_step, new_student
-from fedmitr.errors import ConfigError
+from fedmitr.errors import ConfigError, excerpt
 from fedmitr.events import EventHandler, Metric, Progress, SyntheticRound, ignore
 from fedmitr.inversion import SyntheticBatch, invert
 from fedmitr.methods import METHODS, MethodSpec
@@ -82,7 +82,7 @@ def run_method(name: str, ctx: ServerContext, images_per_round: int | None = Non
     """
     spec = METHODS.get(name)
     if spec is None:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {excerpt(name)}; known: {', '.join(METHODS)}")
     start = time.perf_counter()
     result = RUNNERS[spec.runner](spec, ctx, images_per_round)
     result.seconds = time.perf_counter() - start
@@ -125,7 +125,9 @@ def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | Non
         # 2. Relabel: information density of every patch, H, and (relabel methods) per-patch targets.
         t0 = time.perf_counter()
         scores = score_patches(teachers, batch.images, high_set_size(batch.stop_step.shape[1], cfg.relabel, inv))
-        targets = relabel(teachers, batch, scores, cfg.relabel, dataset.num_classes) if spec.relabel else None
+        targets = relabel(teachers, batch, scores, cfg.relabel, dataset.num_classes,
+                          on_chunk=lambda i, n: progress(f"round {r}/{rounds}: relabel {i}/{n}", {}, advance=False)
+                          ) if spec.relabel else None
         seconds["relabel"] += time.perf_counter() - t0
         ctx.on_event(round_event(spec, r, batch, scores, targets, dataset))
 
@@ -162,14 +164,15 @@ RUNNERS: dict[str, Callable[[MethodSpec, ServerContext, int | None], MethodResul
 }
 
 
-def _progress(stage: str, total: int, on_event: EventHandler) -> Callable[[str, dict[str, float]], None]:
-    """A callback that reports one step of ``stage`` each time it is called (every inversion
-    iteration and distillation step, so a consumer can stop a run between any two of them)."""
+def _progress(stage: str, total: int, on_event: EventHandler) -> Callable[..., None]:
+    """A callback that reports one step of ``stage`` each time it is called: every inversion
+    iteration and distillation step (and, without advancing, every chunk of a long relabel), so a
+    consumer can stop a run between any two of them."""
     done = 0
 
-    def step(message: str, values: dict[str, float]) -> None:
+    def step(message: str, values: dict[str, float], advance: bool = True) -> None:
         nonlocal done
-        done += 1
+        done += advance
         on_event(Progress(stage, done, total, message, values))
 
     return step

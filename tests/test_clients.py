@@ -63,18 +63,20 @@ def test_trained_clients_beat_chance(trained, tiny_data):
     assert min(accs) > 0.2, accs  # 10 classes: chance is 0.1
 
 
-def test_progress_events_count_every_client_epoch(trained):
-    _, _, results, events = trained
+def test_progress_events_count_every_optimiser_step(trained):
+    cfg, part, results, events = trained
+    from fedmitr.clients import client_steps
+
     progress = [e for e in events if isinstance(e, Progress)]
-    total = NUM_CLIENTS * EPOCHS
+    total = sum(client_steps(len(idx), cfg.clients) for idx in part.client_indices)
     assert [e.step for e in progress] == list(range(1, total + 1))
     assert {e.total for e in progress} == {total}
     assert {e.stage for e in progress} == {"clients"}
     assert progress[0].message == f"client 1/{NUM_CLIENTS}, epoch 1/{EPOCHS}"
     assert progress[-1].message == f"client {NUM_CLIENTS}/{NUM_CLIENTS}, epoch {EPOCHS}/{EPOCHS}"
-    # Each epoch's loss travels with its event (the curve the UI draws).
-    losses = [loss for r in results for loss in r.losses]
-    assert [e.values["loss"] for e in progress] == pytest.approx(losses)
+    # The last step of each epoch carries that epoch's mean loss (the curve the UI can draw).
+    ends = [e for e, nxt in zip(progress, progress[1:] + [None]) if nxt is None or nxt.message != e.message]
+    assert [e.values["loss"] for e in ends] == pytest.approx([loss for r in results for loss in r.losses])
 
 
 # --- evaluation --------------------------------------------------------------------------------------
@@ -101,3 +103,19 @@ def test_evaluate_restores_training_mode(model_factory, tiny_data):
 def test_accuracy():
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [0.0, 1.0]])
     assert accuracy(logits, torch.tensor([0, 1, 1, 0])) == 0.5
+
+
+def test_warmup_cosine_rises_to_the_peak_then_decays_to_zero():
+    from fedmitr.clients import warmup_cosine
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    scheduler = warmup_cosine(optimizer, total_steps=100, warmup_frac=0.1)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for step in range(1, 100):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.01)  # peak / warm-up steps
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # linear warm-up
+    assert lrs[10] == pytest.approx(0.1)  # the peak, once warm-up is over
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.001  # cosine decay

@@ -120,7 +120,7 @@ def test_a_section_must_be_a_mapping():
         ({"data": {"alpha": 0.0}}, r"alpha must be a number > 0 \(got 0.0\); use 'iid'"),
         ({"data": {"alpha": -1.0}}, r"alpha must be a number > 0 \(got -1.0\); use 'iid'"),
         ({"data": {"alpha": float("nan")}}, r"alpha must be a number > 0"),
-        ({"methods": ("fedavg", "bogus")}, r"unknown method\(s\) bogus; known: fedavg, ensemble"),
+        ({"methods": ("fedavg", "bogus")}, r"unknown method\(s\) 'bogus'; known: fedavg, ensemble"),
         ({"methods": ()}, r"choose at least one method from: fedavg, ensemble"),
         ({"seed": "0"}, r"seed must be an integer"),
         ({"model": {"embed_dim": 30, "num_heads": 4}}, r"embed_dim divisible by num_heads"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from fedmitr.clients import evaluate
+from fedmitr.clients import client_steps, evaluate
 from fedmitr.config import apply_overrides, preset_config
 from fedmitr.errors import ConfigError, DatasetUnavailable
 from fedmitr.events import Metric, PartitionReady, Progress, StageFinished, StageStarted
@@ -45,7 +45,8 @@ def test_events_arrive_in_pipeline_order(tiny_run, tiny_cfg):
     k, epochs = tiny_cfg.data.num_clients, tiny_cfg.clients.epochs
     expected = [("StageStarted", "data"), ("PartitionReady",), ("StageFinished", "data"),
                 ("StageStarted", "clients")]
-    expected += [("Progress", "clients", step) for step in range(1, k * epochs + 1)]
+    steps = sum(client_steps(len(idx), tiny_cfg.clients) for idx in result.partition.client_indices)
+    expected += [("Progress", "clients", step) for step in range(1, steps + 1)]
     expected += [("Metric", f"client {i + 1}") for i in range(k)]
     expected += [("StageFinished", "clients")]
     for name in tiny_cfg.methods:
@@ -53,8 +54,9 @@ def test_events_arrive_in_pipeline_order(tiny_run, tiny_cfg):
     assert _trace(events) == expected
 
     started = {e.stage: e for e in events if isinstance(e, StageStarted)}
-    assert started["clients"].total == k * epochs
-    assert "process(es)" in started["clients"].info  # the device in use, e.g. "cpu (1 threads, 1 process(es))"
+    assert started["clients"].total == steps
+    assert started["clients"].device.type == "cpu" and started["clients"].device.processes == 1
+    assert started["clients"].info == str(started["clients"].device)  # e.g. "cpu (1 threads, 1 process(es))"
     ready = next(e for e in events if isinstance(e, PartitionReady))
     assert np.array_equal(ready.class_counts, result.partition.class_counts)
     assert ready.class_names == result.dataset.class_names

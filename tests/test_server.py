@@ -53,12 +53,14 @@ def test_every_method_runs_end_to_end(name, context):
 
     # The events: a progress step per inversion iteration and distillation step, one synthetic
     # round and one curve point per round.
-    steps = [e for e in events if isinstance(e, Progress)]
+    steps = [e for e in events if isinstance(e, Progress) and "relabel" not in e.message]
     per_round = TINY.inversion.iterations + TINY.distill.steps_per_round
     assert [e.step for e in steps] == list(range(1, rounds * per_round + 1))
     assert all(e.total == rounds * per_round and e.stage == name for e in steps)
     synthetic = [e for e in events if isinstance(e, SyntheticRound)]
     assert [e.round for e in synthetic] == list(range(1, rounds + 1))
+    relabel_steps = [e for e in events if isinstance(e, Progress) and "relabel" in e.message]
+    assert bool(relabel_steps) == (spec.relabel and TINY.relabel.mode == "neighbourhood")
     curve = [e for e in events if isinstance(e, Metric)]
     assert [(e.source, e.step, e.value) for e in curve] == [(name, r + 1, a) for r, a in enumerate(result.curve)]
     last = synthetic[-1]
