@@ -31,7 +31,8 @@ import pandas as pd  # noqa: E402
 
 from fedmitr.config import PRESETS, RELABEL_MODES  # noqa: E402
 from fedmitr.data import BUNDLED  # noqa: E402
-from fedmitr.errors import USER_ERRORS, ConfigError  # noqa: E402
+from fedmitr.data import ImageDataset  # noqa: E402
+from fedmitr.errors import USER_ERRORS, ConfigError, excerpt, redact  # noqa: E402
 from fedmitr.methods import METHODS  # noqa: E402
 from fedmitr.runtime import DeviceInfo  # noqa: E402
 
@@ -41,7 +42,6 @@ from app.runview import RunView, idle_status_html  # noqa: E402
 log = logging.getLogger("fedmitr.app")
 
 YIELD_EVERY_S = 0.5  # the most often the page is redrawn while a run streams events
-TRAIN_QUEUE = "train"  # concurrency id shared by every event that trains: one job on the device at a time
 
 INTRO = """
 # FedMITR: one-shot federated learning with Vision Transformers
@@ -137,36 +137,40 @@ def startup_device() -> DeviceInfo | None:
         return None
 
 
+def refuse(message: str, title: str = "Invalid settings") -> gr.Error:
+    """A refusal shown to the user: credentials masked, and no traceback in the server's log."""
+    return gr.Error(redact(message), title=title, print_exception=False)
+
+
 def _config(values: tuple):
-    """Form values -> RunConfig, or a gr.Error the user can act on (also when the Hub is needed but
+    """Form values -> RunConfig, or a refusal the user can act on (also when the Hub is needed but
     out of reach)."""
     try:
         cfg = form.FormValues.from_inputs(values).to_config()
         form.check_hub(cfg)
         return cfg
     except ConfigError as err:
-        raise gr.Error(str(err), title="Invalid settings") from None
+        raise refuse(str(err)) from None
 
 
 def _friendly(err: BaseException) -> str:
     if isinstance(err, USER_ERRORS):
         return str(err)
-    return f"the run failed: {type(err).__name__}: {err}. The app is still up; try again or change the settings."
+    return f"the run failed ({type(err).__name__}). The app is still up; try again or change the settings."
 
 
-def check_data(cfg) -> None:
-    """Load a bundled dataset and split it, so an impossible split is refused before queueing.
-
-    Hub datasets are checked by the run itself (loading them can mean a download).
-    """
+def check_data(cfg) -> ImageDataset | None:
+    """Load a bundled dataset and split it, so that an impossible split is refused at once; returns
+    the loaded data for the run. Hub datasets are checked by the run itself (loading them can mean a
+    download)."""
     if cfg.data.dataset not in BUNDLED:
-        return
+        return None
     from fedmitr.pipeline import prepare
 
     try:
-        prepare(cfg)
+        return prepare(cfg).dataset
     except USER_ERRORS as err:
-        raise gr.Error(str(err), title="Invalid settings") from None
+        raise refuse(str(err)) from None
 
 
 def _session(request: gr.Request | None) -> str:
@@ -257,6 +261,8 @@ def build_demo() -> gr.Blocks:
                                 gallery_method = gr.Dropdown(label="Method", choices=[], value=None,
                                                              interactive=True, scale=1, min_width=200,
                                                              elem_id="gallery-method")
+                                tint = gr.Checkbox(label="Tint stopped patches", value=True, scale=0, min_width=180,
+                                                   elem_id="tint", info="Off: see the synthetic digit itself.")
                                 legend = gr.HTML(_gallery_hint(), elem_id="gallery-legend", padding=False)
                             gallery = gr.Gallery(show_label=False, columns=8, height="auto", object_fit="contain",
                                                  allow_preview=False, elem_id="gallery",
@@ -282,10 +288,12 @@ def build_demo() -> gr.Blocks:
                                 results = gr.Dataframe(value=pd.DataFrame(columns=views.RESULT_HEADERS),
                                                        headers=views.RESULT_HEADERS, interactive=False, wrap=True,
                                                        show_label=False, elem_id="results",
-                                                       column_widths=["27%", "17%", "12%", "44%"])
+                                                       column_widths=["26%", "22%", "14%", "38%"])
                                 # Later: a "Push to the Hugging Face Hub" action goes under the downloads.
                                 files = gr.File(label="Downloads: global model, config and metrics",
                                                 file_count="multiple", interactive=False, elem_id="downloads")
+                                gr.Markdown("These files are deleted when you close this tab (and after 6 hours "
+                                            "at most): download what you want to keep.", elem_classes="fm-explain")
                         with gr.Accordion("Event log", open=False):
                             log_box = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False,
                                                  autoscroll=True, elem_id="log")
@@ -303,15 +311,17 @@ def build_demo() -> gr.Blocks:
         def run(request: gr.Request, progress=gr.Progress(), *values):
             yield from run_job(page, values, request, progress)
 
-        # Run = a quick check outside the training queue (bad input fails at once, even while another
-        # session trains), then the training job itself in the shared queue.
-        check = run_btn.click(precheck, form_inputs, [status], queue=True, concurrency_limit=None,
-                              api_visibility="private", show_progress="hidden", trigger_mode="once")
-        run_event = check.success(
-            run, form_inputs, page.outputs(),
-            api_name="run", concurrency_id=TRAIN_QUEUE, concurrency_limit=1,
-            show_progress="full", show_progress_on=[status],
+        # Run is not queued behind training: it checks the settings at once (a refusal takes well
+        # under a second, whatever else runs), then waits for the device in the app's own line,
+        # showing its place. preprocess=False hands the raw values to the form, so a bad value is
+        # refused with its field's name rather than Gradio's "could not preprocess input N".
+        run_event = run_btn.click(
+            run, form_inputs, page.outputs(), api_name="run", concurrency_limit=None, preprocess=False,
+            show_progress="full", show_progress_on=[status], trigger_mode="once",
+            api_description="Run the one-shot pipeline with these settings and stream the page. `alpha` is a "
+                            "number > 0 or 'iid' (null is refused). Invalid settings are refused at once.",
         )
+
         stop_btn.click(stop_job, [view_state], [status], cancels=[run_event], concurrency_limit=None,
                        api_visibility="private", show_progress="hidden")
         preset.change(_preset_knobs, [preset], [inputs[name] for name in PRESET_KNOBS],
@@ -322,6 +332,8 @@ def build_demo() -> gr.Blocks:
                              api_visibility="private", show_progress="hidden")
         gallery.select(_select_image, [view_state, gallery_index], [relabel_plot],
                        api_visibility="private", show_progress="hidden")
+        tint.change(_set_tint, [view_state, gallery_method, tint], [gallery, relabel_plot, gallery_index],
+                    api_visibility="private", show_progress="hidden")
         demo.unload(on_unload)
     return demo
 
@@ -332,24 +344,6 @@ def _gallery_hint() -> str:
 
 
 # --- event handlers -------------------------------------------------------------------------------
-
-@form.with_form_parameters
-def precheck(request: gr.Request, *values):
-    """Fail fast on bad input; otherwise tell the user whether they wait for the device."""
-    cfg = _config(values)
-    check_data(cfg)
-    if jobs.active_job(_session(request)) is not None:
-        raise gr.Error("A run is already going in this browser tab. Press Stop first, or wait for it to finish.")
-    device = _startup_device_once()
-    if cfg.preset == "gpu" and (device is None or device.type != "cuda"):
-        gr.Warning("The gpu preset fine-tunes a 224 px DeiT and is sized for a GPU; on this CPU it takes hours. "
-                   "Press Stop and pick the cpu preset for a demo.")
-    _WAITING.add(_session(request))
-    busy = jobs.DEVICE_LOCK.locked()
-    message = ("Queued: another session is using the device; your position is shown here."
-               if busy else "Starting…")
-    return idle_status_html(startup_device_label(), message)
-
 
 _DEVICE: list[DeviceInfo | None] = []
 
@@ -376,12 +370,19 @@ def run_job(page: "Page", values: tuple, request: gr.Request | None, progress):
     (finished, Stop pressed, tab closed or error).
     """
     session = _session(request)
-    _WAITING.discard(session)
     cfg = _config(values)
+    dataset = check_data(cfg)
     if jobs.active_job(session) is not None:
-        raise gr.Error("A run is already going in this browser tab. Press Stop first, or wait for it to finish.")
-    job = jobs.Job(cfg, jobs.new_run_dir(session), session)
-    jobs.register(job)
+        raise refuse("A run is already going in this browser tab. Press Stop first, or wait for it to finish.",
+                     title="Busy")
+    if jobs.DEVICE.waiting() >= jobs.MAX_WAITING:
+        raise refuse(f"The app is busy: {jobs.DEVICE.waiting()} runs are waiting for the device. "
+                     f"Try again in a few minutes.", title="Busy")
+    device = _startup_device_once()
+    if cfg.preset == "gpu" and (device is None or device.type != "cuda"):
+        gr.Warning("The gpu preset fine-tunes a 224 px DeiT and is sized for a GPU; on this CPU it takes hours. "
+                   "Press Stop and pick the cpu preset for a demo.")
+    job = jobs.Job(cfg, jobs.new_run_dir(session), session, dataset=dataset)
     view = RunView(cfg)
     index: list = []
     shown_method: str | None = None
@@ -421,7 +422,10 @@ def run_job(page: "Page", values: tuple, request: gr.Request | None, progress):
             if finished or not (urgent or now - last_yield >= YIELD_EVERY_S):
                 continue
             if not job.started_on_device.is_set():
+                view.queue_position = job.queue_position()
                 dirty.add("status")
+            else:
+                view.queue_position = 0
             progress(view.fraction(), desc=f"{view.stage or 'waiting for the device'}")
             update, shown_method, index = _render(page, view, dirty | {"status"}, shown_method, index)
             yield update
@@ -433,7 +437,7 @@ def run_job(page: "Page", values: tuple, request: gr.Request | None, progress):
             yield {page.status: view.status_html(), page.log_box: "\n".join(view.log)}
             if not isinstance(job.error, USER_ERRORS):
                 log.error("run failed", exc_info=job.error)
-            raise gr.Error(_friendly(job.error), title="Run failed")
+            raise refuse(_friendly(job.error), title="Run failed")
         if job.cancelled:
             view.state = "cancelled"
             yield {page.status: view.status_html(), page.log_box: "\n".join(view.log)}
@@ -445,10 +449,9 @@ def run_job(page: "Page", values: tuple, request: gr.Request | None, progress):
                                                                   "gallery", "final"}, shown_method, index)
         yield update
     finally:
-        job.cancel()  # a no-op when finished; stops the worker on Stop, disconnect or error
-        if not job.join(timeout=30):
-            log.warning("worker of session %s still running 30 s after stop", session[:8])
-        jobs.unregister(job)
+        # On Stop or a closed tab Gradio runs this on its event loop: signal the worker and return.
+        # The worker stops within one step, releases the device and unregisters itself.
+        job.cancel()
 
 
 def _render(c: "Page", view: RunView, dirty: set[str], shown_method: str | None, index: list):
@@ -471,7 +474,7 @@ def _render(c: "Page", view: RunView, dirty: set[str], shown_method: str | None,
         items, index = view.gallery_items(shown_method)
         update[c.gallery] = items
         update[c.gallery_method] = gr.update(choices=view.gallery_methods(), value=shown_method)
-        update[c.legend] = views.stop_legend_html(view.latest_round(shown_method))
+        update[c.legend] = view.legend_html(shown_method)
         update[c.relabel_plot] = view.relabel_figure(shown_method)
         update[c.gallery_index] = index
     if "final" in dirty and view.metrics is not None:
@@ -491,19 +494,12 @@ def _run_files(out_dir: Path) -> list[str]:
 
 
 def stop_job(view: RunView | None, request: gr.Request):
-    """Stop this session's job (Gradio also cancels the run event, queued or running)."""
-    session = _session(request)
-    jobs.cancel_session(session)
-    if session in _WAITING:  # still in Gradio's queue: it is dropped before it starts
-        _WAITING.discard(session)
-        return idle_status_html(startup_device_label(), "Stopped before it started. Press Run for a new run.")
+    """Stop this session's job, waiting or running (Gradio also cancels the run event). Never waits."""
+    jobs.cancel_session(_session(request))
     if view is not None and view.state == "running":
         view.state = "cancelled"
         return view.status_html()
     return gr.update()
-
-
-_WAITING: set[str] = set()  # sessions whose run passed the check and waits in the training queue
 
 
 PRESET_KNOBS = ("epochs", "iterations", "images", "keep", "relabel", "rounds", "seed")  # follow the preset
@@ -513,24 +509,33 @@ def _preset_knobs(preset: str):
     try:
         knobs = form.FormValues.for_preset(preset)
     except ConfigError as err:
-        raise gr.Error(str(err)) from None
+        raise refuse(str(err)) from None
     return tuple(getattr(knobs, name) for name in PRESET_KNOBS)
 
 
 def _dataset_note(dataset: str) -> None:
     if form.is_hub_dataset(dataset or ""):
         if form.hub_offline():
-            gr.Warning(f"{dataset} comes from the Hugging Face Hub, and this app runs offline. "
+            gr.Warning(f"{excerpt(dataset)} comes from the Hugging Face Hub, and this app runs offline. "
                        f"Choose a bundled dataset ({', '.join(BUNDLED)}).")
         else:
-            gr.Info(f"{dataset} comes from the Hugging Face Hub: the first run downloads it.")
+            gr.Info(f"{excerpt(dataset)} comes from the Hugging Face Hub: the first run downloads it.")
 
 
 def _show_method(view: RunView | None, method: str | None):
     if view is None or method is None:
         return [], _gallery_hint(), gr.update(), []
     items, index = view.gallery_items(method)
-    return items, views.stop_legend_html(view.latest_round(method)), view.relabel_figure(method), index
+    return items, view.legend_html(method), view.relabel_figure(method), index
+
+
+def _set_tint(view: RunView | None, method: str | None, tint: bool):
+    """The "tint stopped patches" switch: redraw the gallery and the relabel map with or without it."""
+    if view is None:
+        return gr.update(), gr.update(), gr.update()
+    view.tint = bool(tint)
+    items, index = view.gallery_items(method)
+    return items, view.relabel_figure(method), index
 
 
 def _select_image(view: RunView | None, index: list, evt: gr.SelectData):
@@ -546,7 +551,6 @@ def _select_image(view: RunView | None, index: list, evt: gr.SelectData):
 def on_unload(request: gr.Request):
     """A tab closed: stop its job and delete its run directories once the worker has let go."""
     session = _session(request)
-    _WAITING.discard(session)
     job = jobs.active_job(session)
     if job is not None:
         job.cancel()
@@ -580,8 +584,37 @@ def launch_kwargs() -> dict[str, Any]:
     return dict(theme=theme(), css=CSS, allowed_paths=[str(jobs.runs_root())], show_error=True)
 
 
+def training_threads(cores: int | None = None) -> int:
+    """Torch threads for training jobs: ``$FEDMITR_THREADS``, else every core but one when there are
+    more than 2 (the web server keeps one), else every core.
+
+    On 2 cores (the free Space) the server mostly idles between requests, and the tiny models train
+    noticeably faster on 2 threads; the page still answers in well under a second (README).
+    """
+    value = os.environ.get("FEDMITR_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"FEDMITR_THREADS must be a whole number >= 1 (got {excerpt(value)})")
+        return int(value)
+    cores = cores or os.cpu_count() or 1
+    return cores - 1 if cores > 2 else cores
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) with anything that looks like a Hub token masked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    torch.set_num_threads(training_threads())
+    log.info("training jobs use %d torch thread(s)", torch.get_num_threads())
     jobs.cleanup_runs()
     create_app().launch(**launch_kwargs())
 

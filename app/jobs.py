@@ -1,8 +1,13 @@
 """Training jobs of the app: one pipeline run in a worker thread, its events streamed through a queue.
 
-* One job uses the device at a time (``DEVICE_LOCK``), whatever Gradio's queue does.
-* A job is cancelled by setting its stop flag: the event handler then raises :class:`RunCancelled`
-  inside the pipeline, which the pipeline calls on every progress step, so it stops within a step.
+What the app guarantees, and how:
+
+* **One job on the device at a time**, first come first served (:class:`DeviceQueue`). A waiting
+  job knows its place in the line, and leaves the line the moment it is cancelled.
+* **Stop never blocks.** :meth:`Job.cancel` sets a flag and returns. The pipeline reports at every
+  optimiser step, inversion iteration and relabel chunk; the worker's event handler raises
+  :class:`RunCancelled` there, so the worker stops within one step, releases the device itself and
+  unregisters itself. Nothing on Gradio's event loop ever waits for a worker.
 * Each browser session has its own run directories under :func:`runs_root`; old ones are deleted.
 """
 
@@ -18,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from fedmitr.config import RunConfig
+from fedmitr.data import ImageDataset
 from fedmitr.events import Event
-
-DEVICE_LOCK = threading.Lock()  # one training job on the device at a time, across all sessions
 
 MAX_RUN_AGE_S = float(os.environ.get("FEDMITR_APP_MAX_RUN_AGE_S", 6 * 3600))  # delete run dirs older than this
 MAX_RUN_DIRS = int(os.environ.get("FEDMITR_APP_MAX_RUN_DIRS", 20))  # and keep at most this many
+MAX_WAITING = int(os.environ.get("FEDMITR_APP_MAX_WAITING", 8))  # runs that may wait for the device at once
 
 
 class RunCancelled(BaseException):
@@ -37,13 +42,67 @@ class RunCancelled(BaseException):
 DONE = object()  # end-of-stream marker on a job's event queue
 
 
+class DeviceQueue:
+    """First-come-first-served access to the one device, for jobs of every session."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._line: list[Job] = []  # waiting, in arrival order
+        self._holder: Job | None = None
+
+    def enter(self, job: "Job") -> None:
+        with self._cond:
+            self._line.append(job)
+
+    def acquire(self, job: "Job") -> bool:
+        """Wait until ``job`` is first in line and the device is free; False if it was cancelled."""
+        with self._cond:
+            while not job.stop.is_set() and (self._holder is not None or self._line[0] is not job):
+                self._cond.wait(timeout=1.0)
+            self._line.remove(job)
+            if job.stop.is_set():
+                self._cond.notify_all()
+                return False
+            self._holder = job
+            return True
+
+    def release(self, job: "Job") -> None:
+        with self._cond:
+            if self._holder is job:
+                self._holder = None
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Let waiting jobs re-check their stop flags now."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def position(self, job: "Job") -> int:
+        """0 if ``job`` holds the device, else its 1-based place in the line (0 once it left)."""
+        with self._cond:
+            return self._line.index(job) + 1 if job in self._line else 0
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._line)
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._holder is not None
+
+
+DEVICE = DeviceQueue()
+
+
 class Job:
     """One pipeline run in a worker thread. Events arrive on ``events``; ``DONE`` ends the stream."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, session: str):
+    def __init__(self, cfg: RunConfig, out_dir: Path, session: str, dataset: ImageDataset | None = None):
         self.cfg = cfg
         self.out_dir = out_dir
         self.session = session
+        self.dataset = dataset  # already loaded by the app's check, so the worker does not load it again
         self.events: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.started_on_device = threading.Event()  # set once the job holds the device
@@ -53,19 +112,27 @@ class Job:
         self._thread = threading.Thread(target=self._work, name=f"fedmitr-job-{session[:8]}", daemon=True)
 
     def start(self) -> None:
+        """Register the job for its session, take a place in the device's line, and start the worker."""
+        register(self)
+        DEVICE.enter(self)
         self._thread.start()
 
     def cancel(self) -> None:
+        """Ask the worker to stop. Returns at once; the worker stops within one step."""
         self.stop.set()
+        DEVICE.wake()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for the worker; True if it has finished."""
+        """Wait for the worker (never call this on Gradio's event loop); True if it has finished."""
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def queue_position(self) -> int:
+        return DEVICE.position(self)
 
     def _handler(self, event: Event) -> None:
         # Called by the pipeline on its own thread at every step: the one place a run can be stopped.
@@ -77,24 +144,21 @@ class Job:
         from fedmitr.pipeline import run
 
         try:
-            # Wait for the device without blocking a cancel (a queued job can be stopped, too).
-            while not DEVICE_LOCK.acquire(timeout=0.2):
-                if self.stop.is_set():
-                    raise RunCancelled()
+            if not DEVICE.acquire(self):
+                raise RunCancelled()
             try:
                 self.started_on_device.set()
-                if self.stop.is_set():
-                    raise RunCancelled()
-                result = run(self.cfg, out_dir=self.out_dir, on_event=self._handler)
+                result = run(self.cfg, out_dir=self.out_dir, on_event=self._handler, dataset=self.dataset)
                 self.metrics = result.metrics
                 del result  # the client models: free them now, not when the session ends
             finally:
-                DEVICE_LOCK.release()
+                DEVICE.release(self)
         except RunCancelled:
             self.cancelled = True
         except BaseException as err:  # noqa: BLE001 - reported to the user by the app
             self.error = err
         finally:
+            unregister(self)
             self.events.put(DONE)
 
 
@@ -116,26 +180,29 @@ def unregister(job: Job) -> None:
 
 
 def active_job(session: str) -> Job | None:
-    """The session's job while its worker runs (a finished job is not active, registered or not)."""
+    """The session's job while it waits or runs (a finished or stopped job is not active)."""
     with _ACTIVE_LOCK:
         job = _ACTIVE.get(session)
-    return job if job is not None and job.alive else None
+    return job if job is not None and not job.stop.is_set() else None
 
 
 def wait_idle(timeout_s: float) -> bool:
-    """Wait until no job holds the device or is registered; False if that takes over ``timeout_s``."""
+    """Wait until no job is registered or holds the device; False if that takes over ``timeout_s``.
+
+    For tests and tools, never for the app's own handlers.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with _ACTIVE_LOCK:
             busy = bool(_ACTIVE)
-        if not busy and not DEVICE_LOCK.locked():
+        if not busy and not DEVICE.busy:
             return True
-        time.sleep(0.1)
+        time.sleep(0.05)
     return False
 
 
 def cancel_session(session: str) -> bool:
-    """Stop the session's running job, if any. Returns whether there was one."""
+    """Stop the session's job, waiting or running. Returns whether there was one."""
     job = active_job(session)
     if job is None:
         return False
@@ -161,7 +228,8 @@ def new_run_dir(session: str) -> Path:
     root = runs_root()
     tag = _session_tag(session)
     for old in root.glob(f"{tag}-*"):
-        shutil.rmtree(old, ignore_errors=True)
+        if not _in_use(old):
+            shutil.rmtree(old, ignore_errors=True)
     cleanup_runs(root)
     return root / f"{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
 

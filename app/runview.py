@@ -52,8 +52,11 @@ class RunView:
     method_accuracy: dict[str, float] = field(default_factory=dict)  # final accuracy of each method
     curves: dict[str, dict[int, float]] = field(default_factory=dict)  # method -> round -> accuracy
     rounds: dict[str, list[SyntheticRound]] = field(default_factory=dict)  # method -> slimmed rounds
+    round_size: dict[str, int] = field(default_factory=dict)  # method -> synthetic images per round
+    tint: bool = True  # draw the stop tint over the gallery and the relabel map
     log: list[str] = field(default_factory=list)
     state: str = "running"  # running | done | cancelled | failed
+    queue_position: int = 0  # place in the line for the device while waiting (0: on the device)
     metrics: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)
 
@@ -87,6 +90,7 @@ class RunView:
             return self._metric(event)
         if isinstance(event, SyntheticRound):
             kept = self.rounds.setdefault(event.method, [])
+            self.round_size[event.method] = len(event.images)
             kept.append(_slim(event))
             if len(kept) > MAX_ROUNDS_KEPT:
                 del kept[1]  # keep round 1 for comparison, drop the oldest of the rest
@@ -149,8 +153,8 @@ class RunView:
             return [], []
         items, index = [], []
         for r, event in enumerate(self.rounds[method]):
-            for i, img in enumerate(views.mask_overlay(event)):
-                items.append((img, views.gallery_caption(event, i, self.class_names)))
+            for i, img in enumerate(views.mask_overlay(event, tint=self.tint, class_names=self.class_names or None)):
+                items.append((img, None))  # the caption is drawn under the image, not over a patch
                 index.append((method, r, i))
         return items, index
 
@@ -160,10 +164,18 @@ class RunView:
         event = self.rounds[method][round_pos]
         image = min(max(0, image), len(event.images) - 1)
         spec = METHODS.get(method)
-        return views.relabel_map(event, image, self.class_names or None, relabel_used=bool(spec and spec.relabel))
+        return views.relabel_map(event, image, self.class_names or None, relabel_used=bool(spec and spec.relabel),
+                                 tint=self.tint)
 
     def latest_round(self, method: str | None) -> SyntheticRound | None:
         return self.rounds[method][-1] if method in self.rounds and self.rounds[method] else None
+
+    def legend_html(self, method: str | None) -> str:
+        """The gallery's colour key, and how many of the round's images it shows."""
+        latest = self.latest_round(method)
+        if latest is None:
+            return ""
+        return views.stop_legend_html(latest, shown=len(latest.images), total=self.round_size.get(method))
 
     # --- status ------------------------------------------------------------------------------------
     def status_html(self) -> str:
@@ -178,7 +190,11 @@ class RunView:
                 cls, mark = "todo", "○"
             chips.append(f'<span class="fm-stage fm-{cls}">{mark} {html.escape(s)}</span>')
         pct = self.fraction() * 100
-        if self.state == "running":
+        if self.state == "running" and self.queue_position > 0:
+            ahead = self.queue_position - 1
+            head = (f"Queued: position {self.queue_position} in line for the device "
+                    f"(another session's run is using it{f', {ahead} waiting before you' if ahead else ''})")
+        elif self.state == "running":
             head = f"Running: {html.escape(self.stage or 'starting')}"
             if self.message:
                 head += f" · {html.escape(self.message)}"

@@ -58,6 +58,7 @@ def _base_layout(fig: go.Figure, title: str, height: int) -> go.Figure:
         title=dict(text=title, x=0.01, xanchor="left", font=dict(size=15)),
         template="plotly_white", font=FONT, height=height,
         margin=dict(l=60, r=20, t=50, b=50), hoverlabel=dict(font_size=13),
+        modebar=dict(orientation="v"),  # down the right edge, not over the title
     )
     return fig
 
@@ -166,12 +167,15 @@ def _rgb(colour: str) -> np.ndarray:
 
 
 def mask_overlay(event: SyntheticRound, max_images: int | None = None, display_px: int = 168,
-                 alpha: float = 0.45) -> list[Image.Image]:
+                 alpha: float = 0.45, tint: bool = True,
+                 class_names: Sequence[str] | None = None) -> list[Image.Image]:
     """The synthetic images of one round with the sparse mask drawn over them.
 
     A patch that sparse inversion stopped is tinted with the colour of the iteration it was
-    stopped at (:func:`stop_palette`); patches still active at the end are left as they are. Thin
-    lines show the patch grid. Images are upscaled (nearest neighbour) to about ``display_px``.
+    stopped at (:func:`stop_palette`) unless ``tint`` is off; patches still active at the end are
+    left as they are. Thin lines show the patch grid. Images are upscaled (nearest neighbour) to
+    about ``display_px``; with ``class_names`` a caption strip under the image names the round,
+    the image and its class (so no caption covers a patch).
     """
     n_images = len(event.images) if max_images is None else min(max_images, len(event.images))
     palette = {step: _rgb(c) for step, c in stop_palette(event).items()}
@@ -188,7 +192,7 @@ def mask_overlay(event: SyntheticRound, max_images: int | None = None, display_p
         for r in range(g):
             for c in range(g):
                 step = int(stops[r, c])
-                if step >= 0:
+                if step >= 0 and tint:
                     cell = big[ys[r]:ys[r + 1], xs[c]:xs[c + 1]]
                     cell[:] = (1 - alpha) * cell + alpha * palette[step]
         img = Image.fromarray(big.clip(0, 255).astype(np.uint8))
@@ -203,15 +207,30 @@ def mask_overlay(event: SyntheticRound, max_images: int | None = None, display_p
         for r in range(g):
             for c in range(g):
                 step = int(stops[r, c])
-                if step >= 0 and xs[c + 1] - xs[c] > 4 * inset:
+                if step >= 0 and tint and xs[c + 1] - xs[c] > 4 * inset:
                     draw.rectangle([xs[c] + inset, ys[r] + inset, xs[c + 1] - 1 - inset, ys[r + 1] - 1 - inset],
                                    outline=tuple(int(v) for v in palette[step]), width=max(1, scale // 2))
+        if class_names is not None:
+            img = _with_caption(img, gallery_caption(event, b, class_names))
         out.append(img)
     return out
 
 
-def stop_legend_html(event: SyntheticRound | None) -> str:
-    """Colour key for :func:`mask_overlay`: which colour means "stopped at iteration t"."""
+def _with_caption(img: Image.Image, text: str) -> Image.Image:
+    """``img`` with a white strip underneath holding ``text``."""
+    # Thumbnails are shown at about half size: the font is large enough to read there.
+    font_size = max(12, img.width // 8)
+    strip = font_size + 10
+    out = Image.new("RGB", (img.width, img.height + strip), (255, 255, 255))
+    out.paste(img, (0, 0))
+    ImageDraw.Draw(out).text((img.width // 2, img.height + strip // 2), text, fill=(31, 41, 55), anchor="mm",
+                             font_size=font_size)
+    return out
+
+
+def stop_legend_html(event: SyntheticRound | None, shown: int | None = None, total: int | None = None) -> str:
+    """Colour key for :func:`mask_overlay`: which colour means "stopped at iteration t"; with
+    ``shown``/``total``, also how many of each round's images the gallery shows."""
     if event is None:
         return ""
     palette = stop_palette(event)
@@ -222,20 +241,22 @@ def stop_legend_html(event: SyntheticRound | None) -> str:
     else:
         parts = [chip.format(c=c, t=f"stopped at iteration {s} of {event.iterations}") for s, c in palette.items()]
         parts.append(chip.format(c="#ffffff; border:1px solid #9ca3af", t="never stopped (untinted)"))
+    if shown is not None and total is not None:
+        parts.append(f'<span class="fm-chip"><b>showing {shown} of the {total} images of each round</b></span>')
     return '<div class="fm-legend">' + "".join(parts) + "</div>"
 
 
 def gallery_caption(event: SyntheticRound, i: int, class_names: Sequence[str] | None = None) -> str:
-    """Short, as it is drawn over the thumbnail: the round and the class, e.g. ``r2 · 7``."""
+    """Short, as it is drawn under the thumbnail: round, image and class, e.g. ``r2 #3 · class 7``."""
     label = int(event.labels[i])
     name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
-    return f"r{event.round} · {name}"
+    return f"r{event.round} #{i + 1} · class {name}"
 
 
 # --- information density and token relabel --------------------------------------------------------
 
 def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None = None,
-                relabel_used: bool = True) -> go.Figure:
+                relabel_used: bool = True, tint: bool = True) -> go.Figure:
     """Three panels for synthetic image ``i`` of ``event``: the image, each patch's information
     density (share of the ensemble's CLS attention, high-information set outlined), and the label
     each patch token was trained on (generated label vs. ensemble relabel).
@@ -256,19 +277,20 @@ def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None
     token_labels = np.asarray(event.token_labels[i]).reshape(g, g)
     relabelled = np.asarray(event.token_relabelled[i], dtype=bool).reshape(g, g)
 
+    same = bool((token_labels == label).all())
+    if not relabel_used:
+        label_title = "patch labels (unused: class token only)"
+    elif same:
+        label_title = f"every patch was taught class {name_of(label)}"
+    else:
+        label_title = "label each patch was trained on"
     fig = make_subplots(
         rows=1, cols=3, horizontal_spacing=0.07,
-        subplot_titles=(f"synthetic image (class {name_of(label)})", "information density per patch",
-                        "label each patch was trained on" if relabel_used else "patch labels (unused here)"),
+        subplot_titles=(f"synthetic image (class {name_of(label)})", "information density per patch", label_title),
     )
-    fig.add_trace(go.Image(z=_to_rgb(event.images[i]), hoverinfo="skip"), row=1, col=1)
-    rgb = _to_rgb(event.images[i])
-    h, w = rgb.shape[:2]
-    for k in range(1, g):  # patch grid on the image
-        fig.add_shape(type="line", x0=k * w / g - 0.5, x1=k * w / g - 0.5, y0=-0.5, y1=h - 0.5,
-                      line=dict(color="rgba(160,160,160,0.6)", width=1), row=1, col=1)
-        fig.add_shape(type="line", y0=k * h / g - 0.5, y1=k * h / g - 0.5, x0=-0.5, x1=w - 0.5,
-                      line=dict(color="rgba(160,160,160,0.6)", width=1), row=1, col=1)
+    # The same picture as the gallery's thumbnail (tinted or not), which already draws the patch grid.
+    fig.add_trace(go.Image(z=np.asarray(mask_overlay(event, max_images=i + 1, tint=tint)[i]), hoverinfo="skip"),
+                  row=1, col=1)
 
     small = g <= 8
     fig.add_trace(go.Heatmap(
@@ -306,7 +328,7 @@ def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None
     fig.update_yaxes(showticklabels=False, showgrid=False, row=1, col=1)
     method = method_label(event.method)
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.04, x=0.5, xanchor="center"))
-    fig = _base_layout(fig, f"{method}, round {event.round}, image {i + 1}", height=440)
+    fig = _base_layout(fig, f"{method} · round {event.round} · #{i + 1} · class {name_of(label)}", height=440)
     fig.update_layout(margin=dict(t=85))
     return fig
 
@@ -334,12 +356,12 @@ def accuracy_curves(curves: Mapping[str, Mapping[int, float]], references: Mappi
     for name, value in (references or {}).items():
         dash = "dash" if name == "fedavg" else "dot"
         fig.add_trace(go.Scatter(
-            x=[1, last], y=[value, value], mode="lines", name=f"{method_label(name)} (reference)",
+            x=[1, last], y=[value, value], mode="lines", name=f"{method_label(name)}: {value:.1%}",
             line=dict(color=method_colour(name), width=2, dash=dash),
             hovertemplate=f"{method_label(name)}: {value:.1%}<extra></extra>",
         ))
     if not curves:
-        fig.add_annotation(text="Per-round curves appear for inversion methods (e.g. fedmitr).",
+        fig.add_annotation(text="Curves appear when an inversion method runs.",
                            x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                            font=dict(size=13, color="#6b7280"))
     fig.update_xaxes(title="round (one synthetic batch + distillation each)", range=[0.7, last + 0.3],
@@ -375,8 +397,8 @@ def results_rows(metrics: Mapping) -> list[list]:
     if clients:
         accs = [c["accuracy"] for c in clients]
         best = int(np.argmax(accs))
-        rows.append(["clients (mean)", f"{np.mean(accs):.1%}", _seconds(sum(c["seconds"] for c in clients)),
-                     f"each of {len(clients)} trained alone on its own data"])
+        rows.append(["clients (mean)", f"{np.mean(accs):.1%}", _seconds(float(np.mean([c["seconds"] for c in clients]))),
+                     f"each of {len(clients)} trained alone on its own data (mean time per client)"])
         rows.append([f"best client ({clients[best]['index'] + 1})", f"{accs[best]:.1%}",
                      _seconds(clients[best]["seconds"]), "the best single local model"])
     return rows

@@ -138,43 +138,113 @@ def test_tiny_run_streams_partition_gallery_and_accuracy(client):
     wait_until_idle()
 
 
-def test_stop_cancels_a_running_job_and_the_next_run_works(client):
+def wait_for(job, text: str, timeout: float) -> float:
+    """Seconds until one of ``job``'s streamed statuses contains ``text``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if any(text in (u[0] or "") for u in job.outputs()):
+            return time.monotonic() - start
+        time.sleep(0.05)
+    pytest.fail(f"no status with {text!r} within {timeout} s; last: {(job.outputs() or [[None]])[-1][0]!r}")
+
+
+class PagePoller:
+    """A second visitor loading the page every 100 ms, recording how long each GET / takes."""
+
+    def __init__(self, url: str):
+        import threading
+        import urllib.request
+
+        self.url, self.latencies, self._stop = url, [], threading.Event()
+
+        def poll():
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                with urllib.request.urlopen(self.url, timeout=30) as r:
+                    assert r.status == 200
+                self.latencies.append(time.monotonic() - t0)
+                time.sleep(0.1)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(timeout=35)
+        return self.latencies
+
+
+# A run with long inversion steps (2,000 images per step, the app's cap) that lasts minutes.
+LONG = dict(preset="tiny", methods=["dense-kd"], images=2000, iterations=400, rounds=3, epochs=2)
+
+
+def test_stop_during_a_long_step_frees_the_device_without_freezing_anyone(server, client):
+    """Stop returns at once, the next session's queued run takes the device within seconds, and the
+    page keeps answering other visitors throughout (measured figures go to tests/artifacts)."""
+    from gradio_client import Client
+
     from app import jobs
 
-    # The cpu preset's local training alone takes far longer than this test waits.
-    job = submit(client, preset="cpu", epochs=40, methods=["fedavg"], clients=5)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if any("Running: clients" in (u[0] or "") for u in job.outputs()):
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("the long run never reached local training")
-    assert jobs.DEVICE_LOCK.locked()
+    poller = PagePoller(server)
+    first = submit(client, **LONG)
+    wait_for(first, "Running: dense-kd", 60)  # inside the inversion's step loop
+    second = submit(Client(server, verbose=False), methods=["fedavg"])
+    wait_for(second, "Queued: position 1", 20)
+    assert jobs.DEVICE.waiting() == 1
+
     t0 = time.monotonic()
-    job.cancel()
-    wait_until_idle(timeout=10)  # "Stop cancels within a few seconds"
-    assert time.monotonic() - t0 < 10
+    first.cancel()
+    cancel_s = time.monotonic() - t0
+    to_device_s = cancel_s + wait_for(second, "Running", 20)
+    assert "Finished" in list(second)[-1][0]
+    latencies = poller.stop()
+    wait_until_idle()
+    record = {"cancel_s": cancel_s, "next_job_on_device_s": to_device_s, "page_max_s": max(latencies),
+              "page_requests": len(latencies)}
+    out = Path(__file__).parent / "artifacts"
+    out.mkdir(exist_ok=True)
+    (out / "stop_latency.json").write_text(json.dumps(record, indent=2))
+    # Generous bounds for a busy 2-core machine; the freeze they guard against took 5-30 s.
+    assert cancel_s < 2 and to_device_s < 5 and max(latencies) < 2, record
 
-    updates = list(submit(client, methods=["fedavg"]))
-    assert "Finished" in updates[-1][0]
-    assert any(row[0] == "FedAvg" for row in updates[-1][8]["data"])
+
+def test_a_cancelled_waiting_run_leaves_the_line(server, client):
+    from gradio_client import Client
+
+    from app import jobs
+
+    first = submit(client, **LONG)
+    wait_for(first, "Running: dense-kd", 60)
+    waiting = submit(Client(server, verbose=False), methods=["fedavg"])
+    wait_for(waiting, "Queued: position 1", 20)
+    waiting.cancel()
+    deadline = time.monotonic() + 5
+    while jobs.DEVICE.waiting() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert jobs.DEVICE.waiting() == 0
+    first.cancel()
+    wait_until_idle()
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"alpha": "-1"}, "alpha must be a number > 0"),
-    ({"clients": 25}, "maximum value 20|2 to 20"),  # Gradio checks the slider bounds itself
-    ({"dataset": "cifar10"}, "offline"),
-    ({"methods": []}, "at least one method"),
-    # Valid on its own, impossible together: 20 clients, extreme skew, 600 images.
-    ({"clients": 20, "alpha": "0.001"}, "could not give each of 20 clients"),
-])
-def test_bad_input_is_a_clear_error_and_the_app_still_answers(client, changes, message):
+def test_refusals_never_echo_a_token_nor_print_tracebacks(client, capfd):
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError, match=message):
-        client.predict(*dataclasses.replace(TINY, **changes).inputs(), api_name="/run")
-    wait_until_idle()
+    token = "hf_" + "A1b2C3d4" * 5
+    for changes in ({"dataset": token}, {"alpha": token}, {"methods": ["fedavg", token]}, {"relabel": token},
+                    {"preset": token}, {"seed": token}):
+        with pytest.raises(AppError) as err:
+            client.predict(*dataclasses.replace(TINY, **changes).inputs(), api_name="/run")
+        assert token[:12] not in str(err.value) and len(str(err.value)) < 400
+    out, errors = capfd.readouterr()
+    assert token[:12] not in out + errors
+    assert "Traceback" not in out + errors
+
+
+def test_the_api_names_every_form_field(client):
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/run"]
+    assert [p["parameter_name"] for p in info["parameters"]] == FormValues.names()
+    updates = list(client.submit(**{**dataclasses.asdict(TINY), "methods": ["ensemble"]}, api_name="/run"))
+    assert "Finished" in updates[-1][0]
 
 
 def test_app_still_serves_after_errors(client):
@@ -193,3 +263,49 @@ def test_bad_input_from_one_session_does_not_disturb_another(server):
         bad.predict(*dataclasses.replace(TINY, alpha="0").inputs(), api_name="/run")
     updates = list(running)
     assert "Finished" in updates[-1][0]
+
+
+# --- last in this module: the device stays busy with another session's run until the module ends ---
+
+BAD = [
+    ({"alpha": "-1"}, "alpha must be a number > 0"),
+    ({"alpha": None}, "skew α is required"),
+    ({"alpha": 1e308}, "alpha must be <= 10000"),
+    ({"clients": 25}, "number of clients must be 2 to 20"),
+    ({"seed": 1.5}, "seed must be a whole number"),
+    ({"epochs": 2.5}, "local epochs must be a whole number"),
+    ({"epochs": "ten"}, "local epochs must be a number"),
+    ({"dataset": "cifar10"}, "offline"),
+    ({"dataset": "hf:foo"}, "hf:owner/name"),
+    ({"methods": []}, "at least one method"),
+    # Valid on its own, impossible together: 20 clients, extreme skew, 600 images.
+    ({"clients": 20, "alpha": "0.001"}, "could not give each of 20 clients"),
+]
+
+
+@pytest.fixture(scope="module")
+def busy_device(server):
+    """Another session's long run holds the device until the end of this module (so these tests come last)."""
+    from gradio_client import Client
+
+    from app import jobs
+
+    run = submit(Client(server, verbose=False), **LONG)
+    wait_for(run, "Running", 60)
+    yield jobs.DEVICE
+    run.cancel()
+    wait_until_idle()
+
+
+@pytest.mark.parametrize("changes, message", BAD)
+def test_bad_input_is_refused_at_once_even_while_another_session_trains(server, busy_device, changes, message):
+    """Refusals do not wait behind the device."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    assert busy_device.busy
+    client = Client(server, verbose=False)
+    t0 = time.monotonic()
+    with pytest.raises(AppError, match=message):
+        client.predict(*dataclasses.replace(TINY, **changes).inputs(), api_name="/run")
+    assert time.monotonic() - t0 < 3  # measured about 0.1 s; it waited minutes before

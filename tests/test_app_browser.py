@@ -122,9 +122,14 @@ def test_run_shows_gallery_plots_and_results(page):
     assert images.count() >= 8
     assert page.evaluate("document.querySelector('#gallery img').naturalWidth") >= 100
     assert page.locator("#relabel-plot .js-plotly-plot").is_visible()
+    # The tint switch redraws the gallery: the synthetic digits without the stop colours.
+    first_src = images.first.get_attribute("src")
+    page.locator("#tint input").uncheck()
+    page.wait_for_function(f"document.querySelector('#gallery img').src !== {first_src!r}", timeout=10_000)
+    page.locator("#tint input").check()
     # Clicking a synthetic image shows its relabel map.
     images.nth(2).click()
-    page.wait_for_function("document.querySelector('#relabel-plot').innerText.includes('image 3')",
+    page.wait_for_function("document.querySelector('#relabel-plot').innerText.includes('#3')",
                            timeout=10_000)
     assert "Device:" in page.locator("#status").inner_text()
     page.mouse.move(0, 0)  # no hover labels in the screenshot
@@ -144,19 +149,52 @@ def test_bad_input_shows_an_error_and_the_page_stays_usable(page):
     error.first.wait_for(state="visible", timeout=15_000)
     from app import jobs
 
-    assert not jobs._ACTIVE  # noqa: SLF001 - nothing was started
+    assert not jobs._ACTIVE and not jobs.DEVICE.busy  # noqa: SLF001 - nothing was started
     assert page.locator("#run-btn").is_enabled()
 
 
-def test_closing_the_tab_frees_its_job(browser, server):
-    from app import jobs
-
+def _open(browser, server):
     context = browser.new_context(viewport={"width": 1440, "height": 900})
     page = context.new_page()
     page.goto(server)
     page.wait_for_selector("#run-btn", timeout=30_000)
-    page.locator("#run-btn").click()  # the default: cpu preset, minutes of work
-    wait_for_status(page, "Running: clients", 60)
-    assert jobs.DEVICE_LOCK.locked()
-    context.close()  # the session disconnects
+    return context, page
+
+
+def test_closing_the_tab_frees_its_job_running_or_waiting(browser, server):
+    from app import jobs
+
+    running_ctx, running = _open(browser, server)
+    running.locator("#run-btn").click()  # the default: cpu preset, minutes of work
+    wait_for_status(running, "Running: clients", 60)
+    waiting_ctx, waiting = _open(browser, server)
+    waiting.locator("#run-btn").click()
+    wait_for_status(waiting, "Queued: position 1", 30)
+    assert jobs.DEVICE.busy and jobs.DEVICE.waiting() == 1
+    waiting_ctx.close()  # a waiting session disconnects: it leaves the line
+    for _ in range(100):
+        if jobs.DEVICE.waiting() == 0:
+            break
+        running.wait_for_timeout(100)
+    assert jobs.DEVICE.waiting() == 0 and jobs.DEVICE.busy  # the running one is unaffected
+    running_ctx.close()  # the running session disconnects
+    wait_until_idle(timeout=30)
+
+
+def test_stop_on_a_waiting_run_takes_it_out_of_the_line(browser, server):
+    from app import jobs
+
+    busy_ctx, busy = _open(browser, server)
+    busy.locator("#run-btn").click()
+    wait_for_status(busy, "Running: clients", 60)
+    _, page = _open(browser, server)
+    page.locator("#run-btn").click()
+    wait_for_status(page, "Queued", 30)
+    page.locator("#stop-btn").click()
+    for _ in range(100):
+        if jobs.DEVICE.waiting() == 0:
+            break
+        page.wait_for_timeout(100)
+    assert jobs.DEVICE.waiting() == 0
+    busy_ctx.close()
     wait_until_idle(timeout=30)

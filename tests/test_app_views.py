@@ -47,8 +47,9 @@ def test_accuracy_curves_one_line_per_method_plus_references():
     by_name = {t.name: t for t in fig.data}
     assert list(by_name["FedMITR"].y) == [0.2, 0.4, 0.5]
     assert list(by_name["dense inversion + KD"].x) == [1, 2]
-    assert by_name["FedAvg (reference)"].y == (0.3, 0.3)
-    assert by_name["FedAvg (reference)"].x[-1] == 3  # reference spans every round
+    assert by_name["FedAvg: 30.0%"].y == (0.3, 0.3)
+    assert by_name["FedAvg: 30.0%"].x[-1] == 3  # reference spans every round
+    assert "ensemble (teacher): 70.0%" in by_name  # one label, no "(teacher) (reference)"
     assert fig.layout.yaxis.tickformat == ".0%"
     # The method stands out: its own colour and the thickest line.
     assert by_name["FedMITR"].line.color == views.METHOD_COLOURS["fedmitr"]
@@ -57,7 +58,7 @@ def test_accuracy_curves_one_line_per_method_plus_references():
 
 def test_accuracy_curves_without_inversion_methods_say_so():
     fig = views.accuracy_curves({}, {"fedavg": 0.3})
-    assert any("inversion methods" in a.text for a in fig.layout.annotations)
+    assert any("inversion method runs" in a.text for a in fig.layout.annotations)
 
 
 def test_mask_overlay_tints_stopped_patches_only():
@@ -135,9 +136,38 @@ def test_results_rows_from_metrics():
     rows = views.results_rows(metrics)
     assert rows[0][:3] == ["FedAvg", "30.0%", "0.1"]
     assert rows[1][1] == "55.0%" and "500 synthetic images" in rows[1][3]
-    assert rows[2][:2] == ["clients (mean)", "30.0%"]
+    assert rows[2][:3] == ["clients (mean)", "30.0%", "5.5"]  # mean accuracy and mean time per client
     assert rows[3][0] == "best client (2)"
     assert all(len(r) == len(views.RESULT_HEADERS) for r in rows)
     metrics["methods"]["fedmitr"]["seconds"] = 152.8
     assert views.results_rows(metrics)[1][2] == "153"  # no decimals past 100 s: the column stays narrow
+
+
+def test_mask_overlay_without_tint_shows_the_image_itself():
+    event = make_round(batch=2)
+    event.images[:] = 0.0
+    img = np.asarray(views.mask_overlay(event, tint=False)[0]).astype(int)
+    cell = 168 // 4
+    assert img[cell // 2, cell // 2].sum() == 0  # a stopped patch, untinted: black as the image is
+
+
+def test_gallery_caption_sits_under_the_image_and_names_the_class():
+    event = make_round(batch=2, round_=5)
+    plain = views.mask_overlay(event)[1]
+    captioned = views.mask_overlay(event, class_names=[f"c{i}" for i in range(10)])[1]
+    assert captioned.width == plain.width and captioned.height > plain.height  # a strip below, nothing over it
+    np.testing.assert_array_equal(np.asarray(captioned)[:plain.height], np.asarray(plain))
+    assert views.gallery_caption(event, 1, [f"c{i}" for i in range(10)]) == "r5 #2 · class c1"
+
+
+def test_legend_says_how_many_images_the_gallery_shows():
+    assert "showing 8 of the 100 images of each round" in views.stop_legend_html(make_round(), shown=8, total=100)
+
+
+def test_relabel_map_says_when_every_patch_has_the_same_label():
+    event = make_round(batch=1)
+    event.token_labels[:] = event.labels[0]
+    fig = views.relabel_map(event, 0)
+    assert any("every patch was taught class 0" in a.text for a in fig.layout.annotations)
+    assert "#1 · class 0" in fig.layout.title.text
 

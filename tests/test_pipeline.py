@@ -222,3 +222,23 @@ def test_every_model_built_is_used(tiny_cfg, tiny_data, monkeypatch):
     cfg = dataclasses.replace(tiny_cfg, methods=("ensemble",))
     run(cfg, dataset=tiny_data)
     assert len(built) == 1 + cfg.data.num_clients  # the initial model, then one per client
+
+
+# What `fedmitr run --preset tiny --methods fedavg,ensemble,fedmitr` printed with 1 thread
+# (OMP_NUM_THREADS=1) on the development machine. "Deterministic" means: same seed, same thread
+# count, same machine type -> the same numbers; another thread count changes float reductions,
+# and so the numbers. Update these when a change to the pipeline is meant to change results.
+PINNED_TINY = {
+    "client_accuracy": [0.21, 0.15, 0.10, 0.10, 0.10],
+    "methods": {"fedavg": 0.155, "ensemble": 0.175, "fedmitr": 0.14},
+}
+
+
+def test_the_tiny_default_run_gives_the_pinned_numbers_on_one_thread(tiny_cfg):
+    import torch
+
+    assert torch.get_num_threads() == 1  # tests/conftest.py
+    cfg = dataclasses.replace(tiny_cfg, methods=("fedavg", "ensemble", "fedmitr"))
+    metrics = run(cfg).metrics
+    assert [round(c["accuracy"], 4) for c in metrics["clients"]] == pytest.approx(PINNED_TINY["client_accuracy"])
+    assert {k: round(v["accuracy"], 4) for k, v in metrics["methods"].items()} == pytest.approx(PINNED_TINY["methods"])
