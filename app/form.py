@@ -37,6 +37,7 @@ RELABEL_HELP = {
 }
 BUNDLED_HELP = {  # kept short: the label must fit the dropdown
     "mnist5k": "5k MNIST, offline",
+    "mnist-canvas": "MNIST on a 56px canvas, offline",
     "digits": "sklearn 8x8, offline",
 }
 SKEW_CHOICES = [
@@ -65,7 +66,7 @@ class FormValues:
     epochs: Any = 40  # local epochs per client
     iterations: Any = 80  # inversion iterations per synthetic batch
     images: Any = 100  # synthetic images per round
-    keep: Any = 0.7  # fraction of still-active patches kept at each stop
+    keep: Any = 0.8  # fraction of still-active patches kept at each stop
     relabel: str = "neighbourhood"  # low-density relabel mode
     rounds: Any = 5  # synthesis + distillation rounds
     seed: Any = 0

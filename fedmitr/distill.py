@@ -9,8 +9,10 @@ A distillation step, for a batch of pool images shifted by a random +-``shift_px
   for teacher and student. For sparse methods ``v`` keeps only the image's active patches (those
   the inversion optimised), because the ensemble labels a sparse image correctly on its active
   patches but not on the stopped, noise-like ones (METHOD.md, prototype lessons).
-* patch tokens (relabel methods): the student also sees every patch, and its aux head on each
-  patch token learns that patch's target: ``beta * mean_i SoftCE(target_i, aux(z_i))``.
+* patch tokens (relabel methods): the aux head on each patch token learns that patch's target,
+  ``beta * mean_i w_i SoftCE(target_i, aux(z_i))``, on every patch (``token_view = "full"``: one
+  more, dense, student pass for sparse methods) or on the kept patches of the same pass
+  (``"same"``). ``w_i`` is 1, or the relabel's confidence (``relabel.weighting``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fedmitr.baselines import fedavg
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset
 from fedmitr.inversion import SyntheticBatch, ensemble_forward
-from fedmitr.models import build_model, random_shift, sparse_forward
+from fedmitr.models import build_model, gather_tokens, random_shift, sparse_forward
 from fedmitr.relabel import TokenTargets
 
 
@@ -98,9 +100,12 @@ def distill_step(student: GlobalModel, teachers: list[VisionTransformer], images
     losses = {"kd": float(loss_kd.detach())}
     loss = loss_kd
     if targets is not None:
-        if keep_idx is not None:  # the token loss needs every patch: one more (dense) student pass
+        if keep_idx is not None and k.token_view == "same":  # the kept patches' tokens of the same pass
+            targets = gather_tokens(targets, keep_idx)
+        elif keep_idx is not None:  # every patch: one more (dense) student pass
             _, aux_logits = student(view, None)
-        loss_tok = SoftTargetCrossEntropy()(aux_logits.float(), targets)  # mean over images and patches
+        # Mean over images and patches; a relabel weight is folded into its target (CE is linear in it).
+        loss_tok = SoftTargetCrossEntropy()(aux_logits.float(), targets)
         loss = loss + k.token_weight * loss_tok
         losses["token"] = float(loss_tok.detach())
     optimizer.zero_grad(set_to_none=True)

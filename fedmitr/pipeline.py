@@ -28,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.clients import ClientResult, client_steps, evaluate, initial_model, train_clients
 from fedmitr.config import RunConfig
-from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, partition
+from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, partition, validation_view
 from fedmitr.errors import ConfigError
 from fedmitr.events import EventHandler, Metric, PartitionReady, Progress, StageFinished, StageStarted, ignore
 from fedmitr.methods import METHODS
@@ -95,6 +95,8 @@ def prepare(cfg: RunConfig, dataset: ImageDataset | None = None, on_event: Event
     if dataset is None:
         dataset = open_dataset(d.dataset, d.max_train_samples, d.max_test_samples, on_progress=lambda done, total: (
             on_event(Progress("data", done, total, f"decoding images {done}/{total}"))))
+        if d.evaluate_on == "validation":
+            dataset = validation_view(dataset)
     part = partition(dataset.train.labels.numpy(), d.num_clients, d.alpha, dataset.num_classes,
                      seed=cfg.seed, min_samples=d.min_client_samples)
     return Prepared(dataset, part, initial_model(cfg.model, dataset, cfg.seed))

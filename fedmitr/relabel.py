@@ -6,7 +6,9 @@ on the final image (mean over heads and clients, normalised to sum to 1 over the
 
 * Patches in H keep the generated pseudo-label ``y`` (one-hot, optionally smoothed): the inversion
   put the class evidence there.
-* Low-information patches get an ensemble relabel ``q_i``, one of :data:`RELABEL_MODES`:
+* Low-information patches get an ensemble relabel ``q_i``, one of :data:`RELABEL_MODES`, with
+  weight 1 or (``weighting = "confidence"``) ``max_l q_i(l)``, so a relabel the ensemble is unsure
+  of counts less:
   - ``"token"``: Token Labeling's annotator, each client's classifier head on its own final patch
     token, ``q_i = mean_k softmax(head_k(norm_k(token_i^k)) / tau)``;
   - ``"image"``: the image-level soft label ``q_i = softmax(f_E(x) / tau)`` for every low patch;
@@ -38,8 +40,9 @@ class PatchScores:
 
 @dataclass
 class TokenTargets:
-    targets: torch.Tensor  # [B, N, L] per-patch target distributions (rows sum to 1)
+    targets: torch.Tensor  # [B, N, L] per-patch targets: a distribution times the patch's weight
     relabelled: torch.Tensor  # [B, N] bool, True where the target is the ensemble relabel
+    weights: torch.Tensor  # [B, N] weight of each patch in the token loss (1 unless weighting is on)
 
 
 @torch.no_grad()
@@ -121,4 +124,8 @@ def relabel(models: list[VisionTransformer], batch: SyntheticBatch, scores: Patc
         one_hot = one_hot * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
     high = scores.high_mask.unsqueeze(-1)
     targets = torch.where(high, one_hot.unsqueeze(1).expand_as(q), q)
-    return TokenTargets(targets=targets, relabelled=~scores.high_mask)
+    weights = torch.ones_like(scores.density)
+    if cfg.weighting == "confidence":  # trust a relabel as much as the ensemble is sure of it
+        weights = torch.where(scores.high_mask, weights, q.max(-1).values)
+    # The weight is folded into the target: the soft cross-entropy is linear in it.
+    return TokenTargets(targets=targets * weights.unsqueeze(-1), relabelled=~scores.high_mask, weights=weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ def make_accelerator(cpu: bool = False) -> Accelerator:
     AcceleratorState._reset_state(True)  # noqa: SLF001
     GradientState._reset_state()  # noqa: SLF001
     mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cpu else "no"
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", mixed)  # accelerate's own override
     return Accelerator(cpu=cpu, mixed_precision=mixed)
 
 

@@ -100,7 +100,7 @@ def test_hub_dataset_accepted_when_online(monkeypatch):
 
 def test_dataset_choices_list_bundled_first():
     names = [name for _, name in form.dataset_choices()]
-    assert names[:2] == ["mnist5k", "digits"] and "cifar10" in names
+    assert names[:3] == ["mnist5k", "mnist-canvas", "digits"] and "cifar10" in names
 
 
 def test_default_methods_are_registered_methods():

@@ -24,7 +24,8 @@ def test_bench_tiny_writes_tables(tmp_path):
     assert all(r["inversion_speedup"] > 0 for r in records)
     table = (out / "bench.md").read_text()
     assert "| fedmitr |" in table and "inversion_speedup" in table and "α=iid" in table
-    assert (out / "tradeoff.html").exists()
+    assert (out / "frontier-tiny.html").exists()
+    assert "| tiny | 0.5 | 1 |" in table and "Where FedMITR wins" in table
     merged = tmp_path / "merged"
     assert main(["bench", "--merge", str(out / "bench.json"), str(out / "bench.json"), "--out", str(merged)]) == 0
     assert len(json.loads((merged / "bench.json").read_text())["records"]) == 2 * len(records)
@@ -69,3 +70,28 @@ def test_cli_bench_records_its_own_arguments(tmp_path):
 def test_bad_grid_is_one_error_line(alphas, seeds, message, tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--alphas", alphas, "--seeds", seeds, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_regime_map_marks_differences_beyond_the_spread():
+    def rec(method, acc, seed, alpha="0.1", setting="canvas"):
+        return {"setting": setting, "alpha": alpha, "seed": seed, "method": method, "accuracy": acc}
+
+    records = [rec("fedmitr", 0.60, 0), rec("fedmitr", 0.62, 1), rec("dense-kd", 0.50, 0), rec("dense-kd", 0.51, 1),
+               rec("sparse-kd", 0.61, 0), rec("sparse-kd", 0.60, 1)]
+    table = bench.regime_map(records)
+    row = next(line for line in table.splitlines() if line.startswith("| canvas | 0.1 |"))
+    assert "**+10.5**" in row  # 61 vs 50.5: far beyond a 1.4-point spread
+    assert "| +0.5 |" in row  # 61 vs 60.5: within the spread, not bold
+    assert "| - |" in row  # no fedmitr@time rows
+
+
+def test_pareto_front_keeps_only_points_nothing_beats():
+    points = [(10, 0.5), (20, 0.4), (30, 0.7), (5, 0.2), (30, 0.6)]
+    assert bench.pareto_front(points) == [(5, 0.2), (10, 0.5), (30, 0.7)]
+
+
+def test_equal_time_takes_only_sparse_methods_that_run(tmp_path, capsys):
+    argv = ["bench", "--preset", "tiny", "--methods", "fedavg,dense-kd", "--equal-time", "dense-kd",
+            "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "--equal-time takes sparse methods that run" in capsys.readouterr().err

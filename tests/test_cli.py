@@ -34,7 +34,7 @@ def test_run_help_documents_every_flag(capsys):
     for flag in RUN_FLAGS:
         assert flag in out
     # ... with what each one allows.
-    for allowed in ("mnist5k", "cifar10", "iid", "tiny, cpu, gpu", "fedavg, ensemble", ">= 2", "YAML"):
+    for allowed in ("mnist5k", "cifar10", "iid", "tiny, cpu, cpu-49, gpu", "fedavg, ensemble", ">= 2", "YAML"):
         assert allowed in out
 
 
@@ -122,7 +122,7 @@ BAD_INPUTS = {
     "dataset nope": (["--dataset", "nope"], ["'nope'", "mnist5k", "digits"]),
     "dataset offline": (["--dataset", "cifar10"], ["cifar10", "Offline?", "mnist5k"]),
     "methods bogus": (["--methods", "fedavg,bogus"], ["bogus", "known: fedavg, ensemble"]),
-    "preset nope": (["--preset", "nope"], ["'nope'", "tiny, cpu, gpu"]),
+    "preset nope": (["--preset", "nope"], ["'nope'", "tiny, cpu, cpu-49, gpu"]),
     "seed abc": (["--seed", "abc"], ["--seed must be an integer"]),
     "epochs 0": (["--epochs", "0"], ["--epochs must be >= 1"]),
     "unknown flag": (["--bogus", "1"], ["--bogus", "--help"]),
