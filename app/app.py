@@ -114,6 +114,7 @@ class Page:
     legend: Any
     relabel_plot: Any
     curves_plot: Any
+    bench_note: Any
     results: Any
     files: Any
     log_box: Any
@@ -214,6 +215,8 @@ def build_demo() -> gr.Blocks:
                                                    value=list(knobs.methods), elem_id="methods",
                                                    info="fedmitr is the method, fedavg and ensemble are "
                                                         "references, the others are ablations.")
+                        high_token = gr.Button("Where FedMITR's premise holds: 49 tokens per image", size="sm",
+                                               elem_id="high-token-btn")
                         with gr.Row():
                             run_btn = gr.Button("Run", variant="primary", elem_id="run-btn", scale=2, min_width=80)
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1, min_width=80)
@@ -282,6 +285,7 @@ def build_demo() -> gr.Blocks:
                                 gr.Markdown(TEXT["curves"], elem_classes="fm-explain")
                                 curves_plot = gr.Plot(views.accuracy_curves({}, {}, rounds=knobs.rounds),
                                                       show_label=False, elem_id="curves-plot")
+                                bench_note = gr.Markdown(BENCH_HINT, elem_id="bench-note", elem_classes="fm-explain")
                             with gr.Column(scale=1, elem_classes="fm-section"):
                                 gr.Markdown("### 6 · Results")
                                 gr.Markdown(TEXT["results"], elem_classes="fm-explain")
@@ -300,7 +304,7 @@ def build_demo() -> gr.Blocks:
 
         page = Page(status=status, partition_plot=partition_plot, clients_plot=clients_plot, gallery=gallery,
                     gallery_method=gallery_method, legend=legend, relabel_plot=relabel_plot,
-                    curves_plot=curves_plot, results=results, files=files, log_box=log_box,
+                    curves_plot=curves_plot, bench_note=bench_note, results=results, files=files, log_box=log_box,
                     view_state=view_state, gallery_index=gallery_index)
         inputs = {"dataset": dataset, "clients": clients, "alpha": alpha, "methods": methods, "preset": preset,
                   "epochs": epochs, "iterations": iterations, "images": images, "keep": keep, "relabel": relabel,
@@ -324,6 +328,7 @@ def build_demo() -> gr.Blocks:
 
         stop_btn.click(stop_job, [view_state], [status], cancels=[run_event], concurrency_limit=None,
                        api_visibility="private", show_progress="hidden")
+        high_token.click(_high_token, None, [preset, methods], api_visibility="private", show_progress="hidden")
         preset.change(_preset_knobs, [preset], [inputs[name] for name in PRESET_KNOBS],
                       api_visibility="private", show_progress="hidden")
         dataset.input(_dataset_note, [dataset], None, api_visibility="private", show_progress="hidden")
@@ -479,6 +484,7 @@ def _render(c: "Page", view: RunView, dirty: set[str], shown_method: str | None,
         update[c.gallery_index] = index
     if "final" in dirty and view.metrics is not None:
         update[c.results] = pd.DataFrame(views.results_rows(view.metrics), columns=views.RESULT_HEADERS)
+        update[c.bench_note] = bench_note(view.cfg)
         update[c.files] = view.files or None
     return update, shown_method, index
 
@@ -503,6 +509,28 @@ def stop_job(view: RunView | None, request: gr.Request):
 
 
 PRESET_KNOBS = ("epochs", "iterations", "images", "keep", "relabel", "rounds", "seed")  # follow the preset
+HIGH_TOKEN_PRESET = "cpu-49"
+BENCH_HINT = ("After a run, this says how FedMITR did against dense inversion + KD in the benchmark's matching "
+              "setting (`assets/bench/bench.md`).")
+
+
+def _high_token():
+    """One click to the setting where sparse inversion's premise holds, with the methods to compare."""
+    return HIGH_TOKEN_PRESET, ["fedavg", "ensemble", "dense-kd", "fedmitr"]
+
+
+def bench_note(cfg) -> str:
+    """How this run's setting did in the bundled benchmark, or why there is nothing to compare."""
+    from fedmitr.bench import compare_with_benchmark, load_records, setting_name
+    from fedmitr.data import ASSETS
+
+    try:
+        records = load_records(ASSETS / "bench" / "bench.json")
+    except ConfigError:
+        return "The bundled benchmark (`assets/bench/bench.json`) could not be read."
+    line = compare_with_benchmark(records, setting_name(cfg), cfg.data.alpha)
+    return line or (f"The benchmark has no {setting_name(cfg)} cells to compare this run with; it covers the cpu "
+                    f"and cpu-49 presets on mnist5k (`assets/bench/bench.md`).")
 
 
 def _preset_knobs(preset: str):

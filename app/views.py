@@ -385,9 +385,13 @@ def results_rows(metrics: Mapping) -> list[list]:
     """
     rows = []
     num_clients = len(metrics.get("clients", []))
+    inversion = [n for n, m in metrics.get("methods", {}).items() if "synthetic_images" in m]
     for name, m in metrics.get("methods", {}).items():
         if "synthetic_images" in m:
-            note = f"one global model, {m['synthetic_images']} synthetic images"
+            note = (f"one global model, {m['synthetic_images']} synthetic images × "
+                    f"{m.get('inversion_iterations', '?')} iterations")
+            if len(inversion) > 1:
+                note += " (equal iterations with the other inversion methods, not equal time)"
         elif name == "ensemble":
             note = f"needs all {num_clients} client models at test time"
         else:

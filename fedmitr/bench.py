@@ -283,3 +283,36 @@ def inversion_speed(cfg: RunConfig, repeats: int, on_event: EventHandler = ignor
             "images": cfg.inversion.images_per_round, "iterations": cfg.inversion.iterations,
             "active_patches_at_end": int(batch.keep_idx.shape[1]), "patches": int(batch.stop_step.shape[1]),
             "seconds": seconds, "dense_mean": dense, "sparse_mean": sparse, "inversion_speedup": dense / sparse}
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``bench.json`` (for example the bundled ``assets/bench/bench.json``)."""
+    return merge_records([str(path)])[1]
+
+
+def compare_with_benchmark(records: list[dict[str, Any]], setting: str, alpha: float | None) -> str | None:
+    """One sentence on how FedMITR did against dense inversion + KD in the benchmark's cell nearest
+    to a run (same setting; the nearest alpha), or None when the benchmark has no such setting."""
+    rows = [r for r in records if _setting(r) == setting]
+    alphas = [a for a in _cells(rows, "alpha") if _values(rows, setting, "fedmitr", a) and
+              _values(rows, setting, "dense-kd", a)]
+    if not alphas:
+        return None
+
+    def distance(a: str) -> float:
+        if alpha is None or a == "iid":
+            return 0.0 if (alpha is None) == (a == "iid") else math.inf
+        return abs(math.log(float(a)) - math.log(alpha))
+
+    nearest = min(alphas, key=distance)
+    if distance(nearest) == math.inf:
+        return None
+    dense = statistics.mean(_values(rows, setting, "dense-kd", nearest))
+    parts = []
+    for name, budget in (("fedmitr", "equal iterations"), ("fedmitr@time", "equal time")):
+        ours = _values(rows, setting, name, nearest)
+        if ours:
+            parts.append(f"{100 * (statistics.mean(ours) - dense):+.1f} points at {budget}")
+    seeds = len(_values(rows, setting, "fedmitr", nearest))
+    return (f"In the benchmark ({setting}, α={nearest}, mean of {seeds} seed(s), 1 thread), FedMITR was "
+            f"{' and '.join(parts)} against dense inversion + KD (`assets/bench/bench.md`).")

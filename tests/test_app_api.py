@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.app import Page
 from app.form import FormValues
 from app_server import serving_app
+
+# Where each part of the page is in a streamed update: the order of the run event's outputs.
+OUT = {f.name: i for i, f in enumerate(dataclasses.fields(Page))}
 
 # A few seconds on 2 CPU cores.
 TINY = FormValues(dataset="mnist5k", clients=3, alpha="0.5", methods=["fedavg", "ensemble", "fedmitr"],
@@ -106,31 +110,31 @@ def test_tiny_run_streams_partition_gallery_and_accuracy(client):
     job = submit(client)
     updates = list(job)
     assert job.status().success, job.exception()
-    # Output order: status, partition, clients, gallery, gallery method, legend, relabel, curves, results, files, log.
-    partitions = [i for i, u in enumerate(updates) if heatmap(u[1])]
+    partitions = [i for i, u in enumerate(updates) if heatmap(u[OUT["partition_plot"]])]
     assert partitions, "no partition heatmap was streamed"
-    counts = array(heatmap(updates[partitions[-1]][1])["z"])
+    counts = array(heatmap(updates[partitions[-1]][OUT["partition_plot"]])["z"])
     assert counts.shape == (3, 10)  # 3 clients x 10 digit classes
     assert counts.sum() > 0 and (counts >= 0).all()
     assert partitions[0] < len(updates) - 1  # live: the partition arrives before the run is over
 
-    galleries = [u[3] for u in updates if isinstance(u[3], list) and u[3]]
+    galleries = [u[OUT["gallery"]] for u in updates if isinstance(u[OUT["gallery"]], list) and u[OUT["gallery"]]]
     assert galleries, "no gallery images were streamed"
     image = Path(galleries[-1][0]["image"])
     assert image.exists() and image.stat().st_size > 0
     with Image.open(image) as im:
         assert im.size[0] >= 100  # upscaled for display
-    curves = plot_json(updates[-1][7])
+    curves = plot_json(updates[-1][OUT["curves_plot"]])
     assert any(t.get("name") == "FedMITR" and len(array(t["x"])) == TINY.rounds for t in curves["data"])
 
     final = updates[-1]
-    assert "Finished" in final[0]
-    table = final[8]
+    assert "Finished" in final[OUT["status"]]
+    assert "benchmark" in final[OUT["bench_note"]]
+    table = final[OUT["results"]]
     rows = {row[0]: row for row in table["data"]}
     assert {"FedAvg", "ensemble (teacher)"} <= set(rows)
     for row in rows.values():
         assert 0.0 <= float(row[1].rstrip("%")) <= 100.0
-    files = {Path(f).name: Path(f) for f in final[9]}
+    files = {Path(f).name: Path(f) for f in final[OUT["files"]]}
     assert "metrics.json" in files and "fedavg.safetensors" in files
     metrics = json.loads(files["metrics.json"].read_text())
     assert set(TINY.methods) == set(metrics["methods"])

@@ -132,6 +132,7 @@ def test_run_shows_gallery_plots_and_results(page):
     page.wait_for_function("document.querySelector('#relabel-plot').innerText.includes('#3')",
                            timeout=10_000)
     assert "Device:" in page.locator("#status").inner_text()
+    assert "benchmark" in page.locator("#bench-note").inner_text()
     page.mouse.move(0, 0)  # no hover labels in the screenshot
     page.wait_for_function("!document.querySelector('.hoverlayer g')", timeout=5_000)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -198,3 +199,13 @@ def test_stop_on_a_waiting_run_takes_it_out_of_the_line(browser, server):
     assert jobs.DEVICE.waiting() == 0
     busy_ctx.close()
     wait_until_idle(timeout=30)
+
+
+def test_the_high_token_setting_is_one_click_away(page):
+    page.locator("#high-token-btn").click()
+    page.wait_for_function("document.querySelector('#preset input[value=\"cpu-49\"]').checked", timeout=10_000)
+    methods = page.locator("#methods")
+    for name in ("dense-kd", "fedmitr"):
+        assert methods.get_by_label(name, exact=True).is_checked()
+    # The preset's knobs follow (cpu-49 trains its clients for 50 epochs).
+    page.wait_for_function("document.querySelector('#epochs input').value === '50'", timeout=10_000)

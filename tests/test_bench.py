@@ -95,3 +95,17 @@ def test_equal_time_takes_only_sparse_methods_that_run(tmp_path, capsys):
             "--out", str(tmp_path)]
     assert main(argv) == 2
     assert "--equal-time takes sparse methods that run" in capsys.readouterr().err
+
+
+def test_compare_with_benchmark_picks_the_nearest_alpha_of_the_setting():
+    def rec(method, acc, alpha, setting="cpu-49"):
+        return {"setting": setting, "alpha": alpha, "seed": 0, "method": method, "accuracy": acc}
+
+    records = [rec("fedmitr", 0.40, "0.1"), rec("dense-kd", 0.30, "0.1"), rec("fedmitr@time", 0.45, "0.1"),
+               rec("fedmitr", 0.70, "0.5"), rec("dense-kd", 0.72, "0.5"), rec("fedmitr", 0.9, "iid"),
+               rec("dense-kd", 0.9, "iid")]
+    line = bench.compare_with_benchmark(records, "cpu-49", 0.2)
+    assert "α=0.1" in line and "+10.0 points at equal iterations and +15.0 points at equal time" in line
+    assert "-2.0 points at equal iterations" in bench.compare_with_benchmark(records, "cpu-49", 1.0)
+    assert "α=iid" in bench.compare_with_benchmark(records, "cpu-49", None)
+    assert bench.compare_with_benchmark(records, "gpu", 0.1) is None
