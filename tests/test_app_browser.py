@@ -203,7 +203,8 @@ def test_stop_on_a_waiting_run_takes_it_out_of_the_line(browser, server):
 
 def test_the_high_token_setting_is_one_click_away(page):
     page.locator("#high-token-btn").click()
-    page.wait_for_function("document.querySelector('#preset input[value=\"cpu-49\"]').checked", timeout=10_000)
+    page.get_by_role("button", name="Advanced").click()  # the preset and its knobs live in there
+    page.wait_for_function("document.querySelector('#preset input[value=\"cpu-49\"]')?.checked", timeout=10_000)
     methods = page.locator("#methods")
     for name in ("dense-kd", "fedmitr"):
         assert methods.get_by_label(name, exact=True).is_checked()
