@@ -1,4 +1,5 @@
-"""Command line: ``fedmitr run`` (one pipeline run) and ``fedmitr bench`` (a grid of runs).
+"""Command line: ``fedmitr run`` (one pipeline run), ``fedmitr bench`` (a grid of runs), and sharing:
+``fedmitr export``, ``push``, ``export-synthetic`` and ``eval``.
 
 Bad input prints one line on stderr, ``fedmitr: error: <what was wrong and what is allowed>``, and
 exits with code 2 before anything is written. Progress goes to stderr (a progress bar on a
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "seeds, at equal iterations and (sparse methods) at equal wall-clock. "
                                        "Writes bench.json, bench.md and frontier-<setting>.html.")
     add_run_flags(bench)
+    _add_share_commands(sub)
     bench.add_argument("--alphas", default="0.1,0.3,0.5,iid", help="comma-separated skews (default: 0.1,0.3,0.5,iid)")
     bench.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (default: 0,1)")
     bench.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock reruns")
@@ -65,6 +67,47 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only rebuild bench.md and the frontier plots in --out from existing bench.json files "
                             "(e.g. halves of a grid run in parallel); trains nothing")
     return parser
+
+
+def _add_share_commands(sub) -> None:
+    export = sub.add_parser("export", help="write a run's global model as a timm Hub folder with a model card",
+                            description="Write RUN_DIR's global model of --method into DIR exactly as `fedmitr push` "
+                                        "would upload it: timm's Hub layout (config.json, model.safetensors), the "
+                                        "run's config and metrics, the accuracy curve and a model card.")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("out", metavar="DIR")
+    _add_share_flags(export)
+
+    push = sub.add_parser("push", help="push a run's global model to the Hugging Face Hub",
+                          description="Export RUN_DIR's global model and push it to --repo as one commit. The token "
+                                      "comes from HF_TOKEN or `hf auth login`; it is never printed.")
+    push.add_argument("run_dir", metavar="RUN_DIR")
+    push.add_argument("--repo", required=True, metavar="USER/NAME", help="model repo on the Hub (created if needed)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    _add_share_flags(push)
+
+    synthetic = sub.add_parser("export-synthetic", help="save a run's synthetic images as a datasets dataset",
+                               description="Save every synthetic image of --method with its label and per-patch "
+                                           "density, mask, stop iteration and token label (datasets save_to_disk); "
+                                           "with --repo, push it to the Hub as a dataset.")
+    synthetic.add_argument("run_dir", metavar="RUN_DIR")
+    synthetic.add_argument("out", metavar="DIR")
+    synthetic.add_argument("--method", default="fedmitr", help="an inversion method of the run (default: fedmitr)")
+    synthetic.add_argument("--repo", default=None, metavar="USER/NAME", help="also push it as a Hub dataset")
+    synthetic.add_argument("--private", action="store_true", help="create the dataset repo private")
+
+    evaluate = sub.add_parser("eval", help="test accuracy and confusion matrix of a shared checkpoint",
+                              description="Load a checkpoint (hf-hub:USER/NAME or local-dir:PATH, as timm does) and "
+                                          "evaluate it on a dataset's test split.")
+    evaluate.add_argument("--model", required=True, metavar="REF", help="hf-hub:USER/NAME or local-dir:PATH")
+    evaluate.add_argument("--dataset", default=None,
+                          help=f"dataset to test on (default: the one the model was trained on): {', '.join(DATASETS)}")
+
+
+def _add_share_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="fedmitr", help="whose global model: a method of the run (default: fedmitr)")
+    p.add_argument("--with-clients", action="store_true", help="also include the client models under clients/")
+    p.add_argument("--with-synthetic", action="store_true", help="also include the synthetic set under synthetic/")
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -258,12 +301,47 @@ def cmd_bench(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def cmd_share(args: argparse.Namespace) -> int:
+    from fedmitr import hub
+
+    if args.command == "export":
+        out = hub.export(args.run_dir, args.out, args.method, args.with_clients, args.with_synthetic)
+        print(f"wrote {out} (load it with timm.create_model('local-dir:{out}', pretrained=True))")
+    elif args.command == "push":
+        url = hub.push(args.run_dir, args.repo, private=args.private, method=args.method,
+                       include_clients=args.with_clients, include_synthetic=args.with_synthetic)
+        print(f"pushed {args.method} to {url}")
+    elif args.command == "export-synthetic":
+        where = hub.export_synthetic(args.run_dir, args.out, args.method, repo_id=args.repo, private=args.private)
+        print(f"wrote {where}")
+    else:
+        model, info = hub.load(args.model)
+        dataset = args.dataset or info.get("dataset", {}).get("name")
+        if not dataset:
+            raise ConfigError("this checkpoint does not say which dataset it was trained on; pass --dataset")
+        result = hub.evaluate_checkpoint(model, dataset)
+        print(f"{result['dataset']}: test accuracy {result['accuracy']:.4f} on {result['num_test']} images\n")
+        print(confusion_table(result["confusion"], result["class_names"]))
+    return 0
+
+
+def confusion_table(confusion: list[list[int]], names: list[str]) -> str:
+    """Rows: the true class; columns: the predicted class."""
+    width = max(4, *(len(n) for n in names), *(len(str(v)) for row in confusion for v in row))
+    lines = ["true\\pred " + " ".join(n.rjust(width) for n in names)]
+    for name, row in zip(names, confusion):
+        lines.append(name.rjust(10) + " " + " ".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command in ("export", "push", "export-synthetic", "eval"):
+            return cmd_share(args)
         return cmd_bench(args, command="fedmitr " + shlex.join(argv))
     except USER_ERRORS as err:
         return _fail(str(err))

@@ -21,7 +21,11 @@ class ModelUnavailable(RuntimeError):
     """Pretrained weights could not be loaded (offline, unknown name)."""
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetUnavailable, ModelUnavailable)
+class HubError(RuntimeError):
+    """The Hugging Face Hub cannot be used for what was asked (offline, no token, refused push)."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetUnavailable, ModelUnavailable, HubError)
 
 
 # Hugging Face user access tokens ("hf_" + 30+ letters and digits); shorter runs are masked too, so

@@ -32,6 +32,7 @@ from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, p
 from fedmitr.errors import ConfigError
 from fedmitr.events import EventHandler, Metric, PartitionReady, Progress, StageFinished, StageStarted, ignore
 from fedmitr.methods import METHODS
+from fedmitr.privacy import NearestReal, nearest_real, real_set
 from fedmitr.runtime import DeviceInfo, describe_device, make_accelerator, seed_everything
 from fedmitr.server import MethodResult, ServerContext, run_method
 
@@ -147,12 +148,35 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandle
         methods[name] = result = run_method(name, server)
         on_event(Metric("accuracy", result.accuracy, name))
         on_event(StageFinished(name, result.seconds))
+    privacy = privacy_check(fed, methods, on_event) if any(r.synthetic for r in methods.values()) else {}
     seconds = {**fed.seconds, "total": time.perf_counter() - t_start}
 
     metrics = run_metrics(cfg, fed, methods, seconds)
+    if privacy:
+        metrics["privacy"] = {name: check.summary() for name, check in privacy.items()}
     if out_path is not None and fed.accelerator.is_main_process:
-        write_run_dir(out_path, cfg, metrics, fed.clients, methods)
+        write_run_dir(out_path, cfg, metrics, fed.clients, methods, privacy, fed.dataset)
     return RunResult(cfg, fed.dataset, fed.partition, fed.clients, methods, metrics, out_path)
+
+
+def privacy_check(fed: Federation, methods: dict[str, MethodResult], on_event: EventHandler = ignore
+                  ) -> dict[str, NearestReal]:
+    """The nearest real training image of every synthetic image, per inversion method (see
+    :mod:`fedmitr.privacy`). It runs here because the simulation holds every client's data; in a real
+    deployment each client would run it on its own data."""
+    t0 = time.perf_counter()
+    on_event(StageStarted("privacy", info="nearest real training image of every synthetic image"))
+    train, models = fed.dataset.train, [c.model for c in fed.clients]
+    real = real_set(fed.dataset.to_unit(train.images), train.images, train.labels, models)
+    checks = {}
+    for name, result in methods.items():
+        if result.synthetic is not None:
+            unit = torch.from_numpy(result.synthetic.unit_images())
+            normalised = (unit - torch.tensor(fed.dataset.mean).view(1, -1, 1, 1)) / torch.tensor(
+                fed.dataset.std).view(1, -1, 1, 1)
+            checks[name] = nearest_real(unit, normalised, real, models)
+    on_event(StageFinished("privacy", time.perf_counter() - t0))
+    return checks
 
 
 def run_metrics(cfg: RunConfig, fed: Federation, methods: dict[str, MethodResult],
@@ -165,6 +189,7 @@ def run_metrics(cfg: RunConfig, fed: Federation, methods: dict[str, MethodResult
             "name": dataset.name, "source": dataset.source, "num_classes": dataset.num_classes,
             "class_names": list(dataset.class_names), "image_size": dataset.image_size,
             "channels": dataset.channels, "num_train": len(dataset.train), "num_test": len(dataset.test),
+            "mean": list(dataset.mean), "std": list(dataset.std),  # the inputs' normalisation, per channel
         },
         "device": str(fed.device),
         "partition": {
@@ -190,8 +215,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_run_dir(out_dir: Path, cfg: RunConfig, metrics: dict[str, Any], clients: list[ClientResult],
-                  methods: dict[str, MethodResult]) -> None:
-    """``config.json``, ``metrics.json``, ``clients/client_K.safetensors``, ``models/METHOD.safetensors``."""
+                  methods: dict[str, MethodResult], privacy: dict[str, NearestReal] | None = None,
+                  dataset: ImageDataset | None = None) -> None:
+    """``config.json``, ``metrics.json``, ``clients/client_K.safetensors``, ``models/METHOD.safetensors``
+    and ``synthetic/METHOD.safetensors`` (the synthetic set, with its privacy check)."""
     (out_dir / "clients").mkdir(parents=True, exist_ok=True)
     for c in clients:
         save_file(_cpu_state(c.model), str(out_dir / "clients" / f"client_{c.index}.safetensors"))
@@ -199,6 +226,13 @@ def write_run_dir(out_dir: Path, cfg: RunConfig, metrics: dict[str, Any], client
         if r.model is not None:
             (out_dir / "models").mkdir(exist_ok=True)
             save_file(_cpu_state(r.model), str(out_dir / "models" / f"{name}.safetensors"))
+        if r.synthetic is not None:
+            (out_dir / "synthetic").mkdir(exist_ok=True)
+            check = (privacy or {}).get(name)
+            extra = {"class_names": list(dataset.class_names) if dataset is not None else None,
+                     "nearest_real_index": check.index.tolist() if check else None,
+                     "nearest_real_distance": {k: v.tolist() for k, v in check.distance.items()} if check else None}
+            r.synthetic.save(out_dir / "synthetic" / f"{name}.safetensors", extra)
     _atomic_write(out_dir / "config.json", cfg.to_json() + "\n")
     # metrics.json last: its presence means the run directory is complete.
     _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -33,6 +33,7 @@ from fedmitr.events import EventHandler, Metric, Progress, SyntheticRound, ignor
 from fedmitr.inversion import SyntheticBatch, invert
 from fedmitr.methods import METHODS, MethodSpec
 from fedmitr.relabel import PatchScores, TokenTargets, high_set_size, relabel, score_patches
+from fedmitr.synthetic import SyntheticSet
 
 
 @dataclass
@@ -64,6 +65,7 @@ class MethodResult:
     active_patches: int = 0  # patches still optimised at the end of the last batch's inversion
     patches: int = 0  # patches per image
     final_losses: dict[str, float] = field(default_factory=dict)  # named losses of the last distillation step
+    synthetic: SyntheticSet | None = None  # every synthetic image, for the run directory (not in metrics.json)
 
     def to_dict(self) -> dict[str, Any]:
         """The method's entry in ``metrics.json``."""
@@ -112,6 +114,7 @@ def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | Non
     seconds = {"inversion": 0.0, "relabel": 0.0, "distill": 0.0, "evaluate": 0.0}
     progress = _progress(spec.name, rounds * (inv.iterations + steps), ctx.on_event)
     losses: dict[str, float] = {}
+    rounds_made: list[SyntheticRound] = []
 
     for r in range(1, rounds + 1):
         # 1. Invert: a balanced batch of labels, continuing the class cycle of earlier rounds.
@@ -129,7 +132,9 @@ def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | Non
                           on_chunk=lambda i, n: progress(f"round {r}/{rounds}: relabel {i}/{n}", {}, advance=False)
                           ) if spec.relabel else None
         seconds["relabel"] += time.perf_counter() - t0
-        ctx.on_event(round_event(spec, r, batch, scores, targets, dataset))
+        made = round_event(spec, r, batch, scores, targets, dataset)
+        rounds_made.append(made)
+        ctx.on_event(made)
 
         # 3. Distil over the whole pool so far.
         t0 = time.perf_counter()
@@ -154,6 +159,7 @@ def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | Non
         spec.name, curve[-1], model=student.vit.eval(), curve=curve, stage_seconds=seconds,
         synthetic_images=len(pool), inversion_iterations=inv.iterations,
         active_patches=int(pool.keep_idx[-1].shape[1]), patches=int(batch.stop_step.shape[1]), final_losses=losses,
+        synthetic=SyntheticSet.from_rounds(rounds_made),
     )
 
 
