@@ -36,7 +36,7 @@ from fedmitr.errors import USER_ERRORS, ConfigError, excerpt, redact  # noqa: E4
 from fedmitr.methods import METHODS  # noqa: E402
 from fedmitr.runtime import DeviceInfo  # noqa: E402
 
-from app import form, jobs, views  # noqa: E402
+from app import form, jobs, share, views  # noqa: E402
 from app.runview import RunView, idle_status_html  # noqa: E402
 
 log = logging.getLogger("fedmitr.app")
@@ -117,6 +117,10 @@ class Page:
     bench_note: Any
     results: Any
     files: Any
+    privacy_pair: Any
+    privacy_text: Any
+    share_method: Any
+    try_method: Any
     log_box: Any
     view_state: Any
     gallery_index: Any
@@ -200,7 +204,6 @@ def build_demo() -> gr.Blocks:
 
         gr.Markdown(INTRO, elem_id="intro")
         with gr.Tabs():
-            # Later: a "Load a shared checkpoint" tab goes next to this one.
             with gr.Tab("Run FedMITR", id="run"):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=1, min_width=320, elem_id="controls"):
@@ -271,6 +274,13 @@ def build_demo() -> gr.Blocks:
                                                  allow_preview=False, elem_id="gallery",
                                                  buttons=["download", "fullscreen"])
 
+                            with gr.Row(equal_height=False):
+                                privacy_pair = gr.Image(label="Privacy check: the nearest real training image",
+                                                        type="pil", interactive=False, height=220, scale=1,
+                                                        elem_id="privacy-pair", buttons=[])
+                                privacy_text = gr.Markdown(views.PRIVACY_HINT, elem_id="privacy-text",
+                                                           elem_classes="fm-explain")
+
                         with gr.Column(elem_classes="fm-section"):
                             gr.Markdown("### 4 · Relabel map: what each patch is taught")
                             gr.Markdown(TEXT["relabel"], elem_classes="fm-explain")
@@ -293,18 +303,22 @@ def build_demo() -> gr.Blocks:
                                                        headers=views.RESULT_HEADERS, interactive=False, wrap=True,
                                                        show_label=False, elem_id="results",
                                                        column_widths=["26%", "22%", "14%", "38%"])
-                                # Later: a "Push to the Hugging Face Hub" action goes under the downloads.
                                 files = gr.File(label="Downloads: global model, config and metrics",
                                                 file_count="multiple", interactive=False, elem_id="downloads")
                                 gr.Markdown("These files are deleted when you close this tab (and after 6 hours "
                                             "at most): download what you want to keep.", elem_classes="fm-explain")
+                                share_method = share.build_share_panel(view_state)
                         with gr.Accordion("Event log", open=False):
                             log_box = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False,
                                                  autoscroll=True, elem_id="log")
 
+            try_method = share.build_try_tab(view_state)
+
         page = Page(status=status, partition_plot=partition_plot, clients_plot=clients_plot, gallery=gallery,
                     gallery_method=gallery_method, legend=legend, relabel_plot=relabel_plot,
-                    curves_plot=curves_plot, bench_note=bench_note, results=results, files=files, log_box=log_box,
+                    curves_plot=curves_plot, bench_note=bench_note, results=results, files=files,
+                    privacy_pair=privacy_pair, privacy_text=privacy_text, share_method=share_method,
+                    try_method=try_method, log_box=log_box,
                     view_state=view_state, gallery_index=gallery_index)
         inputs = {"dataset": dataset, "clients": clients, "alpha": alpha, "methods": methods, "preset": preset,
                   "epochs": epochs, "iterations": iterations, "images": images, "keep": keep, "relabel": relabel,
@@ -335,7 +349,7 @@ def build_demo() -> gr.Blocks:
         gallery_method.input(_show_method, [view_state, gallery_method],
                              [gallery, legend, relabel_plot, gallery_index],
                              api_visibility="private", show_progress="hidden")
-        gallery.select(_select_image, [view_state, gallery_index], [relabel_plot],
+        gallery.select(_select_image, [view_state, gallery_index], [relabel_plot, privacy_pair, privacy_text],
                        api_visibility="private", show_progress="hidden")
         tint.change(_set_tint, [view_state, gallery_method, tint], [gallery, relabel_plot, gallery_index],
                     api_visibility="private", show_progress="hidden")
@@ -450,6 +464,9 @@ def run_job(page: "Page", values: tuple, request: gr.Request | None, progress):
         view.state = "done"
         view.metrics = job.metrics
         view.files = _run_files(job.out_dir)
+        view.out_dir = str(job.out_dir)
+        if job.dataset is not None:  # bundled data, loaded by the check: the privacy view needs its images
+            view.load_privacy(*share.train_images(job.dataset))
         update, shown_method, index = _render(page, view, dirty | {"status", "partition", "clients", "curves",
                                                                   "gallery", "final"}, shown_method, index)
         yield update
@@ -484,6 +501,11 @@ def _render(c: "Page", view: RunView, dirty: set[str], shown_method: str | None,
         update[c.gallery_index] = index
     if "final" in dirty and view.metrics is not None:
         update[c.results] = pd.DataFrame(views.results_rows(view.metrics), columns=views.RESULT_HEADERS)
+        models = view.global_models()
+        first = "fedmitr" if "fedmitr" in models else (models[0] if models else None)
+        update[c.share_method] = gr.update(choices=models, value=first)
+        update[c.try_method] = gr.update(choices=models, value=first)
+        update[c.privacy_pair], update[c.privacy_text] = view.privacy_view(shown_method)
         update[c.bench_note] = bench_note(view.cfg)
         update[c.files] = view.files or None
     return update, shown_method, index
@@ -568,12 +590,13 @@ def _set_tint(view: RunView | None, method: str | None, tint: bool):
 
 def _select_image(view: RunView | None, index: list, evt: gr.SelectData):
     if view is None or evt.index is None or not index:
-        return gr.update()
+        return gr.update(), gr.update(), gr.update()
     position = evt.index if isinstance(evt.index, int) else evt.index[0]
     if not 0 <= position < len(index):
-        return gr.update()
+        return gr.update(), gr.update(), gr.update()
     method, round_pos, image = index[position]
-    return view.relabel_figure(method, round_pos, image)
+    picture, text = view.privacy_view(method, round_pos, image)
+    return view.relabel_figure(method, round_pos, image), picture, text
 
 
 def on_unload(request: gr.Request):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,9 @@ class RunView:
     queue_position: int = 0  # place in the line for the device while waiting (0: on the device)
     metrics: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)
+    out_dir: str | None = None  # the finished run's directory (for Share and Try)
+    # method -> (round, image) -> (nearest real training image [C, H, W] uint8, its class, distances)
+    nearest: dict[str, dict[tuple[int, int], tuple[np.ndarray, int, dict[str, float]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -166,6 +170,51 @@ class RunView:
         spec = METHODS.get(method)
         return views.relabel_map(event, image, self.class_names or None, relabel_used=bool(spec and spec.relabel),
                                  tint=self.tint)
+
+    def global_models(self) -> list[str]:
+        """Methods of the finished run that made a single global model (downloadable, shareable)."""
+        return [f.rsplit("/", 1)[-1].removesuffix(".safetensors") for f in self.files if f.endswith(".safetensors")]
+
+    def load_privacy(self, train_unit: np.ndarray, train_labels: np.ndarray) -> None:
+        """Read the privacy check's nearest real image of every image the gallery keeps, from the run
+        directory (``train_unit``: the training split's pixels in [0, 1], [M, C, H, W])."""
+        from fedmitr.synthetic import SyntheticSet
+
+        for method, rounds in self.rounds.items():
+            path = Path(self.out_dir or "") / "synthetic" / f"{method}.safetensors"
+            if not path.is_file():
+                continue
+            synthetic, extra = SyntheticSet.load(path)
+            if extra.get("nearest_real_index") is None:
+                continue
+            per_round = self.round_size.get(method, 0)
+            found = {}
+            for event in rounds:
+                for i in range(len(event.images)):
+                    g = (event.round - 1) * per_round + i
+                    if g < len(synthetic):
+                        j = int(extra["nearest_real_index"][g])
+                        real = (np.clip(train_unit[j], 0, 1) * 255 + 0.5).astype(np.uint8)
+                        found[(event.round, i)] = (real, int(train_labels[j]), {
+                            k: float(v[g]) for k, v in extra["nearest_real_distance"].items()})
+            self.nearest[method] = found
+        self._privacy_summary = (self.metrics or {}).get("privacy", {})
+
+    def privacy_view(self, method: str | None, round_pos: int = -1, image: int = 0):
+        """(picture of a synthetic image beside its nearest real one, the text that explains it)."""
+        if method not in self.rounds or not self.rounds[method]:
+            return None, views.PRIVACY_HINT
+        event = self.rounds[method][round_pos]
+        image = min(max(0, image), len(event.images) - 1)
+        found = self.nearest.get(method, {}).get((event.round, image))
+        if found is None:
+            return None, views.PRIVACY_HINT
+        real, real_label, distance = found
+        summary = getattr(self, "_privacy_summary", {}).get(method)
+        names = self.class_names or tuple(str(c) for c in range(10))
+        picture = views.privacy_pair(event.images[image], real, f"synthetic r{event.round} #{image + 1}",
+                                     f"nearest real: class {names[real_label]}")
+        return picture, views.privacy_text(distance, summary)
 
     def latest_round(self, method: str | None) -> SyntheticRound | None:
         return self.rounds[method][-1] if method in self.rounds and self.rounds[method] else None

@@ -410,3 +410,61 @@ def results_rows(metrics: Mapping) -> list[list]:
 
 def _seconds(value: float) -> str:
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+# --- privacy check ---------------------------------------------------------------------------------
+
+PRIVACY_HINT = ("After a run, click a synthetic image to see the real training image nearest to it. The server "
+                "never used real images: this check runs where the data is (here, beside the simulated clients; in "
+                "a real deployment each client would run it on its own data).")
+
+
+def privacy_pair(synthetic: np.ndarray, real: np.ndarray, left: str, right: str, display_px: int = 140) -> Image.Image:
+    """A synthetic image and its nearest real training image side by side, each with a caption."""
+    panels = []
+    for image, caption in ((synthetic, left), (real, right)):
+        small = Image.fromarray(_to_rgb(image))
+        scale = max(1, round(display_px / max(small.size)))
+        panels.append(_with_caption(small.resize((small.width * scale, small.height * scale),
+                                                 Image.Resampling.NEAREST), caption))
+    gap = 12
+    out = Image.new("RGB", (sum(p.width for p in panels) + gap, max(p.height for p in panels)), (255, 255, 255))
+    out.paste(panels[0], (0, 0))
+    out.paste(panels[1], (panels[0].width + gap, 0))
+    return out
+
+
+def privacy_text(distance: Mapping[str, float], summary: Mapping | None) -> str:
+    """What the distances mean: this image's, and the reference of real images of the same class."""
+    px = distance.get("pixel", float("nan"))
+    ft = distance.get("feature", float("nan"))
+    text = f"**This image:** pixel distance {px:.3f} (RMS, pixels in [0, 1]), feature distance {ft:.2f}."
+    if summary:
+        p, f = summary["pixel"], summary["feature"]
+        text += (f" **Reference:** a real training image is {p['reference_median']:.3f} (pixels) and "
+                 f"{f['reference_median']:.2f} (features) from its nearest same-class neighbour (median). "
+                 f"Of all this method's synthetic images, {p['closer_than_reference_p5']:.0%} are nearer to a "
+                 f"real image than 95% of real images are to theirs (pixels; {f['closer_than_reference_p5']:.0%} "
+                 f"in features).")
+    return text + " " + PRIVACY_HINT.split(". ", 1)[1]
+
+
+# --- a shared checkpoint on test images ------------------------------------------------------------
+
+def attention_overlay(image: np.ndarray, attention: np.ndarray, grid: int, caption: str,
+                      display_px: int = 168, alpha: float = 0.5) -> Image.Image:
+    """A test image with the class token's attention on each patch as a heat tint, and a caption."""
+    small = Image.fromarray(_to_rgb(image))
+    scale = max(1, round(display_px / max(small.size)))
+    big = np.asarray(small.resize((small.width * scale, small.height * scale), Image.Resampling.NEAREST),
+                     dtype=np.float32).copy()
+    att = np.asarray(attention, dtype=np.float32).reshape(grid, grid)
+    att = (att - att.min()) / max(float(att.max() - att.min()), 1e-8)
+    ys = np.linspace(0, big.shape[0], grid + 1).round().astype(int)
+    xs = np.linspace(0, big.shape[1], grid + 1).round().astype(int)
+    colours = sample_colorscale("Inferno", [float(v) for v in att.flatten()], colortype="rgb")
+    for k, colour in enumerate(colours):
+        r, c = divmod(k, grid)
+        cell = big[ys[r]:ys[r + 1], xs[c]:xs[c + 1]]
+        cell[:] = (1 - alpha) * cell + alpha * _rgb(colour)
+    return _with_caption(Image.fromarray(big.clip(0, 255).astype(np.uint8)), caption)

@@ -133,12 +133,59 @@ def test_run_shows_gallery_plots_and_results(page):
                            timeout=10_000)
     assert "Device:" in page.locator("#status").inner_text()
     assert "benchmark" in page.locator("#bench-note").inner_text()
+    # The privacy check: the clicked image beside its nearest real training image.
+    assert "pixel distance" in page.locator("#privacy-text").inner_text()
+    assert page.locator("#privacy-pair img").count() == 1
     page.mouse.move(0, 0)  # no hover labels in the screenshot
     page.wait_for_function("!document.querySelector('.hoverlayer g')", timeout=5_000)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 50_000
     wait_until_idle()
+
+
+def test_share_pushes_and_try_loads_the_runs_model(page):
+    """After a tiny run: push the model (the Hub mocked in-process) and evaluate it in the Try tab."""
+    from pathlib import Path
+    from unittest import mock
+
+    from app import share
+
+    run_tiny(page)
+    page.get_by_text("Share the global model on the Hugging Face Hub").click()
+    page.locator("#share-repo textarea, #share-repo input").first.fill("someone/fedmitr-browser")
+    page.locator("#share-token input").fill("hf_" + "BrowserFake0123456789abcdefghijkl")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        assert (Path(folder_path) / "model.safetensors").exists()
+        return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/b0b0")
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", autospec=True), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", autospec=True, side_effect=upload_folder), \
+            mock.patch.object(share.form, "hub_reachable", return_value=True), \
+            mock.patch.dict("os.environ", {"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": ""}):
+        page.locator("#share-push").click()
+        page.wait_for_function("document.querySelector('#share-result')?.innerText.includes('Pushed')",
+                               timeout=30_000)
+    assert page.locator("#share-result a[href$='/commit/b0b0']").count() == 1
+    assert page.locator("#share-token input").input_value() == ""
+    page.get_by_role("tab", name="Try a checkpoint").click()
+    page.locator("#try-btn").click()
+    page.wait_for_function("document.querySelector('#try-summary')?.innerText.includes('test accuracy')",
+                           timeout=30_000)
+    assert page.locator("#try-gallery img").count() == 8
+    wait_until_idle()
+
+
+def run_tiny(page) -> None:
+    """A seconds-long run from the page: the tiny preset, 2 clients, FedMITR."""
+    advanced = page.get_by_role("button", name="Advanced")
+    advanced.click()
+    page.locator("#preset").get_by_label("tiny").check()
+    page.wait_for_function("document.querySelector('#iterations input').value === '12'", timeout=10_000)
+    advanced.click()
+    page.locator("#run-btn").click()
+    wait_for_status(page, "Finished", 120)
 
 
 def test_bad_input_shows_an_error_and_the_page_stays_usable(page):

@@ -1,0 +1,180 @@
+"""Sharing from the app: push a run's global model to the Hub, and try a shared checkpoint.
+
+The token for a push comes from the Space's "Sign in with Hugging Face" button when the app runs
+on a Space (``SPACE_ID`` is set; the login button calls the Hub, so it is only created there), else
+from a password box, else from ``HF_TOKEN``. It is used for the push and dropped: never logged,
+written, put in a message or sent back to the browser (the box is cleared after each push).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import torch
+
+from fedmitr.data import BUNDLED
+from fedmitr.errors import USER_ERRORS, redact
+
+from app import form, views
+from app.runview import RunView
+
+OWN, HUB = "a global model of this session's run", "a model on the Hugging Face Hub"
+
+
+def on_space() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def _refuse(message: str, title: str = "Cannot share") -> gr.Error:
+    return gr.Error(redact(message), title=title, print_exception=False)
+
+
+def _hub_ready() -> None:
+    """Fail at once, with what to do, when the Hub cannot be reached."""
+    if form.hub_offline():
+        raise _refuse("The Hugging Face Hub is out of reach: this app runs offline (HF_HUB_OFFLINE is set). "
+                      "Download the model from the results instead, or use `fedmitr push` where you are online.")
+    if not form.hub_reachable():
+        raise _refuse("The Hugging Face Hub does not answer from this machine right now; try again later, or "
+                      "download the model from the results.")
+
+
+def _finished_run(view: RunView | None) -> RunView:
+    if view is None or view.state != "done" or not view.out_dir:
+        raise _refuse("Run the pipeline first: sharing works on a finished run of this tab.")
+    return view
+
+
+# --- push ---------------------------------------------------------------------------------------------
+
+def push(view: RunView | None, method: str | None, repo: str, private: bool, token_text: str,
+         oauth_token: Any = None) -> tuple[str, Any]:
+    """Push ``method``'s global model of this tab's run. Returns (the link, a cleared token box)."""
+    from fedmitr import hub
+
+    run = _finished_run(view)
+    repo = (repo or "").strip()
+    if not method:
+        raise _refuse("Choose which global model to push.")
+    if not repo:
+        raise _refuse("Give a repo id, USER/NAME (it is created if it does not exist).")
+    token = getattr(oauth_token, "token", None) or (token_text or "").strip() or None
+    try:
+        hub.check_repo_id(repo)
+        hub.resolve_token(token)  # no token at all: say so before probing the network
+        _hub_ready()
+        url = hub.push(run.out_dir, repo, token=token, private=bool(private), method=method)
+    except USER_ERRORS as err:
+        raise _refuse(str(err)) from None
+    return (f"Pushed **{method}** to [{repo}]({url.rsplit('/commit/', 1)[0]}) ([the commit]({url})). "
+            f"Load it with `timm.create_model(\"hf-hub:{repo}\", pretrained=True)`.", "")
+
+
+def push_with_login(view: RunView | None, method: str | None, repo: str, private: bool, token_text: str,
+                    oauth_token: gr.OAuthToken | None) -> tuple[str, Any]:
+    """On a Space: the signed-in user's token, from the login button."""
+    return push(view, method, repo, private, token_text, oauth_token)
+
+
+def build_share_panel(view_state: gr.State) -> gr.Dropdown:
+    """The Share accordion (under the results); returns its method dropdown, which a run fills."""
+    with gr.Accordion("Share the global model on the Hugging Face Hub", open=False, elem_id="share"):
+        method = gr.Dropdown(label="Global model", choices=[], value=None, elem_id="share-method")
+        repo = gr.Textbox(label="Model repo", placeholder="your-name/fedmitr-mnist", elem_id="share-repo")
+        private = gr.Checkbox(label="Private repo", value=False, elem_id="share-private")
+        if on_space():
+            gr.LoginButton()
+        token = gr.Textbox(label="Token with write access" + (" (or sign in above)" if on_space() else ""),
+                           type="password", placeholder="hf_... (else HF_TOKEN is used)", elem_id="share-token")
+        button = gr.Button("Push to the Hub", elem_id="share-push")
+        result = gr.Markdown(elem_id="share-result")
+        gr.Markdown("The push uploads the model in timm's layout, a model card with the measured accuracy and the "
+                    "privacy check, the run's config and metrics, and the accuracy curve: one commit.",
+                    elem_classes="fm-explain")
+    handler = push_with_login if on_space() else push
+    button.click(handler, [view_state, method, repo, private, token], [result, token], api_name="push",
+                 concurrency_limit=2, api_description="Push a global model of this session's finished run to the Hub.")
+    return method
+
+
+# --- try a checkpoint --------------------------------------------------------------------------------
+
+def try_checkpoint(view: RunView | None, source: str, own_method: str | None, hub_id: str, dataset: str,
+                   count: int = 8) -> tuple[str, list]:
+    """Load a checkpoint, test it on a bundled dataset, and show test images with its prediction and
+    its class token's attention on each patch."""
+    from fedmitr import hub
+    from fedmitr.data import open_dataset
+    from fedmitr.models import patch_grid, sparse_forward
+
+    if dataset not in BUNDLED:
+        raise _refuse(f"Choose a bundled dataset: {', '.join(BUNDLED)}.", title="Cannot evaluate")
+    try:
+        if source == HUB:
+            if not (hub_id or "").strip():
+                raise _refuse("Give a model id on the Hub, USER/NAME.", title="Cannot load")
+            hub.check_repo_id(hub_id.strip())
+            _hub_ready()
+            model, info = hub.load(f"hf-hub:{hub_id.strip()}")
+            where = hub_id.strip()
+        else:
+            run = _finished_run(view)
+            if own_method not in run.global_models():
+                raise _refuse(f"Choose one of this run's global models: {', '.join(run.global_models())}.",
+                              title="Cannot load")
+            with tempfile.TemporaryDirectory(prefix="fedmitr-try-") as tmp:
+                folder = hub.export(run.out_dir, Path(tmp) / "model", own_method)
+                model, info = hub.load(f"local-dir:{folder}")  # the same path a shared checkpoint takes
+            where = f"this run's {own_method}"
+        result = hub.evaluate_checkpoint(model, dataset)
+    except USER_ERRORS as err:
+        raise _refuse(str(err), title="Cannot load") from None
+    ds = open_dataset(dataset)
+    pick = torch.linspace(0, len(ds.test) - 1, count).long()
+    with torch.no_grad():
+        out = sparse_forward(model, ds.test.images[pick])
+    names, grid = ds.class_names, patch_grid(model)
+    images = ds.to_unit(ds.test.images[pick]).numpy()
+    items = []
+    for k in range(count):
+        pred, true = int(out.logits[k].argmax()), int(ds.test.labels[pick[k]])
+        caption = f"pred {names[pred]} · true {names[true]}"
+        items.append((views.attention_overlay(images[k], out.cls_attention[k].numpy(), grid, caption), None))
+    trained_on = info.get("dataset", {}).get("name")
+    note = f" (trained on {trained_on})" if trained_on and trained_on != dataset else ""
+    return (f"**{where}** on {result['dataset']}{note}: test accuracy **{result['accuracy']:.1%}** over "
+            f"{result['num_test']} images. The tint is the class token's attention on each patch (bright: most "
+            f"attended).", items)
+
+
+def build_try_tab(view_state: gr.State) -> gr.Dropdown:
+    """The "Try a checkpoint" tab; returns its own-run dropdown, which a run fills."""
+    with gr.Tab("Try a checkpoint", id="try"):
+        gr.Markdown("Load a global model, from this tab's last run or from the Hub, test it on a bundled dataset "
+                    "and see what it looks at.", elem_classes="fm-explain")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                source = gr.Radio(label="Model", choices=[OWN, HUB], value=OWN, elem_id="try-source")
+                own = gr.Dropdown(label="Global model of this session's run", choices=[], value=None,
+                                  elem_id="try-own")
+                hub_id = gr.Textbox(label="Model on the Hub", placeholder="USER/NAME", elem_id="try-hub")
+                dataset = gr.Dropdown(label="Test on", choices=list(BUNDLED), value="mnist5k", elem_id="try-dataset")
+                button = gr.Button("Load and evaluate", variant="primary", elem_id="try-btn")
+            with gr.Column(scale=3):
+                summary = gr.Markdown(elem_id="try-summary")
+                samples = gr.Gallery(show_label=False, columns=8, height="auto", object_fit="contain",
+                                     allow_preview=False, elem_id="try-gallery")
+        button.click(try_checkpoint, [view_state, source, own, hub_id, dataset], [summary, samples],
+                     api_name="try", concurrency_limit=2,
+                     api_description="Evaluate a checkpoint (this session's run, or a Hub model) on a bundled dataset.")
+    return own
+
+
+def train_images(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The training split's pixels in [0, 1] and labels, for the privacy view."""
+    return dataset.to_unit(dataset.train.images).numpy(), dataset.train.labels.numpy()
