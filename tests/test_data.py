@@ -12,7 +12,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
 from fedmitr.errors import ConfigError, DatasetUnavailable
 from fedmitr.data import (
-    ASSETS,
+    BUNDLED_DIR,
     HUB_DATASETS,
     HubSpec,
     ImageDataset,
@@ -69,7 +69,7 @@ def test_mnist5k_split_is_fixed_and_covers_the_bundled_file_once(mnist5k):
     assert torch.equal(again.test.images, mnist5k.test.images)
     assert torch.equal(again.test.labels, mnist5k.test.labels)
     # Every bundled image lands in exactly one split, with its pixels intact.
-    with np.load(ASSETS / "mnist5k.npz") as npz:
+    with np.load(BUNDLED_DIR / "mnist5k.npz") as npz:
         raw = npz["images"]
     both = torch.cat([_unit_uint8(mnist5k, mnist5k.train.images), _unit_uint8(mnist5k, mnist5k.test.images)])
     assert _row_bytes(both.squeeze(1).numpy()) == _row_bytes(raw)

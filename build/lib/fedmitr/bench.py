@@ -1,0 +1,318 @@
+"""The benchmark: every method on the same trained clients, over a grid of skews and seeds.
+
+For each (alpha, seed) the clients are trained once; then each method runs on them. Inversion
+methods are compared twice:
+
+* **equal iterations**: the config as is (same iterations and images for dense and sparse);
+* **equal wall-clock** (``<method>@time`` rows): sparse methods get ``images_per_round`` scaled by
+  the measured inversion speed-up of that cell, so they spend about the inversion time dense does.
+
+:func:`run_bench` writes ``bench.json`` (every record), ``bench.md`` (tables: mean +- std over
+seeds, and the regime map: where FedMITR wins) and one ``frontier-<setting>.html`` per setting
+(accuracy against seconds, plotly). It reports progress through events,
+like the pipeline; the command line is in :mod:`fedmitr.cli`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmitr.config import RunConfig, apply_overrides, preset_config
+from fedmitr.errors import ConfigError
+from fedmitr.events import BenchCell, EventHandler, Metric, ignore
+from fedmitr.inversion import invert
+from fedmitr.methods import METHODS
+from fedmitr.pipeline import check_out_dir, train
+from fedmitr.server import ServerContext, run_method
+
+
+def alpha_name(alpha: float | None) -> str:
+    return "iid" if alpha is None else f"{alpha:g}"
+
+
+def bench_cell(cfg: RunConfig, equal_time: bool | tuple[str, ...], on_event: EventHandler = ignore) -> list[dict[str, Any]]:
+    """Train clients once for ``cfg`` and run every method on them. Returns one record per method.
+
+    ``equal_time``: rerun the sparse methods (True: all of them; a tuple: those named) with as many
+    images per round as the cell's inversion speed-up allows, so they spend dense inversion's time.
+    """
+    fed = train(cfg, on_event)
+    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event)
+    base = {"setting": setting_name(cfg), "alpha": alpha_name(cfg.data.alpha), "seed": cfg.seed, "client_seconds": fed.seconds["clients"],
+            "client_accuracy": fed.client_accuracy, "device": str(fed.device)}
+    records = []
+    inversion_seconds: dict[str, float] = {}
+
+    def record(name: str, budget: str, images_per_round: int | None = None) -> dict[str, Any]:
+        result = run_method(name.removesuffix("@time"), server, images_per_round)
+        on_event(Metric("accuracy", result.accuracy, name))
+        return {**base, "method": name, "budget": budget, **result.to_dict()}
+
+    for name in cfg.methods:
+        records.append(record(name, "iterations"))
+        if "stage_seconds" in records[-1]:
+            inversion_seconds[name] = records[-1]["stage_seconds"]["inversion"]
+    speedup = _speedup(inversion_seconds)
+    for rec in records:
+        rec["inversion_speedup"] = speedup
+    if equal_time and speedup:
+        for name in cfg.methods:
+            if METHODS[name].sparse and (equal_time is True or name in equal_time):
+                images = max(1, round(cfg.inversion.images_per_round * speedup))
+                records.append({**record(f"{name}@time", "wall-clock", images), "inversion_speedup": speedup})
+    return records
+
+
+def _speedup(inversion_seconds: dict[str, float]) -> float | None:
+    """Dense over sparse inversion seconds (same iterations and images), from any dense/sparse pair."""
+    dense = [inversion_seconds[m] for m in inversion_seconds if not METHODS[m].sparse]
+    sparse = [inversion_seconds[m] for m in inversion_seconds if METHODS[m].sparse]
+    if not dense or not sparse:
+        return None
+    return statistics.mean(dense) / statistics.mean(sparse)
+
+
+def setting_name(cfg: RunConfig) -> str:
+    """What a benchmark row was measured on: the preset, or the preset and a dataset it was given."""
+    default = preset_config(cfg.preset).data.dataset
+    return cfg.preset if cfg.data.dataset == default else f"{cfg.preset}/{cfg.data.dataset}"
+
+
+def run_bench(base: RunConfig, alphas: list[float | None], seeds: list[int], out: str | Path,
+              equal_time: bool | tuple[str, ...] = True, command: str = "fedmitr bench", on_event: EventHandler = ignore) -> str:
+    """Every (alpha, seed) cell of the grid; writes the outputs after each cell. Returns bench.md.
+
+    ``command`` is recorded in ``bench.md`` as how the tables were produced.
+    """
+    if not alphas or not seeds:
+        raise ConfigError("the benchmark needs at least one alpha and one seed")
+    out = check_out_dir(out)
+    base.validate()
+    records: list[dict[str, Any]] = []
+    cells = [(a, s) for a in alphas for s in seeds]
+    table = ""
+    for index, (alpha, seed) in enumerate(cells, start=1):
+        cfg = apply_overrides(base, {"seed": seed, "data": {"alpha": alpha_name(alpha)}})
+        on_event(BenchCell(alpha_name(alpha), seed, index, len(cells)))
+        records.extend(bench_cell(cfg, equal_time, on_event))
+        # Written after every cell, so a long bench can be read (and merged) early.
+        table = write_outputs(out, base.to_dict(), records, command)
+    return table
+
+
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "-"
+    mean = statistics.mean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def _cells(records: list[dict[str, Any]], key: str) -> list[str]:
+    return list(dict.fromkeys(str(r[key]) for r in records))
+
+
+def _setting(record: dict[str, Any]) -> str:
+    return record.get("setting", "cpu")  # records from before settings were recorded: the cpu preset
+
+
+def _values(records, setting, method, alpha) -> list[float]:
+    return [r["accuracy"] for r in records
+            if _setting(r) == setting and r["method"] == method and r["alpha"] == alpha]
+
+
+def regime_map(records: list[dict[str, Any]]) -> str:
+    """Where FedMITR wins: per setting and alpha, its mean accuracy minus each rival's, in points.
+
+    A difference is marked **bold** when it exceeds both methods' seed standard deviations
+    ("beyond the spread"); one seed gives no spread and no mark.
+    """
+    rivals = [("dense-kd", "fedmitr"), ("dense-kd", "fedmitr@time"), ("sparse-kd", "fedmitr")]
+    lines = ["| setting | α | seeds | FedMITR | − dense-kd (equal iterations) | − dense-kd (equal time) "
+             "| − sparse-kd (relabel's effect) |", "|---|---|---|---|---|---|---|"]
+    for setting in dict.fromkeys(_setting(r) for r in records):
+        for alpha in _cells([r for r in records if _setting(r) == setting], "alpha"):
+            ours = _values(records, setting, "fedmitr", alpha)
+            if not ours:
+                continue
+            cells = []
+            for rival, mine in rivals:
+                a, b = _values(records, setting, mine, alpha), _values(records, setting, rival, alpha)
+                if not a or not b:
+                    cells.append("-")
+                    continue
+                diff = 100 * (statistics.mean(a) - statistics.mean(b))
+                spread = 100 * max(statistics.stdev(a) if len(a) > 1 else math.inf,
+                                   statistics.stdev(b) if len(b) > 1 else math.inf)
+                text = f"{diff:+.1f}"
+                cells.append(f"**{text}**" if abs(diff) > spread else text)
+            lines.append(f"| {setting} | {alpha} | {len(ours)} | {_fmt(ours)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summarise(records: list[dict[str, Any]], command: str) -> str:
+    """``bench.md``: the regime map, then per setting the accuracy table, the speed-up and stage seconds."""
+    lines = [f"How it was produced: `{command}`", "",
+             "Test accuracy in %, mean ± std over seeds; seconds are wall-clock of the server-side method.", "",
+             "## Where FedMITR wins (points; **bold**: beyond both methods' seed spread)", "",
+             regime_map(records), ""]
+    for setting in dict.fromkeys(_setting(r) for r in records):
+        rows = [r for r in records if _setting(r) == setting]
+        alphas, methods = _cells(rows, "alpha"), _cells(rows, "method")
+        seeds = sorted({r["seed"] for r in rows})
+        lines += [f"## {setting}", "", f"Seeds {seeds} (fewer at some α: see the map's seed count).", "",
+                  "| method | " + " | ".join(f"α={a}" for a in alphas) + " | seconds (mean) |",
+                  "|---|" + "---|" * len(alphas) + "---|"]
+        for m in methods:
+            cells = [_fmt(_values(rows, setting, m, a)) for a in alphas]
+            secs = [r["seconds"] for r in rows if r["method"] == m]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {statistics.mean(secs):.1f} |")
+        clients = [r["client_seconds"] for r in rows]
+        speed = [r["inversion_speedup"] for r in rows if r.get("inversion_speedup")]
+        lines += ["", f"Client training (all clients): {statistics.mean(clients):.1f} s mean per cell."]
+        if speed:
+            lines.append(f"inversion_speedup (dense / sparse inversion seconds, equal iterations and images): "
+                         f"{_fmt(speed, scale=1.0, digits=2)}x")
+        stage_rows = [r for r in rows if "stage_seconds" in r]
+        if stage_rows:
+            lines += ["", "Seconds per server stage (mean over cells):", "",
+                      "| method | inversion | relabel | distill | evaluate | total |", "|---|---|---|---|---|---|"]
+            for m in methods:
+                mine = [r for r in stage_rows if r["method"] == m]
+                if mine:
+                    st = {k: statistics.mean(r["stage_seconds"][k] for r in mine)
+                          for k in ("inversion", "relabel", "distill", "evaluate")}
+                    lines.append(f"| {m} | " + " | ".join(f"{v:.1f}" for v in st.values())
+                                 + f" | {statistics.mean(r['seconds'] for r in mine):.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (seconds, accuracy) points that no other point beats on both: cheaper and at least as good."""
+    front, best = [], -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def frontier_figure(records: list[dict[str, Any]], setting: str):
+    """Accuracy against server seconds for one setting: each method's mean over cells at each α,
+    with the accuracy-for-time frontier over all of them."""
+    import plotly.graph_objects as go
+
+    rows = [r for r in records if _setting(r) == setting]
+    fig = go.Figure()
+    points = []
+    for m in _cells(rows, "method"):
+        xs, ys, text = [], [], []
+        for a in _cells(rows, "alpha"):
+            cell = [r for r in rows if r["method"] == m and r["alpha"] == a]
+            if cell:
+                xs.append(statistics.mean(r["seconds"] for r in cell))
+                ys.append(statistics.mean(r["accuracy"] for r in cell))
+                text.append(f"α={a}, {len(cell)} seed(s)")
+        points += list(zip(xs, ys))
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers+text", name=m, text=[t.split(",")[0] for t in text],
+                                 textposition="top center", hovertext=text, marker={"size": 11}))
+    front = pareto_front(points)
+    fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines", name="frontier",
+                             line={"dash": "dot", "color": "#6b7280"}))
+    fig.update_layout(title=f"{setting}: test accuracy against server-side seconds (mean over seeds, one point per α)",
+                      xaxis_title="server-side seconds (1 thread)", yaxis_title="test accuracy",
+                      template="plotly_white")
+    return fig
+
+
+def merge_records(paths: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    config, records = None, []
+    for p in paths:
+        try:
+            data = json.loads(Path(p).read_text())
+            config = config or data["config"]
+            records.extend(data["records"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"cannot read bench results {p!r}: {err}; pass bench.json files written by fedmitr bench") from None
+    return config, records
+
+
+def merge(paths: list[str], out: str | Path, command: str) -> str:
+    """Rebuild the outputs in ``out`` from existing ``bench.json`` files (e.g. halves of a grid)."""
+    config, records = merge_records(paths)
+    return write_outputs(check_out_dir(out), config, records, command)
+
+
+def write_outputs(out: Path, config: dict[str, Any], records: list[dict[str, Any]], command: str) -> str:
+    """``bench.json`` (every record), ``bench.md`` (the map and tables) and one
+    ``frontier-<setting>.html`` per setting. Returns ``bench.md``'s text."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"config": config, "records": records}, indent=2))
+    table = summarise(records, command)
+    (out / "bench.md").write_text(table)
+    for setting in dict.fromkeys(_setting(r) for r in records):
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in setting)
+        frontier_figure(records, setting).write_html(out / f"frontier-{name}.html", include_plotlyjs="cdn")
+    return table
+
+
+def inversion_speed(cfg: RunConfig, repeats: int, on_event: EventHandler = ignore) -> dict[str, Any]:
+    """Seconds of dense and sparse inversion of the same clients, same labels, iterations and images."""
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1 (got {repeats})")
+    fed = train(cfg, on_event)
+    models = [c.model for c in fed.clients]
+    labels = torch.arange(cfg.inversion.images_per_round) % fed.dataset.num_classes
+    seconds: dict[str, list[float]] = {"dense": [], "sparse": []}
+    for r in range(repeats):
+        for mode in ("dense", "sparse"):  # interleaved, so drifts in machine load hit both alike
+            gen = torch.Generator().manual_seed(r)
+            batch = invert(models, labels, cfg.inversion, fed.dataset.pixel_bounds(), mode == "sparse", gen,
+                           allow_flip=fed.dataset.allow_flip)
+            seconds[mode].append(batch.seconds)
+    dense, sparse = statistics.mean(seconds["dense"]), statistics.mean(seconds["sparse"])
+    return {"device": str(fed.device), "threads": torch.get_num_threads(),
+            "images": cfg.inversion.images_per_round, "iterations": cfg.inversion.iterations,
+            "active_patches_at_end": int(batch.keep_idx.shape[1]), "patches": int(batch.stop_step.shape[1]),
+            "seconds": seconds, "dense_mean": dense, "sparse_mean": sparse, "inversion_speedup": dense / sparse}
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``bench.json`` (for example the bundled ``assets/bench/bench.json``)."""
+    return merge_records([str(path)])[1]
+
+
+def compare_with_benchmark(records: list[dict[str, Any]], setting: str, alpha: float | None) -> str | None:
+    """One sentence on how FedMITR did against dense inversion + KD in the benchmark's cell nearest
+    to a run (same setting; the nearest alpha), or None when the benchmark has no such setting."""
+    rows = [r for r in records if _setting(r) == setting]
+    alphas = [a for a in _cells(rows, "alpha") if _values(rows, setting, "fedmitr", a) and
+              _values(rows, setting, "dense-kd", a)]
+    if not alphas:
+        return None
+
+    def distance(a: str) -> float:
+        if alpha is None or a == "iid":
+            return 0.0 if (alpha is None) == (a == "iid") else math.inf
+        return abs(math.log(float(a)) - math.log(alpha))
+
+    nearest = min(alphas, key=distance)
+    if distance(nearest) == math.inf:
+        return None
+    dense = statistics.mean(_values(rows, setting, "dense-kd", nearest))
+    parts = []
+    for name, budget in (("fedmitr", "equal iterations"), ("fedmitr@time", "equal time")):
+        ours = _values(rows, setting, name, nearest)
+        if ours:
+            parts.append(f"{100 * (statistics.mean(ours) - dense):+.1f} points at {budget}")
+    seeds = len(_values(rows, setting, "fedmitr", nearest))
+    return (f"In the benchmark ({setting}, α={nearest}, mean of {seeds} seed(s), 1 thread), FedMITR was "
+            f"{' and '.join(parts)} against dense inversion + KD (`assets/bench/bench.md`).")

@@ -1,0 +1,354 @@
+"""Command line: ``fedmitr run`` (one pipeline run), ``fedmitr bench`` (a grid of runs), and sharing:
+``fedmitr export``, ``push``, ``export-synthetic`` and ``eval``.
+
+Bad input prints one line on stderr, ``fedmitr: error: <what was wrong and what is allowed>``, and
+exits with code 2 before anything is written. Progress goes to stderr (a progress bar on a
+terminal, plain lines in a log file); results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+from fedmitr.config import PRESETS, RunConfig, apply_overrides, load_config_file, parse_alpha, preset_config
+from fedmitr.data import DATASETS
+from fedmitr.errors import USER_ERRORS, ConfigError, excerpt, redact
+from fedmitr.events import BenchCell, Event, Metric, Progress, StageFinished, StageStarted
+from fedmitr.methods import METHODS, parse_methods
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, exit 2 (argparse's convention)
+        raise SystemExit(_fail(f"{message} (see `{self.prog} --help`)"))
+
+
+def _fail(message: str) -> int:
+    print(f"fedmitr: error: {redact(message)}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedmitr", description="One-shot federated learning with ViTs (FedMITR).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train the clients once and run the server methods",
+                         description="Train K clients on non-IID splits of a dataset, once, then run the "
+                                     "chosen server-side methods on the same clients. Flags override the "
+                                     "preset, and --config overrides the preset before the flags do.")
+    add_run_flags(run)
+    run.add_argument("--out", default=None,
+                     help="run directory for config.json, metrics.json and checkpoints "
+                          "(default: runs/<dataset>-k<clients>-a<alpha>-s<seed>-<time>)")
+    run.add_argument("--quiet", action="store_true", help="no progress output, only the results table")
+
+    bench = sub.add_parser("bench", help="compare methods over a grid of alpha and seeds",
+                           description="Every method on the same trained clients, over a grid of skews and "
+                                       "seeds, at equal iterations and (sparse methods) at equal wall-clock. "
+                                       "Writes bench.json, bench.md and frontier-<setting>.html.")
+    add_run_flags(bench)
+    _add_share_commands(sub)
+    bench.add_argument("--alphas", default="0.1,0.3,0.5,iid", help="comma-separated skews (default: 0.1,0.3,0.5,iid)")
+    bench.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (default: 0,1)")
+    bench.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock reruns")
+    bench.add_argument("--equal-time", default=None, metavar="METHODS",
+                       help="comma-separated sparse methods to rerun at equal wall-clock (default: every sparse "
+                            "method that runs)")
+    bench.add_argument("--out", default="bench", help="output directory (default: bench)")
+    bench.add_argument("--speed-only", action="store_true",
+                       help="only time dense vs sparse inversion (equal iterations and images) on one set of "
+                            "trained clients, --repeats times each; writes speed.json")
+    bench.add_argument("--repeats", default="3", help="timing repeats for --speed-only (default: 3)")
+    bench.add_argument("--merge", nargs="+", default=None, metavar="BENCH_JSON",
+                       help="only rebuild bench.md and the frontier plots in --out from existing bench.json files "
+                            "(e.g. halves of a grid run in parallel); trains nothing")
+    return parser
+
+
+def _add_share_commands(sub) -> None:
+    export = sub.add_parser("export", help="write a run's global model as a timm Hub folder with a model card",
+                            description="Write RUN_DIR's global model of --method into DIR exactly as `fedmitr push` "
+                                        "would upload it: timm's Hub layout (config.json, model.safetensors), the "
+                                        "run's config and metrics, the accuracy curve and a model card.")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("out", metavar="DIR")
+    _add_share_flags(export)
+
+    push = sub.add_parser("push", help="push a run's global model to the Hugging Face Hub",
+                          description="Export RUN_DIR's global model and push it to --repo as one commit. The token "
+                                      "comes from HF_TOKEN or `hf auth login`; it is never printed.")
+    push.add_argument("run_dir", metavar="RUN_DIR")
+    push.add_argument("--repo", required=True, metavar="USER/NAME", help="model repo on the Hub (created if needed)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    _add_share_flags(push)
+
+    synthetic = sub.add_parser("export-synthetic", help="save a run's synthetic images as a datasets dataset",
+                               description="Save every synthetic image of --method with its label and per-patch "
+                                           "density, mask, stop iteration and token label (datasets save_to_disk); "
+                                           "with --repo, push it to the Hub as a dataset.")
+    synthetic.add_argument("run_dir", metavar="RUN_DIR")
+    synthetic.add_argument("out", metavar="DIR")
+    synthetic.add_argument("--method", default="fedmitr", help="an inversion method of the run (default: fedmitr)")
+    synthetic.add_argument("--repo", default=None, metavar="USER/NAME", help="also push it as a Hub dataset")
+    synthetic.add_argument("--private", action="store_true", help="create the dataset repo private")
+
+    evaluate = sub.add_parser("eval", help="test accuracy and confusion matrix of a shared checkpoint",
+                              description="Load a checkpoint (hf-hub:USER/NAME or local-dir:PATH, as timm does) and "
+                                          "evaluate it on a dataset's test split.")
+    evaluate.add_argument("--model", required=True, metavar="REF", help="hf-hub:USER/NAME or local-dir:PATH")
+    evaluate.add_argument("--dataset", default=None,
+                          help=f"dataset to test on (default: the one the model was trained on): {', '.join(DATASETS)}")
+
+
+def _add_share_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="fedmitr", help="whose global model: a method of the run (default: fedmitr)")
+    p.add_argument("--with-clients", action="store_true", help="also include the client models under clients/")
+    p.add_argument("--with-synthetic", action="store_true", help="also include the synthetic set under synthetic/")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu", help=f"starting config: {', '.join(PRESETS)} (default: cpu)")
+    p.add_argument("--config", default=None,
+                   help="YAML or JSON file of nested overrides, e.g. {clients: {epochs: 20}}")
+    p.add_argument("--dataset", default=None,
+                   help=f"dataset: {', '.join(DATASETS)} or hf:owner/name (default: mnist5k, bundled)")
+    p.add_argument("--clients", type=str, default=None, help="number of clients K, >= 2 (default: 5)")
+    p.add_argument("--alpha", default=None,
+                   help="Dirichlet label skew, a number > 0 (0.1 extreme, 0.5 moderate), or 'iid' (default: 0.5)")
+    p.add_argument("--seed", type=str, default=None, help="integer seed for split, models and synthesis (default: 0)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods to run: {', '.join(METHODS)} (default: fedavg,ensemble; "
+                        f"bench: all)")
+    p.add_argument("--epochs", type=str, default=None, help="local training epochs per client (preset default)")
+
+
+def _int(flag: str, value: str, minimum: int | None = None) -> int:
+    try:
+        out = int(value)
+    except ValueError:
+        raise ConfigError(f"{flag} must be an integer (got {excerpt(value)})") from None
+    if minimum is not None and out < minimum:
+        raise ConfigError(f"{flag} must be >= {minimum} (got {out})")
+    return out
+
+
+def config_from_args(args: argparse.Namespace, default_methods: tuple[str, ...] | None = None) -> RunConfig:
+    """The preset, then ``--config``, then the flags; validated."""
+    cfg = preset_config(args.preset)
+    if args.config:
+        cfg = apply_overrides(cfg, load_config_file(args.config))
+    over: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    if args.dataset is not None:
+        data["dataset"] = args.dataset
+    if args.clients is not None:
+        data["num_clients"] = _int("--clients", args.clients, minimum=2)
+    if args.alpha is not None:
+        data["alpha"] = parse_alpha(args.alpha)
+    if data:
+        over["data"] = data
+    if args.seed is not None:
+        over["seed"] = _int("--seed", args.seed)
+    if args.methods is not None:
+        over["methods"] = parse_methods(args.methods)
+    elif default_methods is not None:
+        over["methods"] = default_methods
+    if args.epochs is not None:
+        over["clients"] = {"epochs": _int("--epochs", args.epochs, minimum=1)}
+    return apply_overrides(cfg, over).validate()
+
+
+def parse_grid(alphas: str, seeds: str) -> tuple[list[float | None], list[int]]:
+    alpha_list = [parse_alpha(a.strip()) for a in alphas.split(",") if a.strip()]
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers (got {excerpt(seeds)})") from None
+    if not alpha_list or not seed_list:
+        raise ConfigError("--alphas and --seeds need at least one value each")
+    return alpha_list, seed_list
+
+
+class ProgressPrinter:
+    """Renders pipeline events on ``stream`` (stderr).
+
+    On a terminal: a tqdm bar per stage. Elsewhere (a log file, CI): plain lines only, one when a
+    stage starts, every 10% of its steps, and when it ends, so a log reads top to bottom.
+    ``quiet`` drops everything; ``brief`` keeps only stage, cell and result lines (the benchmark).
+    """
+
+    def __init__(self, quiet: bool = False, brief: bool = False, stream: TextIO | None = None):
+        self.quiet, self.brief = quiet, brief
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar = None
+        self._shown_tenth = -1
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def __call__(self, event: Event) -> None:
+        if self.quiet:
+            return
+        if isinstance(event, BenchCell):
+            self.write(f"[bench {event.index}/{event.total}] alpha={event.alpha} seed={event.seed}")
+        elif isinstance(event, StageStarted):
+            self.close()
+            if not self.brief:
+                self.write(f"[{event.stage}] started" + (f" ({event.info})" if event.info else ""))
+                if event.total and self.tty:
+                    from tqdm import tqdm
+
+                    self.bar = tqdm(total=event.total, desc=event.stage, file=self.stream, leave=False)
+            self._shown_tenth = -1
+        elif isinstance(event, Progress) and not self.brief:
+            self._progress(event)
+        elif isinstance(event, Metric):
+            if self.brief and (event.step is not None or event.client is not None):
+                return
+            step = f" round {event.step}" if event.step is not None else ""
+            self.write(f"  {event.source}{step}: {event.name} = {event.value:.4f}")
+        elif isinstance(event, StageFinished):
+            self.close()
+            if not self.brief:
+                self.write(f"[{event.stage}] done in {event.seconds:.1f} s")
+
+    def _progress(self, event: Progress) -> None:
+        detail = event.message + "".join(f" {k}={v:.3f}" for k, v in event.values.items())
+        if self.bar is not None:
+            self.bar.n = event.step
+            self.bar.set_postfix_str(detail, refresh=False)
+            self.bar.refresh()
+            return
+        tenth = int(10 * event.step / max(1, event.total))
+        if tenth > self._shown_tenth:
+            self._shown_tenth = tenth
+            self.write(f"  {event.stage} {event.step}/{event.total} {detail}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def results_table(metrics: dict[str, Any]) -> str:
+    rows = [("method", "accuracy", "seconds")]
+    for c in metrics["clients"]:
+        rows.append((f"client {c['index'] + 1} (n={c['num_samples']})", f"{c['accuracy']:.4f}", f"{c['seconds']:.1f}"))
+    for name, m in metrics["methods"].items():
+        rows.append((name, f"{m['accuracy']:.4f}", f"{m['seconds']:.1f}"))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [" | ".join(r[i].ljust(width[i]) for i in range(3)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in width))
+    return "\n".join(lines)
+
+
+def default_out(cfg: RunConfig) -> Path:
+    alpha = "iid" if cfg.data.alpha is None else f"{cfg.data.alpha:g}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.data.dataset.replace('/', '_')}-k{cfg.data.num_clients}-a{alpha}-s{cfg.seed}-{stamp}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedmitr.pipeline import run
+
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else default_out(cfg)
+    printer = ProgressPrinter(quiet=args.quiet)
+    result = run(cfg, out_dir=out, on_event=printer)  # checks `out` before any work
+    printer.close()
+    print(results_table(result.metrics))
+    print(f"\nwrote {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, command: str) -> int:
+    import json
+
+    from fedmitr import bench
+
+    if args.merge:
+        print(bench.merge(args.merge, args.out, "fedmitr bench (merged: " + " ".join(args.merge) + ")"))
+        return 0
+    cfg = config_from_args(args, default_methods=tuple(METHODS))
+    printer = ProgressPrinter(brief=True)
+    if args.speed_only:
+        result = bench.inversion_speed(cfg, _int("--repeats", args.repeats, minimum=1), printer)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps(result, indent=2))
+        print(f"inversion of {result['images']} images x {result['iterations']} iterations on {result['device']}: "
+              f"dense {result['dense_mean']:.2f} s, sparse {result['sparse_mean']:.2f} s "
+              f"({result['active_patches_at_end']}/{result['patches']} patches active at the end), "
+              f"inversion_speedup {result['inversion_speedup']:.2f}x")
+        return 0
+    alphas, seeds = parse_grid(args.alphas, args.seeds)
+    equal_time: bool | tuple[str, ...] = not args.no_equal_time
+    if args.equal_time is not None and equal_time:
+        equal_time = parse_methods(args.equal_time)
+        wrong = [m for m in equal_time if m not in cfg.methods or not METHODS[m].sparse]
+        if wrong:
+            raise ConfigError(f"--equal-time takes sparse methods that run ({', '.join(m for m in cfg.methods if METHODS[m].sparse)}); "
+                              f"not {', '.join(excerpt(m) for m in wrong[:3])}")
+    print(bench.run_bench(cfg, alphas, seeds, args.out, equal_time=equal_time, command=command, on_event=printer))
+    return 0
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    from fedmitr import hub
+
+    if args.command == "export":
+        out = hub.export(args.run_dir, args.out, args.method, args.with_clients, args.with_synthetic)
+        print(f"wrote {out} (load it with timm.create_model('local-dir:{out}', pretrained=True))")
+    elif args.command == "push":
+        url = hub.push(args.run_dir, args.repo, private=args.private, method=args.method,
+                       include_clients=args.with_clients, include_synthetic=args.with_synthetic)
+        print(f"pushed {args.method} to {url}")
+    elif args.command == "export-synthetic":
+        where = hub.export_synthetic(args.run_dir, args.out, args.method, repo_id=args.repo, private=args.private)
+        print(f"wrote {where}")
+    else:
+        model, info = hub.load(args.model)
+        dataset = args.dataset or info.get("dataset", {}).get("name")
+        if not dataset:
+            raise ConfigError("this checkpoint does not say which dataset it was trained on; pass --dataset")
+        result = hub.evaluate_checkpoint(model, dataset)
+        print(f"{result['dataset']}: test accuracy {result['accuracy']:.4f} on {result['num_test']} images\n")
+        print(confusion_table(result["confusion"], result["class_names"]))
+    return 0
+
+
+def confusion_table(confusion: list[list[int]], names: list[str]) -> str:
+    """Rows: the true class; columns: the predicted class."""
+    width = max(4, *(len(n) for n in names), *(len(str(v)) for row in confusion for v in row))
+    lines = ["true\\pred " + " ".join(n.rjust(width) for n in names)]
+    for name, row in zip(names, confusion):
+        lines.append(name.rjust(10) + " " + " ".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command in ("export", "push", "export-synthetic", "eval"):
+            return cmd_share(args)
+        return cmd_bench(args, command="fedmitr " + shlex.join(argv))
+    except USER_ERRORS as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        print("fedmitr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Local training: each client trains its own ViT on its own data only, once.
+
+Under ``accelerate launch`` with several processes, clients are dealt round-robin to the processes
+(client k trains on process k % world_size) and the trained weights are gathered on every process:
+in federated learning clients are independent, so this is the natural way to use several GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from timm.models.vision_transformer import VisionTransformer
+from timm.scheduler import CosineLRScheduler
+
+from fedmitr.config import ClientTrainConfig, ModelConfig
+from fedmitr.data import ImageDataset, Partition, Split
+from fedmitr.events import EventHandler, Progress, ignore
+from fedmitr.models import build_model, fit_input, model_input_size, random_shift
+
+
+@dataclass
+class ClientResult:
+    index: int  # client id, 0-based
+    model: VisionTransformer  # trained, in eval mode, on the accelerator's device
+    num_samples: int  # size of the client's training set
+    seconds: float  # wall-clock training time
+    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float) -> CosineLRScheduler:
+    """timm's cosine schedule over ``total_steps`` optimiser steps, after a linear warm-up from
+    lr / warmup over the first ``warmup_frac`` of them. Call ``step_update(step)`` after each step."""
+    warmup = max(1, int(total_steps * warmup_frac))
+    peak = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), warmup_t=warmup,
+                             warmup_lr_init=peak / warmup, warmup_prefix=True, t_in_epochs=False)
+
+
+def train_step(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer, accelerator: Accelerator, label_smoothing: float) -> dict[str, float]:
+    """One supervised step; returns the named losses (timm's training-task convention)."""
+    with accelerator.autocast():
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    return {"loss": float(loss.detach())}
+
+
+def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientTrainConfig,
+                 accelerator: Accelerator, generator: torch.Generator, allow_flip: bool = False,
+                 on_step: Callable[[int, float], None] | None = None) -> ClientResult:
+    """Train ``model`` on one client's data with cross-entropy, AdamW and shift (+flip) augmentation.
+
+    ``on_step(epoch, mean_loss_so_far)`` is called after every optimiser step (epochs 1-based).
+    """
+    start = time.perf_counter()
+    device = accelerator.device
+    size = model_input_size(model)
+    images, labels = data.images.to(device), data.labels.to(device)
+    n = len(data)
+    steps_per_epoch = client_steps(n, cfg) // cfg.epochs
+    # Not accelerator.prepare: that would wrap the model in DDP and all-reduce gradients between
+    # processes, but each client trains alone (different clients run on different processes).
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_frac)
+    model.train()
+    losses = []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        total = 0.0
+        for s in range(steps_per_epoch):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            x = random_shift(images[idx], cfg.shift_px, generator, flip=allow_flip)
+            step = train_step(model, fit_input(x, size), labels[idx], optimizer, accelerator, cfg.label_smoothing)
+            scheduler.step_update(epoch * steps_per_epoch + s + 1)
+            total += step["loss"]
+            if on_step is not None:
+                on_step(epoch + 1, total / (s + 1))
+        losses.append(total / steps_per_epoch)
+    model = model.eval()
+    return ClientResult(index, model, n, time.perf_counter() - start, losses)
+
+
+def client_steps(num_samples: int, cfg: ClientTrainConfig) -> int:
+    """Optimiser steps of one client's local training: ``epochs`` passes in batches of ``batch_size``."""
+    return cfg.epochs * max(1, math.ceil(num_samples / cfg.batch_size))
+
+
+def initial_model(model_cfg: ModelConfig, dataset: ImageDataset, seed: int) -> VisionTransformer:
+    """The weights the server sends every client before local training (as in FedAvg): the same
+    for all clients, so only the data and the order of the batches differ between them."""
+    torch.manual_seed(seed)
+    return build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
+
+
+def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig,
+                  accelerator: Accelerator, seed: int, on_event: EventHandler = ignore,
+                  init: VisionTransformer | None = None) -> list[ClientResult]:
+    """Train every client of ``part`` independently from ``init`` (default :func:`initial_model`).
+
+    Emits one :class:`Progress` per optimiser step (so a consumer can stop a run between any two),
+    counting the steps of all clients; the last step of an epoch carries that epoch's mean loss.
+    """
+    k_total = part.num_clients
+    total = sum(client_steps(len(idx), cfg) for idx in part.client_indices)
+    done = 0
+    mine: list[ClientResult] = []
+    init_state = (init if init is not None else initial_model(model_cfg, dataset, seed)).state_dict()
+    for k in range(k_total):
+        if k % accelerator.num_processes != accelerator.process_index:
+            continue
+        # Each client gets its own seed, so a client's model does not depend on the process layout.
+        torch.manual_seed(seed * 1000 + k)
+        generator = torch.Generator().manual_seed(seed * 1000 + k)
+        model = build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
+        model.load_state_dict(init_state)
+        idx = torch.from_numpy(part.client_indices[k])
+        split = Split(dataset.train.images[idx], dataset.train.labels[idx])
+
+        def on_step(epoch: int, loss: float, k: int = k) -> None:
+            nonlocal done
+            done += 1
+            # Under several processes each reports its own share; scaled, the bar still ends near 100%.
+            on_event(Progress("clients", min(total, done * accelerator.num_processes), total,
+                              f"client {k + 1}/{k_total}, epoch {epoch}/{cfg.epochs}", {"loss": loss}))
+
+        mine.append(train_client(k, split, model, cfg, accelerator, generator, dataset.allow_flip, on_step))
+    if accelerator.num_processes == 1:
+        return mine
+    return _share_clients(mine, dataset, model_cfg, accelerator)
+
+
+def _share_clients(mine: list[ClientResult], dataset: ImageDataset, model_cfg: ModelConfig,
+                   accelerator: Accelerator) -> list[ClientResult]:
+    """Gather every process's trained clients onto every process (weights travel as CPU tensors)."""
+    payload = [(r.index, {k: v.cpu() for k, v in r.model.state_dict().items()}, r.num_samples, r.seconds, r.losses)
+               for r in mine]
+    results = []
+    for index, state, num_samples, seconds, losses in sorted(gather_object(payload), key=lambda p: p[0]):
+        model = build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
+        model.load_state_dict(state)
+        results.append(ClientResult(index, model.to(accelerator.device).eval(), num_samples, seconds, losses))
+    return results
+
+
+@torch.no_grad()
+def predict_logits(models: list[VisionTransformer], images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Logits averaged over ``models`` (one model = its own logits), ``[N, num_classes]`` on CPU."""
+    device = next(models[0].parameters()).device
+    size = model_input_size(models[0])
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = fit_input(images[start:start + batch_size].to(device), size)
+        out.append(torch.stack([m(x).float() for m in models]).mean(0).cpu())
+    return torch.cat(out)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def evaluate(models: VisionTransformer | list[VisionTransformer], split: Split) -> float:
+    """Test accuracy (0..1) of one model, or of the logit-averaging ensemble of several."""
+    models = models if isinstance(models, list) else [models]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        return accuracy(predict_logits(models, split.images), split.labels)
+    finally:
+        for m, flag in zip(models, was_training):
+            m.train(flag)

