@@ -140,7 +140,16 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandle
     t_start = time.perf_counter()
     out_path = check_out_dir(out_dir) if out_dir is not None else None
     fed = train(cfg, on_event, dataset)
+    return serve(cfg, fed, out_path, on_event, started=t_start)
 
+
+def serve(cfg: RunConfig, fed: Federation, out_dir: Path | None = None, on_event: EventHandler = ignore,
+          privacy: bool = True, extra_metrics: dict[str, Any] | None = None,
+          started: float | None = None) -> RunResult:
+    """The server's side of a run: every method of ``cfg`` on the trained clients of ``fed``, the
+    privacy check (``privacy``: it needs the clients' data, which only a simulation holds), and the
+    run directory. ``extra_metrics`` are added to ``metrics.json`` (e.g. which clients replied)."""
+    t_start = time.perf_counter() if started is None else started
     server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event)
     methods: dict[str, MethodResult] = {}
     for name in cfg.methods:
@@ -148,15 +157,16 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandle
         methods[name] = result = run_method(name, server)
         on_event(Metric("accuracy", result.accuracy, name))
         on_event(StageFinished(name, result.seconds))
-    privacy = privacy_check(fed, methods, on_event) if any(r.synthetic for r in methods.values()) else {}
+    checks = privacy_check(fed, methods, on_event) if privacy and any(r.synthetic for r in methods.values()) else {}
     seconds = {**fed.seconds, "total": time.perf_counter() - t_start}
 
     metrics = run_metrics(cfg, fed, methods, seconds)
-    if privacy:
-        metrics["privacy"] = {name: check.summary() for name, check in privacy.items()}
-    if out_path is not None and fed.accelerator.is_main_process:
-        write_run_dir(out_path, cfg, metrics, fed.clients, methods, privacy, fed.dataset)
-    return RunResult(cfg, fed.dataset, fed.partition, fed.clients, methods, metrics, out_path)
+    if checks:
+        metrics["privacy"] = {name: check.summary() for name, check in checks.items()}
+    metrics.update(extra_metrics or {})
+    if out_dir is not None and fed.accelerator.is_main_process:
+        write_run_dir(out_dir, cfg, metrics, fed.clients, methods, checks, fed.dataset)
+    return RunResult(cfg, fed.dataset, fed.partition, fed.clients, methods, metrics, out_dir)
 
 
 def privacy_check(fed: Federation, methods: dict[str, MethodResult], on_event: EventHandler = ignore
