@@ -32,6 +32,7 @@ from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, p
 from fedmitr.errors import ConfigError
 from fedmitr.events import EventHandler, Metric, PartitionReady, Progress, StageFinished, StageStarted, ignore
 from fedmitr.methods import METHODS
+from fedmitr.models import fit_input
 from fedmitr.privacy import NearestReal, nearest_real, real_set
 from fedmitr.runtime import DeviceInfo, describe_device, make_accelerator, seed_everything
 from fedmitr.server import MethodResult, ServerContext, run_method
@@ -181,10 +182,10 @@ def privacy_check(fed: Federation, methods: dict[str, MethodResult], on_event: E
     checks = {}
     for name, result in methods.items():
         if result.synthetic is not None:
-            unit = torch.from_numpy(result.synthetic.unit_images())
+            unit = torch.from_numpy(result.synthetic.unit_images())  # at the model's input size
             normalised = (unit - torch.tensor(fed.dataset.mean).view(1, -1, 1, 1)) / torch.tensor(
                 fed.dataset.std).view(1, -1, 1, 1)
-            checks[name] = nearest_real(unit, normalised, real, models)
+            checks[name] = nearest_real(fit_input(unit, fed.dataset.image_size), normalised, real, models)
     on_event(StageFinished("privacy", time.perf_counter() - t0))
     return checks
 
