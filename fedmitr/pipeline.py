@@ -34,7 +34,7 @@ from fedmitr.events import EventHandler, Metric, PartitionReady, Progress, Stage
 from fedmitr.methods import METHODS
 from fedmitr.models import fit_input
 from fedmitr.privacy import NearestReal, nearest_real, real_set
-from fedmitr.runtime import DeviceInfo, describe_device, make_accelerator, seed_everything
+from fedmitr.runtime import DeviceInfo, Workers, describe_device, make_accelerator, seed_everything
 from fedmitr.server import MethodResult, ServerContext, run_method
 
 
@@ -151,7 +151,8 @@ def serve(cfg: RunConfig, fed: Federation, out_dir: Path | None = None, on_event
     privacy check (``privacy``: it needs the clients' data, which only a simulation holds), and the
     run directory. ``extra_metrics`` are added to ``metrics.json`` (e.g. which clients replied)."""
     t_start = time.perf_counter() if started is None else started
-    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event)
+    workers = Workers.of(fed.accelerator)
+    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event, workers)
     methods: dict[str, MethodResult] = {}
     for name in cfg.methods:
         on_event(StageStarted(name, info=METHODS[name].summary))
@@ -164,10 +165,34 @@ def serve(cfg: RunConfig, fed: Federation, out_dir: Path | None = None, on_event
     metrics = run_metrics(cfg, fed, methods, seconds)
     if checks:
         metrics["privacy"] = {name: check.summary() for name, check in checks.items()}
+    metrics["processes"] = process_record(workers, fed, methods)
     metrics.update(extra_metrics or {})
     if out_dir is not None and fed.accelerator.is_main_process:
         write_run_dir(out_dir, cfg, metrics, fed.clients, methods, checks, fed.dataset)
     return RunResult(cfg, fed.dataset, fed.partition, fed.clients, methods, metrics, out_dir)
+
+
+def _digest(tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (tensors.values() if isinstance(tensors, dict) else tensors):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def process_record(workers: Workers, fed: Federation, methods: dict[str, MethodResult]) -> dict[str, Any]:
+    """How many processes shared the run, and a digest of what each one holds at the end: the
+    clients, every global model and every synthetic pool (equal digests: the processes agree)."""
+    mine = {"clients": _digest([v for c in fed.clients for v in c.model.state_dict().values()])}
+    for name, r in methods.items():
+        if r.model is not None:
+            mine[f"model:{name}"] = _digest(r.model.state_dict())
+        if r.synthetic is not None:
+            mine[f"pool:{name}"] = _digest([torch.from_numpy(r.synthetic.images)])
+    every = workers.gather(mine)
+    return {"count": workers.size, "digests": {key: [d[key] for d in every] for key in mine},
+            "agree": all(d == every[0] for d in every)}
 
 
 def privacy_check(fed: Federation, methods: dict[str, MethodResult], on_event: EventHandler = ignore

@@ -109,3 +109,15 @@ def test_compare_with_benchmark_picks_the_nearest_alpha_of_the_setting():
     assert "-2.0 points at equal iterations" in bench.compare_with_benchmark(records, "cpu-49", 1.0)
     assert "α=iid" in bench.compare_with_benchmark(records, "cpu-49", None)
     assert bench.compare_with_benchmark(records, "gpu", 0.1) is None
+
+
+def test_scale_measures_each_k_in_its_own_process(tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny", "--scale", "2,3", "--methods", "fedavg,fedmitr",
+                 "--out", str(tmp_path / "scale")]) == 0
+    records = json.loads((tmp_path / "scale" / "scale.json").read_text())["records"]
+    assert [r["clients"] for r in records] == [2, 3]
+    for r in records:
+        assert r["peak_rss_mb"] > 50 and r["total_seconds"] > 0
+        assert {"clients", "fedmitr:inversion", "fedmitr:distill"} <= set(r["seconds"])
+    assert "| 3 |" in (tmp_path / "scale" / "scale.md").read_text() and (tmp_path / "scale" / "scale.html").exists()
+    assert main(["bench", "--preset", "tiny", "--scale", "1", "--out", str(tmp_path / "x")]) == 2

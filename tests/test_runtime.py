@@ -77,3 +77,32 @@ def test_two_processes_train_the_same_clients_as_one(tmp_path):
             # Same seeds, same data: equal up to float reordering (other clients differ by ~1e-1).
             torch.testing.assert_close(state[key], value.cpu(), rtol=1e-3, atol=2e-4)
 
+
+
+def test_torchrun_with_two_processes_forms_one_group_and_writes_once(tmp_path):
+    """The README's command: two processes, one run; only the main process writes and prints."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "fedmitr", "run", "--preset", "tiny",
+                           "--methods", "fedavg,fedmitr", "--out", str(out), "--quiet"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1 and "(2 processes)" in done.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"]["count"] == 2 and metrics["processes"]["agree"]
+    digests = metrics["processes"]["digests"]
+    assert set(digests) >= {"clients", "model:fedmitr", "pool:fedmitr"}
+    assert all(len(set(v)) == 1 and len(v) == 2 for v in digests.values())
+    assert "2 process(es)" in metrics["device"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written files
+    shutil.rmtree(out)

@@ -1,0 +1,188 @@
+"""What the ServerApp and the ClientApps share: the run config, the node config and the messages.
+
+One run, two exchanges (each a Flower message to every SuperNode and its reply):
+
+1. ``query`` (a handshake, no data): each node answers with its ``partition-id``, so the server
+   knows which client every node is, even for a node that crashes later.
+2. ``train`` (the one round of one-shot FL): the server sends the effective fedmitr config and the
+   shared initial weights; the node trains its client ViT once on its own shard, exactly as client
+   ``partition-id`` of ``fedmitr run`` would, and replies with the weights, its class counts, its
+   sample count and its training time.
+
+fedmitr and torch are imported inside the functions, so that answering the handshake does not
+load them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from fedmitr.clients import ClientResult
+    from fedmitr.config import RunConfig
+
+# Message types (flwr.app.MessageType.QUERY / TRAIN) and group id of a run's messages.
+QUERY, TRAIN = "query", "train"
+GROUP = "fedmitr-one-shot"
+
+# Record names in the messages' RecordDicts.
+CONFIG = "fedmitr"  # ConfigRecord: {"config": the RunConfig as JSON} (server -> client, train)
+INIT = "init"  # ArrayRecord: the initial weights every client starts from (server -> client, train)
+NODE = "node"  # ConfigRecord: {"partition-id", "num-partitions"} (client -> server, query)
+MODEL = "model"  # ArrayRecord: the trained client weights (client -> server, train)
+METRICS = "metrics"  # MetricRecord: partition-id, num-samples, train-seconds, class-counts, losses
+
+
+# --- run config (pyproject.toml [tool.flwr.app.config], `flwr run --run-config`) ------------------
+
+RUN_CONFIG_KEYS = ("preset", "dataset", "num-clients", "alpha", "seed", "methods", "epochs", "out-dir",
+                   "connect-timeout", "reply-timeout", "min-replies")
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """The fedmitr config of a Flower run: the preset, then the run config's fields; validated.
+
+    Raises ``fedmitr.errors.ConfigError`` (one clear line) for a bad value.
+    """
+    from fedmitr.config import apply_overrides, parse_alpha, preset_config
+    from fedmitr.errors import ConfigError
+    from fedmitr.methods import parse_methods
+
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown run config key(s) {', '.join(unknown)}; known: {', '.join(RUN_CONFIG_KEYS)}")
+    cfg = preset_config(str(run_config.get("preset", "cpu")))
+    data: dict[str, Any] = {}
+    if "dataset" in run_config:
+        data["dataset"] = run_config["dataset"]
+    if "num-clients" in run_config:
+        data["num_clients"] = _int("num-clients", run_config["num-clients"])
+    if "alpha" in run_config:
+        data["alpha"] = parse_alpha(run_config["alpha"])
+    over: dict[str, Any] = {"data": data}
+    if "seed" in run_config:
+        over["seed"] = _int("seed", run_config["seed"])
+    if "methods" in run_config:
+        over["methods"] = parse_methods(str(run_config["methods"]))
+    epochs = _int("epochs", run_config.get("epochs", 0))
+    if epochs > 0:
+        over["clients"] = {"epochs": epochs}
+    return apply_overrides(cfg, over).validate()
+
+
+def _int(key: str, value: Any) -> int:
+    from fedmitr.errors import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key} must be an integer (got {value!r})")
+    try:
+        out = int(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be an integer (got {value!r})") from None
+    if out != float(value):
+        raise ConfigError(f"{key} must be an integer (got {value!r})")
+    return out
+
+
+def config_to_json(cfg: RunConfig) -> str:
+    return cfg.to_json()
+
+
+def config_from_json(text: str) -> RunConfig:
+    """The server's effective config, as sent in the ``train`` message."""
+    from fedmitr.config import apply_overrides, preset_config
+
+    fields = json.loads(text)
+    return apply_overrides(preset_config(fields["preset"]), fields).validate()
+
+
+# --- node config (`flower-supernode --node-config "partition-id=0 num-partitions=3"`) --------------
+
+@dataclass(frozen=True)
+class NodeSettings:
+    partition_id: int  # which client of the split this node is (0-based)
+    num_partitions: int | None  # if set, must equal the run's num-clients
+    fail: bool = False  # raise in the ClientApp instead of training (to test a crashing client)
+    stall_seconds: float = 0.0  # sleep this long before training (to test the reply timeout)
+
+
+def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
+    """Read the SuperNode's ``--node-config``; raise ValueError naming what is wrong."""
+    if "partition-id" not in node_config:
+        raise ValueError("this SuperNode has no partition-id: start it with "
+                         "--node-config \"partition-id=K num-partitions=N\" (K in 0..N-1)")
+    pid = node_config["partition-id"]
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
+        raise ValueError(f"node config partition-id must be an integer >= 0 (got {pid!r})")
+    num = node_config.get("num-partitions")
+    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num <= pid):
+        raise ValueError(f"node config num-partitions must be an integer > partition-id (got {num!r})")
+    fail = node_config.get("fail", False)
+    if isinstance(fail, str):
+        fail = fail.strip().lower() in ("1", "true", "yes")
+    stall = node_config.get("stall-seconds", 0.0)
+    if isinstance(stall, bool) or not isinstance(stall, (int, float)) or stall < 0:
+        raise ValueError(f"node config stall-seconds must be a number >= 0 (got {stall!r})")
+    return NodeSettings(pid, num, bool(fail), float(stall))
+
+
+# --- the client's work ------------------------------------------------------------------------------
+
+def load_shard(cfg: RunConfig, partition_id: int):
+    """The dataset and the split of ``fedmitr run`` (see ``fedmitr.pipeline.prepare``).
+
+    Every node computes the same deterministic Dirichlet split of the bundled data and keeps its
+    own shard: a stand-in for data that lives on the node.
+    """
+    from fedmitr.data import open_dataset, partition, validation_view
+    from fedmitr.errors import ConfigError
+
+    d = cfg.data
+    if not 0 <= partition_id < d.num_clients:
+        raise ConfigError(f"this node's partition-id {partition_id} is outside 0..{d.num_clients - 1} "
+                          f"(the run has num-clients={d.num_clients})")
+    dataset = open_dataset(d.dataset, d.max_train_samples, d.max_test_samples)
+    if d.evaluate_on == "validation":
+        dataset = validation_view(dataset)
+    part = partition(dataset.train.labels.numpy(), d.num_clients, d.alpha, dataset.num_classes,
+                     seed=cfg.seed, min_samples=d.min_client_samples)
+    return dataset, part
+
+
+def train_shard(cfg: RunConfig, partition_id: int, init_state: Mapping[str, torch.Tensor]
+                ) -> tuple[ClientResult, np.ndarray, str]:
+    """Train client ``partition_id`` once, as ``fedmitr.clients.train_clients`` trains it.
+
+    Returns the result, the shard's class counts ``[C]`` and the device it trained on.
+    """
+    import torch
+
+    from fedmitr.clients import train_client
+    from fedmitr.data import Split
+    from fedmitr.models import build_model
+    from fedmitr.runtime import describe_device, make_accelerator
+
+    dataset, part = load_shard(cfg, partition_id)
+    accelerator = make_accelerator()
+    k, seed = partition_id, cfg.seed
+    # The seeding, model and data of client k in train_clients, in the same order.
+    torch.manual_seed(seed * 1000 + k)
+    generator = torch.Generator().manual_seed(seed * 1000 + k)
+    # The weights come from the server, so a pretrained architecture needs no download here.
+    model = build_model(dataclasses.replace(cfg.model, pretrained=False), dataset.num_classes, dataset.channels,
+                        dataset.image_size)
+    model.load_state_dict(init_state)
+    idx = torch.from_numpy(part.client_indices[k])
+    split = Split(dataset.train.images[idx], dataset.train.labels[idx])
+    result = train_client(k, split, model, cfg.clients, accelerator, generator, dataset.allow_flip)
+    return result, part.class_counts[k], str(describe_device(accelerator))
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
