@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/fedmitr ] || [ ! -f .venv/.installed ] || [ requirements.txt
   echo "setup: creating .venv with python3.11 and installing requirements.txt (first time: 2-3 minutes)" >&2
   rm -f .venv/.installed
   python3.11 -m venv .venv
-  if ! .venv/bin/pip install --progress-bar off -r requirements.txt -e .; then
+  if ! .venv/bin/pip install --progress-bar off -r requirements.txt -e ".[flower]"; then
     echo "setup: pip install failed (see above); .venv is not marked as installed, run this again after fixing it" >&2
     exit 1
   fi
