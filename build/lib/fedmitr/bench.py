@@ -29,6 +29,7 @@ from fedmitr.events import BenchCell, EventHandler, Metric, ignore
 from fedmitr.inversion import invert
 from fedmitr.methods import METHODS
 from fedmitr.pipeline import check_out_dir, train
+from fedmitr.runtime import Workers
 from fedmitr.server import ServerContext, run_method
 
 
@@ -43,7 +44,7 @@ def bench_cell(cfg: RunConfig, equal_time: bool | tuple[str, ...], on_event: Eve
     images per round as the cell's inversion speed-up allows, so they spend dense inversion's time.
     """
     fed = train(cfg, on_event)
-    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event)
+    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event, Workers.of(fed.accelerator))
     base = {"setting": setting_name(cfg), "alpha": alpha_name(cfg.data.alpha), "seed": cfg.seed, "client_seconds": fed.seconds["clients"],
             "client_accuracy": fed.client_accuracy, "device": str(fed.device)}
     records = []
@@ -316,3 +317,76 @@ def compare_with_benchmark(records: list[dict[str, Any]], setting: str, alpha: f
     seeds = len(_values(rows, setting, "fedmitr", nearest))
     return (f"In the benchmark ({setting}, α={nearest}, mean of {seeds} seed(s), 1 thread), FedMITR was "
             f"{' and '.join(parts)} against dense inversion + KD (`assets/bench/bench.md`).")
+
+
+# --- the cost of K clients -----------------------------------------------------------------------
+
+def scale(cfg: RunConfig, ks: list[int], out: str | Path, on_event: EventHandler = ignore,
+          threads: int | None = None) -> list[dict[str, Any]]:
+    """Run the pipeline of ``cfg`` once per number of clients K in ``ks``, each in its own process,
+    and record per stage the seconds and the process's peak memory (RSS). Writes ``scale.json``,
+    ``scale.md`` and ``scale.html`` into ``out``; returns the records."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    out = check_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, k in enumerate(ks, start=1):
+        kcfg = apply_overrides(cfg, {"data": {"num_clients": k}}).validate()
+        on_event(BenchCell(f"K={k}", cfg.seed, index, len(ks)))
+        with tempfile.TemporaryDirectory(prefix="fedmitr-scale-") as tmp:
+            config = Path(tmp) / "config.json"
+            config.write_text(kcfg.to_json())
+            env = dict(os.environ)
+            if threads is not None:
+                env["OMP_NUM_THREADS"] = str(threads)
+            proc = subprocess.Popen([sys.executable, "-m", "fedmitr", "run", "--preset", cfg.preset, "--config",
+                                     str(config), "--out", str(Path(tmp) / "run"), "--quiet"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise ConfigError(f"the run with K={k} failed: {proc.stderr.read().decode()[-500:]}")
+            metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+        stages = {"data": metrics["seconds"]["data"], "clients": metrics["seconds"]["clients"]}
+        for name, m in metrics["methods"].items():
+            for stage, sec in m.get("stage_seconds", {}).items():
+                stages[f"{name}:{stage}"] = sec
+            if not m.get("stage_seconds"):
+                stages[name] = m["seconds"]
+        record = {"clients": k, "seconds": stages, "total_seconds": metrics["seconds"]["total"],
+                  "peak_rss_mb": usage.ru_maxrss / 1024, "device": metrics["device"],
+                  "accuracy": {name: m["accuracy"] for name, m in metrics["methods"].items()}}
+        records.append(record)
+        on_event(Metric("total_seconds", record["total_seconds"], f"K={k}"))
+        (out / "scale.json").write_text(json.dumps({"config": cfg.to_dict(), "records": records}, indent=2))
+        (out / "scale.md").write_text(scale_table(records))
+        scale_figure(records).write_html(out / "scale.html", include_plotlyjs="cdn")
+    return records
+
+
+def scale_table(records: list[dict[str, Any]]) -> str:
+    stages = list(dict.fromkeys(s for r in records for s in r["seconds"]))
+    lines = ["| K | " + " | ".join(stages) + " | total s | peak RSS (MB) | accuracy |",
+             "|---|" + "---|" * (len(stages) + 3)]
+    for r in records:
+        acc = ", ".join(f"{n} {a:.1%}" for n, a in r["accuracy"].items())
+        lines.append(f"| {r['clients']} | " + " | ".join(f"{r['seconds'].get(s, 0):.1f}" for s in stages)
+                     + f" | {r['total_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {acc} |")
+    return "\n".join(lines) + "\n"
+
+
+def scale_figure(records: list[dict[str, Any]]):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    ks = [r["clients"] for r in records]
+    for stage in dict.fromkeys(s for r in records for s in r["seconds"]):
+        fig.add_trace(go.Scatter(x=ks, y=[r["seconds"].get(stage, 0) for r in records], mode="lines+markers",
+                                 name=stage))
+    fig.update_layout(title="Seconds per stage against the number of clients K", xaxis_title="clients K",
+                      yaxis_title="seconds", xaxis_type="log", template="plotly_white")
+    return fig

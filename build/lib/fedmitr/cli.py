@@ -9,6 +9,7 @@ terminal, plain lines in a log file); results go to stdout.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only time dense vs sparse inversion (equal iterations and images) on one set of "
                             "trained clients, --repeats times each; writes speed.json")
     bench.add_argument("--repeats", default="3", help="timing repeats for --speed-only (default: 3)")
+    bench.add_argument("--scale", default=None, metavar="KS",
+                       help="only measure the cost of K clients: one run per K (e.g. 5,10,20,50), each in its own "
+                            "process; writes scale.json, scale.md and scale.html with seconds per stage and peak RSS")
     bench.add_argument("--merge", nargs="+", default=None, metavar="BENCH_JSON",
                        help="only rebuild bench.md and the frontier plots in --out from existing bench.json files "
                             "(e.g. halves of a grid run in parallel); trains nothing")
@@ -259,13 +263,19 @@ def default_out(cfg: RunConfig) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedmitr.pipeline import run
 
+    from fedmitr.runtime import launched_processes
+
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else default_out(cfg)
-    printer = ProgressPrinter(quiet=args.quiet)
+    # Under torchrun / accelerate launch every process runs this; only the main one reports.
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0
+    printer = ProgressPrinter(quiet=args.quiet or not main_process)
     result = run(cfg, out_dir=out, on_event=printer)  # checks `out` before any work
     printer.close()
-    print(results_table(result.metrics))
-    print(f"\nwrote {out / 'metrics.json'}")
+    if main_process:
+        print(results_table(result.metrics))
+        processes = launched_processes()
+        print(f"\nwrote {out / 'metrics.json'}" + (f" ({processes} processes)" if processes > 1 else ""))
     return 0
 
 
@@ -276,6 +286,14 @@ def cmd_bench(args: argparse.Namespace, command: str) -> int:
 
     if args.merge:
         print(bench.merge(args.merge, args.out, "fedmitr bench (merged: " + " ".join(args.merge) + ")"))
+        return 0
+    if args.scale is not None:
+        ks = [_int("--scale", k.strip(), minimum=2) for k in args.scale.split(",") if k.strip()]
+        if not ks:
+            raise ConfigError("--scale needs numbers of clients, e.g. 5,10,20,50")
+        cfg = config_from_args(args, default_methods=("fedavg", "ensemble", "fedmitr"))
+        records = bench.scale(cfg, ks, args.out, ProgressPrinter(brief=True))
+        print(bench.scale_table(records))
         return 0
     cfg = config_from_args(args, default_methods=tuple(METHODS))
     printer = ProgressPrinter(brief=True)

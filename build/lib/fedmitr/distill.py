@@ -18,6 +18,7 @@ A distillation step, for a batch of pool images shifted by a random +-``shift_px
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -89,8 +90,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def distill_step(student: GlobalModel, teachers: list[VisionTransformer], images: torch.Tensor,
                  keep_idx: torch.Tensor | None, targets: torch.Tensor | None, optimizer: torch.optim.Optimizer,
-                 cfg: RunConfig, generator: torch.Generator) -> dict[str, float]:
-    """One distillation step on a batch of pool images; returns the named losses."""
+                 cfg: RunConfig, generator: torch.Generator,
+                 before_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One distillation step on a batch of pool images; returns the named losses.
+
+    ``before_step`` runs between the backward pass and the optimiser step (data-parallel processes
+    average their gradients there).
+    """
     k = cfg.distill
     view = random_shift(images, k.shift_px, generator)
     with torch.no_grad():
@@ -110,6 +116,8 @@ def distill_step(student: GlobalModel, teachers: list[VisionTransformer], images
         losses["token"] = float(loss_tok.detach())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if before_step is not None:
+        before_step()
     optimizer.step()
     losses["total"] = float(loss.detach())
     return losses

@@ -32,8 +32,9 @@ from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, p
 from fedmitr.errors import ConfigError
 from fedmitr.events import EventHandler, Metric, PartitionReady, Progress, StageFinished, StageStarted, ignore
 from fedmitr.methods import METHODS
+from fedmitr.models import fit_input
 from fedmitr.privacy import NearestReal, nearest_real, real_set
-from fedmitr.runtime import DeviceInfo, describe_device, make_accelerator, seed_everything
+from fedmitr.runtime import DeviceInfo, Workers, describe_device, make_accelerator, seed_everything
 from fedmitr.server import MethodResult, ServerContext, run_method
 
 
@@ -140,23 +141,58 @@ def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandle
     t_start = time.perf_counter()
     out_path = check_out_dir(out_dir) if out_dir is not None else None
     fed = train(cfg, on_event, dataset)
+    return serve(cfg, fed, out_path, on_event, started=t_start)
 
-    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event)
+
+def serve(cfg: RunConfig, fed: Federation, out_dir: Path | None = None, on_event: EventHandler = ignore,
+          privacy: bool = True, extra_metrics: dict[str, Any] | None = None,
+          started: float | None = None) -> RunResult:
+    """The server's side of a run: every method of ``cfg`` on the trained clients of ``fed``, the
+    privacy check (``privacy``: it needs the clients' data, which only a simulation holds), and the
+    run directory. ``extra_metrics`` are added to ``metrics.json`` (e.g. which clients replied)."""
+    t_start = time.perf_counter() if started is None else started
+    workers = Workers.of(fed.accelerator)
+    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event, workers)
     methods: dict[str, MethodResult] = {}
     for name in cfg.methods:
         on_event(StageStarted(name, info=METHODS[name].summary))
         methods[name] = result = run_method(name, server)
         on_event(Metric("accuracy", result.accuracy, name))
         on_event(StageFinished(name, result.seconds))
-    privacy = privacy_check(fed, methods, on_event) if any(r.synthetic for r in methods.values()) else {}
+    checks = privacy_check(fed, methods, on_event) if privacy and any(r.synthetic for r in methods.values()) else {}
     seconds = {**fed.seconds, "total": time.perf_counter() - t_start}
 
     metrics = run_metrics(cfg, fed, methods, seconds)
-    if privacy:
-        metrics["privacy"] = {name: check.summary() for name, check in privacy.items()}
-    if out_path is not None and fed.accelerator.is_main_process:
-        write_run_dir(out_path, cfg, metrics, fed.clients, methods, privacy, fed.dataset)
-    return RunResult(cfg, fed.dataset, fed.partition, fed.clients, methods, metrics, out_path)
+    if checks:
+        metrics["privacy"] = {name: check.summary() for name, check in checks.items()}
+    metrics["processes"] = process_record(workers, fed, methods)
+    metrics.update(extra_metrics or {})
+    if out_dir is not None and fed.accelerator.is_main_process:
+        write_run_dir(out_dir, cfg, metrics, fed.clients, methods, checks, fed.dataset)
+    return RunResult(cfg, fed.dataset, fed.partition, fed.clients, methods, metrics, out_dir)
+
+
+def _digest(tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (tensors.values() if isinstance(tensors, dict) else tensors):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def process_record(workers: Workers, fed: Federation, methods: dict[str, MethodResult]) -> dict[str, Any]:
+    """How many processes shared the run, and a digest of what each one holds at the end: the
+    clients, every global model and every synthetic pool (equal digests: the processes agree)."""
+    mine = {"clients": _digest([v for c in fed.clients for v in c.model.state_dict().values()])}
+    for name, r in methods.items():
+        if r.model is not None:
+            mine[f"model:{name}"] = _digest(r.model.state_dict())
+        if r.synthetic is not None:
+            mine[f"pool:{name}"] = _digest([torch.from_numpy(r.synthetic.images)])
+    every = workers.gather(mine)
+    return {"count": workers.size, "digests": {key: [d[key] for d in every] for key in mine},
+            "agree": all(d == every[0] for d in every)}
 
 
 def privacy_check(fed: Federation, methods: dict[str, MethodResult], on_event: EventHandler = ignore
@@ -171,10 +207,10 @@ def privacy_check(fed: Federation, methods: dict[str, MethodResult], on_event: E
     checks = {}
     for name, result in methods.items():
         if result.synthetic is not None:
-            unit = torch.from_numpy(result.synthetic.unit_images())
+            unit = torch.from_numpy(result.synthetic.unit_images())  # at the model's input size
             normalised = (unit - torch.tensor(fed.dataset.mean).view(1, -1, 1, 1)) / torch.tensor(
                 fed.dataset.std).view(1, -1, 1, 1)
-            checks[name] = nearest_real(unit, normalised, real, models)
+            checks[name] = nearest_real(fit_input(unit, fed.dataset.image_size), normalised, real, models)
     on_event(StageFinished("privacy", time.perf_counter() - t0))
     return checks
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from fedmitr.models import fit_input, model_input_size
+
 SPACES = ("pixel", "feature")
 
 
@@ -48,9 +50,10 @@ class NearestReal:
 def ensemble_features(models: list[VisionTransformer], images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """``[N, K*D]``: every client's final class-token feature, concatenated (the ensemble's view)."""
     device = next(models[0].parameters()).device
+    size = model_input_size(models[0])
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)
+        x = fit_input(images[start:start + batch_size].to(device), size)  # models of another input size
         feats = []
         for m in models:
             tokens = m.forward_features(x)  # [B, 1 + N, D], normed

@@ -12,21 +12,70 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 
+def launched_processes() -> int:
+    """How many processes ``torchrun`` or ``accelerate launch`` started for this run (1 if neither)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def make_accelerator(cpu: bool = False) -> Accelerator:
     """A fresh :class:`Accelerator` (CPU, GPU or MPS, picked by accelerate).
 
     accelerate keeps process-wide state and raises if a second Accelerator is created with other
     settings; resetting it first lets one process (a test session, the web app) run many pipelines.
-    Under ``accelerate launch`` the distributed state is kept, because the launcher owns it.
+    Under ``torchrun`` / ``accelerate launch`` the processes form one group (gloo on CPUs, NCCL on
+    GPUs), which is created once and kept.
     """
     state = AcceleratorState._shared_state  # noqa: SLF001 - the documented way accelerate's tests reset
     if state and state.get("distributed_type") is not None and int(state.get("num_processes", 1) or 1) > 1:
-        return Accelerator(cpu=cpu)
+        return Accelerator(cpu=cpu or not torch.cuda.is_available())
+    if launched_processes() > 1:
+        # accelerate only forms a CPU process group when asked for the CPU explicitly.
+        return Accelerator(cpu=cpu or not torch.cuda.is_available())
     AcceleratorState._reset_state(True)  # noqa: SLF001
     GradientState._reset_state()  # noqa: SLF001
     mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cpu else "no"
     mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", mixed)  # accelerate's own override
     return Accelerator(cpu=cpu, mixed_precision=mixed)
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The processes sharing a run's server work (``torchrun`` / ``accelerate launch``); one by default.
+
+    Each process inverts its share of every round's images, the shares are gathered so every process
+    holds the same pool, and distillation is data-parallel (each process a share of every batch,
+    gradients averaged), so every process ends with the same global model.
+    """
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def of(cls, accelerator: Accelerator) -> "Workers":
+        return cls(accelerator.process_index, accelerator.num_processes)
+
+    def share(self, n: int) -> slice:
+        """This process's contiguous share of ``n`` items (the first processes take one more)."""
+        base, extra = divmod(n, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def gather(self, obj: object) -> list:
+        """``obj`` of every process, in rank order (``[obj]`` for one process)."""
+        if self.size == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def average_gradients(self, module: torch.nn.Module) -> None:
+        """All-reduce the gradients of ``module`` to their mean over the processes."""
+        if self.size == 1:
+            return
+        for p in module.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                p.grad.div_(self.size)
 
 
 def seed_everything(seed: int) -> torch.Generator:

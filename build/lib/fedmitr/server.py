@@ -32,6 +32,7 @@ from fedmitr.errors import ConfigError, excerpt
 from fedmitr.events import EventHandler, Metric, Progress, SyntheticRound, ignore
 from fedmitr.inversion import SyntheticBatch, invert
 from fedmitr.methods import METHODS, MethodSpec
+from fedmitr.runtime import Workers
 from fedmitr.relabel import PatchScores, TokenTargets, high_set_size, relabel, score_patches
 from fedmitr.synthetic import SyntheticSet
 
@@ -46,6 +47,7 @@ class ServerContext:
     clients: list[ClientResult]
     device: torch.device
     on_event: EventHandler = ignore
+    workers: Workers = Workers()  # the processes that share the server's work (torchrun / accelerate launch)
 
     @property
     def teachers(self) -> list[VisionTransformer]:
@@ -105,8 +107,10 @@ def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | Non
     cfg, dataset, teachers, device = ctx.cfg, ctx.dataset, ctx.teachers, ctx.device
     inv = cfg.inversion if images_per_round is None else replace(cfg.inversion, images_per_round=images_per_round)
     rounds, steps = cfg.distill.rounds, cfg.distill.steps_per_round
-    generator = torch.Generator().manual_seed(cfg.seed + 17)
-    torch.manual_seed(cfg.seed + 17)
+    w = ctx.workers
+    # Process 0 draws exactly what a single process draws; the others their own streams.
+    generator = torch.Generator().manual_seed(cfg.seed + 17 + 7919 * w.rank)
+    torch.manual_seed(cfg.seed + 17)  # the student's aux head: the same on every process
     student = new_student(cfg, dataset, teachers, device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
     pool = Pool()
@@ -117,9 +121,10 @@ def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | Non
     rounds_made: list[SyntheticRound] = []
 
     for r in range(1, rounds + 1):
-        # 1. Invert: a balanced batch of labels, continuing the class cycle of earlier rounds.
+        # 1. Invert: a balanced batch of labels, continuing the class cycle of earlier rounds
+        # (each process inverts its share of them).
         labels = (torch.arange(inv.images_per_round) + (r - 1) * inv.images_per_round) % dataset.num_classes
-        batch = invert(teachers, labels, inv, dataset.pixel_bounds(), spec.sparse, generator,
+        batch = invert(teachers, labels[w.share(len(labels))], inv, dataset.pixel_bounds(), spec.sparse, generator,
                        allow_flip=dataset.allow_flip, student=student.vit,
                        on_step=lambda it, values: progress(f"round {r}/{rounds}: inversion {it}/{inv.iterations}",
                                                            values))
@@ -131,6 +136,8 @@ def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | Non
         targets = relabel(teachers, batch, scores, cfg.relabel, dataset.num_classes,
                           on_chunk=lambda i, n: progress(f"round {r}/{rounds}: relabel {i}/{n}", {}, advance=False)
                           ) if spec.relabel else None
+        if w.size > 1:  # every process gets the whole round: the same pool everywhere
+            batch, scores, targets = _gather_round(w, batch, scores, targets, device)
         seconds["relabel"] += time.perf_counter() - t0
         made = round_event(spec, r, batch, scores, targets, dataset)
         rounds_made.append(made)
@@ -141,11 +148,13 @@ def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | Non
         pool.add(batch, targets)
         images, keep_idx, token_targets = pool.tensors()
         student.train()
+        # Each process a share of every batch; averaged gradients keep the students identical.
+        per_process = -(-min(cfg.distill.batch_size, images.shape[0]) // w.size)
         for step in range(1, steps + 1):
-            idx = torch.randint(0, images.shape[0], (min(cfg.distill.batch_size, images.shape[0]),),
-                                generator=generator).to(device)
+            idx = torch.randint(0, images.shape[0], (per_process,), generator=generator).to(device)
             losses = distill_step(student, teachers, images[idx], keep_idx[idx] if spec.sparse else None,
-                                  token_targets[idx] if token_targets is not None else None, optimizer, cfg, generator)
+                                  token_targets[idx] if token_targets is not None else None, optimizer, cfg, generator,
+                                  before_step=lambda: w.average_gradients(student))
             progress(f"round {r}/{rounds}: distillation {step}/{steps}", losses)
         seconds["distill"] += time.perf_counter() - t0
 
@@ -168,6 +177,32 @@ RUNNERS: dict[str, Callable[[MethodSpec, ServerContext, int | None], MethodResul
     "ensemble": run_ensemble,
     "rounds": run_rounds,
 }
+
+
+def _gather_round(w: Workers, batch: SyntheticBatch, scores: PatchScores, targets: TokenTargets | None,
+                  device: torch.device) -> tuple[SyntheticBatch, PatchScores, TokenTargets | None]:
+    """Every process's share of a round, concatenated in rank order, on every process."""
+    mine = (batch.images, batch.labels, batch.keep_idx, batch.stop_step, scores.density, scores.high_mask,
+            None if targets is None else (targets.targets, targets.relabelled, targets.weights))
+    parts = w.gather(_to_cpu(mine))
+
+    def cat(i: int) -> torch.Tensor:
+        return torch.cat([p[i] for p in parts]).to(device)
+
+    batch = SyntheticBatch(images=cat(0), labels=cat(1), keep_idx=cat(2), stop_step=cat(3),
+                           iterations=batch.iterations, seconds=batch.seconds)
+    scores = PatchScores(density=cat(4), high_mask=cat(5))
+    if targets is not None:
+        targets = TokenTargets(*(torch.cat([p[6][j] for p in parts]).to(device) for j in range(3)))
+    return batch, scores, targets
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(o) for o in obj)
+    return obj
 
 
 def _progress(stage: str, total: int, on_event: EventHandler) -> Callable[..., None]:

@@ -8,11 +8,11 @@ it wait S seconds first (both for testing how the server copes with a lost clien
 from __future__ import annotations
 
 import time
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
-from logging import INFO
 
 from fedmitr_flower import task
 

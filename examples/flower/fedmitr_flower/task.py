@@ -76,6 +76,36 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     return apply_overrides(cfg, over).validate()
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """The run config's keys about the network and the output, not about fedmitr itself."""
+
+    out_dir: str  # "" = the default run directory
+    connect_timeout: float  # seconds to wait for num-clients SuperNodes
+    reply_timeout: float  # seconds to wait for the trained weights
+    min_replies: int  # fewer replies and the run fails
+
+
+def run_settings(run_config: Mapping[str, Any], cfg: RunConfig) -> RunSettings:
+    """Read and check the network and output keys of the run config (``cfg``: its fedmitr config)."""
+    from fedmitr.errors import ConfigError
+
+    min_replies = _int("min-replies", run_config.get("min-replies", 2))
+    if not 1 <= min_replies <= cfg.data.num_clients:
+        raise ConfigError(f"min-replies must be between 1 and num-clients={cfg.data.num_clients} (got {min_replies})")
+    return RunSettings(str(run_config.get("out-dir", "") or ""), _seconds(run_config, "connect-timeout", 120.0),
+                       _seconds(run_config, "reply-timeout", 1800.0), min_replies)
+
+
+def _seconds(run_config: Mapping[str, Any], key: str, default: float) -> float:
+    from fedmitr.errors import ConfigError
+
+    value = run_config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(f"{key} must be a number of seconds > 0 (got {value!r})")
+    return float(value)
+
+
 def _int(key: str, value: Any) -> int:
     from fedmitr.errors import ConfigError
 
