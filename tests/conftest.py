@@ -68,3 +68,15 @@ def teacher_sizes(tiny_clients):
 @pytest.fixture(scope="session")
 def bounds(tiny_data):
     return tiny_data.pixel_bounds()
+
+
+@pytest.fixture()
+def model_factory(tiny_cfg: RunConfig, tiny_data: ImageDataset):
+    """Fresh tiny-preset models, seeded: ``model_factory(seed=1)``."""
+    from fedmitr.models import build_model
+
+    def make(seed: int = 0):
+        torch.manual_seed(seed)
+        return build_model(tiny_cfg.model, tiny_data.num_classes, tiny_data.channels, tiny_data.image_size)
+
+    return make

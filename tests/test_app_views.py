@@ -11,7 +11,6 @@ import pytest
 
 from app import views
 from app_events import make_round
-from fedmitr.events import SyntheticRound
 
 
 def test_partition_heatmap_shows_every_count():

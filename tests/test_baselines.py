@@ -8,16 +8,6 @@ import pytest
 import torch
 
 from fedmitr.baselines import fedavg
-from fedmitr.models import build_model
-
-
-@pytest.fixture()
-def model_factory(tiny_cfg, tiny_data):
-    def make(seed: int = 0):
-        torch.manual_seed(seed)
-        return build_model(tiny_cfg.model, tiny_data.num_classes, tiny_data.channels, tiny_data.image_size)
-
-    return make
 
 
 def _filled(model, value: float):

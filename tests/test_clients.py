@@ -9,7 +9,6 @@ from fedmitr.clients import accuracy, evaluate, predict_logits, train_clients
 from fedmitr.config import apply_overrides
 from fedmitr.data import partition
 from fedmitr.events import Progress
-from fedmitr.models import build_model
 from fedmitr.runtime import make_accelerator
 
 NUM_CLIENTS = 3
@@ -25,15 +24,6 @@ def trained(tiny_data, tiny_cfg):
     results = train_clients(tiny_data, part, cfg.model, cfg.clients, make_accelerator(), seed=0,
                             on_event=events.append)
     return cfg, part, results, events
-
-
-@pytest.fixture()
-def model_factory(tiny_cfg, tiny_data):
-    def make(seed: int = 0):
-        torch.manual_seed(seed)
-        return build_model(tiny_cfg.model, tiny_data.num_classes, tiny_data.channels, tiny_data.image_size)
-
-    return make
 
 
 def test_clients_come_back_in_order_with_their_own_data(trained):

@@ -42,7 +42,7 @@ def _trace(events) -> list[tuple]:
 
 def test_events_arrive_in_pipeline_order(tiny_run, tiny_cfg):
     result, events, _ = tiny_run
-    k, epochs = tiny_cfg.data.num_clients, tiny_cfg.clients.epochs
+    k = tiny_cfg.data.num_clients
     expected = [("StageStarted", "data"), ("PartitionReady",), ("StageFinished", "data"),
                 ("StageStarted", "clients")]
     steps = sum(client_steps(len(idx), tiny_cfg.clients) for idx in result.partition.client_indices)
