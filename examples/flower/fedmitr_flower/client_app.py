@@ -57,4 +57,4 @@ def train(msg: Message, context: Context) -> Message:
     })
     model = ArrayRecord.from_torch_state_dict(task.cpu_state(result.model))
     info = ConfigRecord({"device": device})
-    return Message(RecordDict({task.MODEL: model, task.METRICS: metrics, "info": info}), reply_to=msg)
+    return Message(RecordDict({task.MODEL: model, task.METRICS: metrics, task.INFO: info}), reply_to=msg)

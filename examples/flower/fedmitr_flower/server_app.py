@@ -243,7 +243,7 @@ def train_round(grid: Grid, assigned: dict[int, int], cfg, dataset, init, timeou
         out[k] = (reply, model)
         report.replied.append({"client": k, "node_id": node, "num_samples": int(metrics["num-samples"]),
                                "train_seconds": float(metrics["train-seconds"]),
-                               "device": str(reply.content["info"]["device"]) if "info" in reply.content else None})
+                               "device": str(reply.content[task.INFO]["device"]) if task.INFO in reply.content else None})
     return out
 
 

@@ -37,6 +37,7 @@ INIT = "init"  # ArrayRecord: the initial weights every client starts from (serv
 NODE = "node"  # ConfigRecord: {"partition-id", "num-partitions"} (client -> server, query)
 MODEL = "model"  # ArrayRecord: the trained client weights (client -> server, train)
 METRICS = "metrics"  # MetricRecord: partition-id, num-samples, train-seconds, class-counts, losses
+INFO = "info"  # ConfigRecord: {"device": where the client trained} (client -> server, train)
 
 
 # --- run config (pyproject.toml [tool.flwr.app.config], `flwr run --run-config`) ------------------
