@@ -103,6 +103,23 @@ def initial_model(model_cfg: ModelConfig, dataset: ImageDataset, seed: int) -> V
     return build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
 
 
+def train_one(k: int, dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig,
+              accelerator: Accelerator, seed: int, init_state: dict[str, torch.Tensor],
+              on_step: Callable[[int, float], None] | None = None) -> ClientResult:
+    """Client ``k`` of ``part``: its own seed, its own shard, the shared initial weights; trained once.
+
+    The one definition of a client's training, for :func:`train_clients` and for real clients on
+    their own machines (the Flower app): the same ``k`` and seed give the same model anywhere.
+    """
+    torch.manual_seed(seed * 1000 + k)
+    generator = torch.Generator().manual_seed(seed * 1000 + k)
+    model = build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
+    model.load_state_dict(init_state)
+    idx = torch.from_numpy(part.client_indices[k])
+    split = Split(dataset.train.images[idx], dataset.train.labels[idx])
+    return train_client(k, split, model, cfg, accelerator, generator, dataset.allow_flip, on_step)
+
+
 def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig,
                   accelerator: Accelerator, seed: int, on_event: EventHandler = ignore,
                   init: VisionTransformer | None = None) -> list[ClientResult]:
@@ -119,13 +136,6 @@ def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig
     for k in range(k_total):
         if k % accelerator.num_processes != accelerator.process_index:
             continue
-        # Each client gets its own seed, so a client's model does not depend on the process layout.
-        torch.manual_seed(seed * 1000 + k)
-        generator = torch.Generator().manual_seed(seed * 1000 + k)
-        model = build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
-        model.load_state_dict(init_state)
-        idx = torch.from_numpy(part.client_indices[k])
-        split = Split(dataset.train.images[idx], dataset.train.labels[idx])
 
         def on_step(epoch: int, loss: float, k: int = k) -> None:
             nonlocal done
@@ -134,7 +144,7 @@ def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig
             on_event(Progress("clients", min(total, done * accelerator.num_processes), total,
                               f"client {k + 1}/{k_total}, epoch {epoch}/{cfg.epochs}", {"loss": loss}))
 
-        mine.append(train_client(k, split, model, cfg, accelerator, generator, dataset.allow_flip, on_step))
+        mine.append(train_one(k, dataset, part, model_cfg, cfg, accelerator, seed, init_state, on_step))
     if accelerator.num_processes == 1:
         return mine
     return _share_clients(mine, dataset, model_cfg, accelerator)

@@ -93,6 +93,14 @@ def prepare(cfg: RunConfig, dataset: ImageDataset | None = None, on_event: Event
     given, is used instead of loading ``cfg.data.dataset`` (it must be that dataset).
     """
     cfg.validate()
+    dataset, part = load_data(cfg, dataset, on_event)
+    return Prepared(dataset, part, initial_model(cfg.model, dataset, cfg.seed))
+
+
+def load_data(cfg: RunConfig, dataset: ImageDataset | None = None, on_event: EventHandler = ignore
+              ) -> tuple[ImageDataset, Partition]:
+    """The dataset of ``cfg`` (its validation view if asked) and its client split: deterministic,
+    so a real client on its own machine computes the same split and keeps its own shard."""
     d = cfg.data
     if dataset is None:
         dataset = open_dataset(d.dataset, d.max_train_samples, d.max_test_samples, on_progress=lambda done, total: (
@@ -101,7 +109,7 @@ def prepare(cfg: RunConfig, dataset: ImageDataset | None = None, on_event: Event
             dataset = validation_view(dataset)
     part = partition(dataset.train.labels.numpy(), d.num_clients, d.alpha, dataset.num_classes,
                      seed=cfg.seed, min_samples=d.min_client_samples)
-    return Prepared(dataset, part, initial_model(cfg.model, dataset, cfg.seed))
+    return dataset, part
 
 
 def train(cfg: RunConfig, on_event: EventHandler = ignore, dataset: ImageDataset | None = None) -> Federation:

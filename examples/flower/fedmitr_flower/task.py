@@ -171,19 +171,14 @@ def load_shard(cfg: RunConfig, partition_id: int):
     Every node computes the same deterministic Dirichlet split of the bundled data and keeps its
     own shard: a stand-in for data that lives on the node.
     """
-    from fedmitr.data import open_dataset, partition, validation_view
     from fedmitr.errors import ConfigError
+    from fedmitr.pipeline import load_data
 
     d = cfg.data
     if not 0 <= partition_id < d.num_clients:
         raise ConfigError(f"this node's partition-id {partition_id} is outside 0..{d.num_clients - 1} "
                           f"(the run has num-clients={d.num_clients})")
-    dataset = open_dataset(d.dataset, d.max_train_samples, d.max_test_samples)
-    if d.evaluate_on == "validation":
-        dataset = validation_view(dataset)
-    part = partition(dataset.train.labels.numpy(), d.num_clients, d.alpha, dataset.num_classes,
-                     seed=cfg.seed, min_samples=d.min_client_samples)
-    return dataset, part
+    return load_data(cfg)
 
 
 def train_shard(cfg: RunConfig, partition_id: int, init_state: Mapping[str, torch.Tensor]
@@ -192,27 +187,15 @@ def train_shard(cfg: RunConfig, partition_id: int, init_state: Mapping[str, torc
 
     Returns the result, the shard's class counts ``[C]`` and the device it trained on.
     """
-    import torch
-
-    from fedmitr.clients import train_client
-    from fedmitr.data import Split
-    from fedmitr.models import build_model
+    from fedmitr.clients import train_one
     from fedmitr.runtime import describe_device, make_accelerator
 
     dataset, part = load_shard(cfg, partition_id)
     accelerator = make_accelerator()
-    k, seed = partition_id, cfg.seed
-    # The seeding, model and data of client k in train_clients, in the same order.
-    torch.manual_seed(seed * 1000 + k)
-    generator = torch.Generator().manual_seed(seed * 1000 + k)
     # The weights come from the server, so a pretrained architecture needs no download here.
-    model = build_model(dataclasses.replace(cfg.model, pretrained=False), dataset.num_classes, dataset.channels,
-                        dataset.image_size)
-    model.load_state_dict(init_state)
-    idx = torch.from_numpy(part.client_indices[k])
-    split = Split(dataset.train.images[idx], dataset.train.labels[idx])
-    result = train_client(k, split, model, cfg.clients, accelerator, generator, dataset.allow_flip)
-    return result, part.class_counts[k], str(describe_device(accelerator))
+    model_cfg = dataclasses.replace(cfg.model, pretrained=False)
+    result = train_one(partition_id, dataset, part, model_cfg, cfg.clients, accelerator, cfg.seed, dict(init_state))
+    return result, part.class_counts[partition_id], str(describe_device(accelerator))
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
