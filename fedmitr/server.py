@@ -32,8 +32,8 @@ from fedmitr.errors import ConfigError, excerpt
 from fedmitr.events import EventHandler, Metric, Progress, SyntheticRound, ignore
 from fedmitr.inversion import SyntheticBatch, invert
 from fedmitr.methods import METHODS, MethodSpec
-from fedmitr.runtime import Workers
 from fedmitr.relabel import PatchScores, TokenTargets, high_set_size, relabel, score_patches
+from fedmitr.runtime import Workers
 from fedmitr.synthetic import SyntheticSet
 
 
