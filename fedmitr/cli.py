@@ -202,7 +202,7 @@ class ProgressPrinter:
         if self.quiet:
             return
         if isinstance(event, BenchCell):
-            self.write(f"[bench {event.index}/{event.total}] alpha={event.alpha} seed={event.seed}")
+            self.write(f"[bench {event.index}/{event.total}] {event.cell} seed={event.seed}")
         elif isinstance(event, StageStarted):
             self.close()
             if not self.brief:

@@ -79,7 +79,7 @@ class SyntheticRound:
 class BenchCell:
     """The benchmark starts one cell of its grid: clients trained once, then every method on them."""
 
-    alpha: str  # "0.1", ..., or "iid"
+    cell: str  # what varies in the grid: "alpha=0.1", "alpha=iid", or "K=20" for --scale
     seed: int
     index: int  # 1-based position in the grid
     total: int  # cells in the grid

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The benchmark's regime map: {cpu (16 tokens), cpu-49 (49 tokens)} x alpha {0.1, 0.3, 0.5, iid},
 # 3 seeds at alpha 0.1 and 0.5, 2 elsewhere. Two lanes side by side, one torch thread each (a
-# 2-core machine), about 3 hours; then one merge into assets/bench/. Parts land in bench/ and can
-# be merged early: fedmitr bench --merge bench/*/bench.json --out bench/map
+# 2-core machine); about 3 h 15 min as measured (a 16-token cell ~15 min, a 49-token cell 21-28
+# min); then one merge into assets/bench/. Parts land in bench/ and can be merged early:
+# fedmitr bench --merge bench/*/bench.json --out bench/map
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

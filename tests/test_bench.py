@@ -49,8 +49,8 @@ def test_run_bench_reports_through_events_and_records_the_command_it_was_given(t
     events = []
     table = bench.run_bench(cfg, [0.5], [0, 1], tmp_path / "b", command="my own command", on_event=events.append)
     assert "`my own command`" in table and "`my own command`" in (tmp_path / "b" / "bench.md").read_text()
-    assert [(e.alpha, e.seed, e.index, e.total) for e in events if isinstance(e, BenchCell)] == [
-        ("0.5", 0, 1, 2), ("0.5", 1, 2, 2)]
+    assert [(e.cell, e.seed, e.index, e.total) for e in events if isinstance(e, BenchCell)] == [
+        ("alpha=0.5", 0, 1, 2), ("alpha=0.5", 1, 2, 2)]
     finals = [e.source for e in events if isinstance(e, Metric) and e.step is None and e.client is None]
     assert finals == ["fedavg", "ensemble"] * 2
     assert capsys.readouterr().out == ""  # a library module: nothing printed
@@ -83,6 +83,14 @@ def test_regime_map_marks_differences_beyond_the_spread():
     assert "**+10.5**" in row  # 61 vs 50.5: far beyond a 1.4-point spread
     assert "| +0.5 |" in row  # 61 vs 60.5: within the spread, not bold
     assert "| - |" in row  # no fedmitr@time rows
+    assert row.endswith("| **+10.0** |")  # sparsity's effect: sparse-kd 60.5 vs dense-kd 50.5
+
+
+def test_merged_parts_list_alphas_in_order_iid_last():
+    records = [{"setting": "cpu", "alpha": a, "seed": 0, "method": m, "accuracy": 0.5}
+               for a in ("0.5", "iid", "0.1", "0.3") for m in ("fedmitr", "dense-kd")]
+    rows = [line.split(" | ")[1] for line in bench.regime_map(records).splitlines()[2:]]
+    assert rows == ["0.1", "0.3", "0.5", "iid"]  # the per-setting tables' columns take the same order
 
 
 def test_pareto_front_keeps_only_points_nothing_beats():
@@ -120,4 +128,6 @@ def test_scale_measures_each_k_in_its_own_process(tmp_path, capsys):
         assert r["peak_rss_mb"] > 50 and r["total_seconds"] > 0
         assert {"clients", "fedmitr:inversion", "fedmitr:distill"} <= set(r["seconds"])
     assert "| 3 |" in (tmp_path / "scale" / "scale.md").read_text() and (tmp_path / "scale" / "scale.html").exists()
+    progress = capsys.readouterr().err
+    assert "[bench 2/2] K=3 seed=0" in progress and "alpha=" not in progress
     assert main(["bench", "--preset", "tiny", "--scale", "1", "--out", str(tmp_path / "x")]) == 2
