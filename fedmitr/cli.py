@@ -263,7 +263,7 @@ def default_out(cfg: RunConfig) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedmitr.pipeline import run
 
-    from fedmitr.runtime import launched_processes
+    from fedmitr.runtime import end_processes, launched_processes
 
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else default_out(cfg)
@@ -272,6 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     printer = ProgressPrinter(quiet=args.quiet or not main_process)
     result = run(cfg, out_dir=out, on_event=printer)  # checks `out` before any work
     printer.close()
+    end_processes()
     if main_process:
         print(results_table(result.metrics))
         processes = launched_processes()

@@ -177,6 +177,7 @@ def serve(cfg: RunConfig, fed: Federation, out_dir: Path | None = None, on_event
     metrics.update(extra_metrics or {})
     if out_dir is not None and fed.accelerator.is_main_process:
         write_run_dir(out_dir, cfg, metrics, fed.clients, methods, checks, fed.dataset)
+    fed.accelerator.wait_for_everyone()  # no process leaves while the main one still writes
     return RunResult(cfg, fed.dataset, fed.partition, fed.clients, methods, metrics, out_dir)
 
 

@@ -38,6 +38,15 @@ def make_accelerator(cpu: bool = False) -> Accelerator:
     return Accelerator(cpu=cpu, mixed_precision=mixed)
 
 
+def end_processes() -> None:
+    """Leave the process group of a ``torchrun`` / ``accelerate launch`` run cleanly (a no-op for one
+    process). Call it once, when the process is done: a process that exits with the group still
+    open can abort in gloo's destructor while the others are still working."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class Workers:
     """The processes sharing a run's server work (``torchrun`` / ``accelerate launch``); one by default.
