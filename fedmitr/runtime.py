@@ -26,10 +26,9 @@ def make_accelerator(cpu: bool = False) -> Accelerator:
     GPUs), which is created once and kept.
     """
     state = AcceleratorState._shared_state  # noqa: SLF001 - the documented way accelerate's tests reset
-    if state and state.get("distributed_type") is not None and int(state.get("num_processes", 1) or 1) > 1:
-        return Accelerator(cpu=cpu or not torch.cuda.is_available())
-    if launched_processes() > 1:
-        # accelerate only forms a CPU process group when asked for the CPU explicitly.
+    grouped = state and state.get("distributed_type") is not None and int(state.get("num_processes", 1) or 1) > 1
+    if grouped or launched_processes() > 1:
+        # Keep the group; accelerate only forms a CPU process group when asked for the CPU explicitly.
         return Accelerator(cpu=cpu or not torch.cuda.is_available())
     AcceleratorState._reset_state(True)  # noqa: SLF001
     GradientState._reset_state()  # noqa: SLF001
