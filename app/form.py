@@ -2,9 +2,10 @@
 
 :class:`FormValues` lists the form's inputs once, in order: the page builds its components from
 it, the run endpoint takes its values in that order (and names them, over the API), and the tests
-submit them through it. The form keeps only UI rules (whole numbers in the number boxes, the
-slider's range, the app's caps); every other check and its message come from
-:meth:`fedmitr.config.RunConfig.validate`, so the CLI and the app can never disagree.
+submit them through it. Each field is a knob of :data:`fedmitr.knobs.KNOBS`, parsed by the library
+exactly as the command line and the Flower app parse it, with the same messages. The form adds only
+the app's caps (a shared machine must stay stoppable within seconds); its defaults are the cpu
+preset's.
 
 Everything here is plain Python (no Gradio). Only :func:`hub_reachable` touches the network, and
 only for a run that needs the Hub. Errors are :class:`fedmitr.errors.ConfigError`.
@@ -20,25 +21,24 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
-from fedmitr.config import RunConfig, apply_overrides, preset_config
-from fedmitr.data import BUNDLED, HUB_DATASETS
+from fedmitr.catalog import BUNDLED, HUB_DATASETS, is_hub_dataset
+from fedmitr.config import RunConfig, preset_config
 from fedmitr.errors import ConfigError, excerpt
-from fedmitr.methods import METHODS
+from fedmitr.knobs import KNOBS, config_from_knobs, knob_values
 
-MIN_CLIENTS, MAX_CLIENTS = 2, 20
-# Caps of the app (the library has none): a run on a shared machine must stay stoppable within a
-# few seconds, and one inversion step on this many images takes about a second on 2 CPU cores.
-MAX_IMAGES_PER_ROUND = 2_000
+__all__ = ["FormValues", "APP_CAPS", "SKEW_CHOICES", "RELABEL_HELP", "with_form_parameters", "check_hub",
+           "hub_offline", "hub_reachable", "needs_hub", "is_hub_dataset", "dataset_choices"]
+
+# The app's caps (the library has none): a run on a shared machine must stay stoppable within a
+# few seconds, and one inversion step on 2,000 images takes about a second on 2 CPU cores.
+APP_CAPS = {"clients": 20, "images": 2_000, "epochs": 1_000, "iterations": 100_000, "rounds": 1_000}
+MIN_CLIENTS, MAX_CLIENTS = int(KNOBS["clients"].minimum or 2), APP_CAPS["clients"]
+MAX_IMAGES_PER_ROUND = APP_CAPS["images"]
 
 RELABEL_HELP = {
     "token": "token: each client's classifier on its own patch token (Token Labeling)",
     "image": "image: the ensemble's soft label of the whole image",
     "neighbourhood": "neighbourhood: the ensemble's prediction on the patch's 3x3 neighbourhood",
-}
-BUNDLED_HELP = {  # kept short: the label must fit the dropdown
-    "mnist5k": "5k MNIST, offline",
-    "mnist-canvas": "MNIST on a 56px canvas, offline",
-    "digits": "sklearn 8x8, offline",
 }
 SKEW_CHOICES = [
     ("iid: no skew", "iid"),
@@ -50,26 +50,23 @@ SKEW_CHOICES = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FormValues:
-    """The Run form's values, one field per input, in the order of the inputs.
+    """The Run form's values, one field per input, in the order of the inputs; each field is the
+    knob of the same name (:data:`fedmitr.knobs.KNOBS`). Number boxes and sliders send floats."""
 
-    Defaults are the cpu preset's. Number boxes and sliders send floats; :meth:`to_config` accepts
-    only whole values for the integer fields.
-    """
-
-    dataset: str = "mnist5k"  # registry name or hf:owner/name
-    clients: Any = 5  # K, MIN_CLIENTS..MAX_CLIENTS
-    alpha: Any = "0.5"  # Dirichlet skew: a number > 0, or "iid"
-    methods: Any = ("fedavg", "ensemble", "fedmitr")  # methods to run
-    preset: str = "cpu"  # the preset the knobs below override
-    epochs: Any = 40  # local epochs per client
-    iterations: Any = 80  # inversion iterations per synthetic batch
-    images: Any = 100  # synthetic images per round
-    keep: Any = 0.8  # fraction of still-active patches kept at each stop
-    relabel: str = "neighbourhood"  # low-density relabel mode
-    rounds: Any = 5  # synthesis + distillation rounds
-    seed: Any = 0
+    dataset: Any  # registry name or hf:owner/name
+    clients: Any  # K, 2..APP_CAPS["clients"]
+    alpha: Any  # Dirichlet skew: a number > 0, or "iid"
+    methods: Any  # methods to run
+    preset: Any  # the preset the knobs below override
+    epochs: Any  # local epochs per client
+    iterations: Any  # inversion iterations per synthetic batch
+    images: Any  # synthetic images per round
+    keep: Any  # fraction of still-active patches kept at each stop
+    relabel: Any  # low-density relabel mode
+    rounds: Any  # synthesis + distillation rounds
+    seed: Any
 
     @classmethod
     def names(cls) -> list[str]:
@@ -82,43 +79,27 @@ class FormValues:
         if len(values) != len(cls.names()):
             raise ConfigError(f"the run form has {len(cls.names())} inputs ({', '.join(cls.names())}); "
                               f"got {len(values)} values")
-        return cls(*values)
+        return cls(**dict(zip(cls.names(), values)))
 
     @classmethod
-    def for_preset(cls, preset: str, **changes: Any) -> "FormValues":
-        """The form showing ``preset``'s knobs (the Advanced section follows the chosen preset)."""
-        cfg = preset_config(preset)
-        base = cls(preset=preset, epochs=cfg.clients.epochs, iterations=cfg.inversion.iterations,
-                   images=cfg.inversion.images_per_round, keep=cfg.inversion.keep_per_stop,
-                   relabel=cfg.relabel.mode, rounds=cfg.distill.rounds, seed=cfg.seed)
-        return dataclasses.replace(base, **changes)
+    def for_preset(cls, preset: str = "cpu", **changes: Any) -> "FormValues":
+        """The form showing ``preset``'s values (the Advanced section follows the chosen preset)."""
+        values = knob_values(preset_config(preset))
+        return dataclasses.replace(cls(**{name: values[name] for name in cls.names()}), **changes)
 
     def inputs(self) -> list[Any]:
         """The values in input order (what the run endpoint takes positionally)."""
         return [getattr(self, name) for name in self.names()]
 
     def to_config(self) -> RunConfig:
-        """The preset with the form's values overriding it, validated by the library."""
-        if self.alpha is None:
-            raise ConfigError("the skew α is required: a number > 0, or 'iid' for an unskewed split")
-        methods = self.methods
-        if isinstance(methods, str):
-            methods = [m.strip() for m in methods.split(",") if m.strip()]
-        overrides = {
-            "seed": _whole("seed", self.seed, 0),
-            "methods": tuple(dict.fromkeys(methods or [])),
-            "data": {"dataset": (self.dataset or "").strip(),
-                     "num_clients": _whole("number of clients", self.clients, MIN_CLIENTS, MAX_CLIENTS),
-                     "alpha": self.alpha.strip() if isinstance(self.alpha, str) else self.alpha},
-            "clients": {"epochs": _whole("local epochs", self.epochs, 1, 1000)},
-            "inversion": {"iterations": _whole("inversion iterations", self.iterations, 1, 100_000),
-                          "images_per_round": _whole("synthetic images per round", self.images, 1,
-                                                     MAX_IMAGES_PER_ROUND),
-                          "keep_per_stop": _number("keep ratio", self.keep)},
-            "relabel": {"mode": self.relabel},
-            "distill": {"rounds": _whole("rounds", self.rounds, 1, 1000)},
-        }
-        return apply_overrides(preset_config(self.preset), overrides).validate()
+        """The preset with the form's values overriding it, checked by the library, within the app's caps."""
+        values = dataclasses.asdict(self)
+        for name, cap in APP_CAPS.items():
+            number = KNOBS[name].parse(values[name])
+            if number > cap:
+                raise ConfigError(f"{name} must be at most {cap:,} in this app (got {number:,}); the command line "
+                                  f"has no such cap")
+        return config_from_knobs(values)
 
 
 def with_form_parameters(fn: Callable) -> Callable:
@@ -126,38 +107,15 @@ def with_form_parameters(fn: Callable) -> Callable:
 
     Gradio passes an event's input values positionally after the parameters it fills itself
     (``gr.Request``, ``gr.Progress``); with this signature its API lists each input by its field
-    name, so an API client can call ``/run`` with ``dataset=..., alpha=...``.
+    name (defaults: the cpu preset's), so an API client can call ``/run`` with ``dataset=..., alpha=...``.
     """
     sig = inspect.signature(fn)
     special = [p for p in sig.parameters.values() if p.kind is not p.VAR_POSITIONAL]
-    fields = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default)
-              for f in dataclasses.fields(FormValues)]
+    defaults = FormValues.for_preset("cpu")
+    fields = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(defaults, name))
+              for name in FormValues.names()]
     fn.__signature__ = sig.replace(parameters=special + fields)
     return fn
-
-
-def _whole(name: str, value: Any, low: int, high: int | None = None) -> int:
-    """An integer form value (number boxes and sliders send floats) within [low, high]."""
-    number = _number(name, value)
-    if not number.is_integer():
-        raise ConfigError(f"{name} must be a whole number (got {number:g})")
-    out = int(number)
-    if out < low or (high is not None and out > high):
-        allowed = f"{low} to {high}" if high is not None else f">= {low}"
-        raise ConfigError(f"{name} must be {allowed} (got {out})")
-    return out
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number (got a yes/no value)")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number (got {type(value).__name__})") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ConfigError(f"{name} must be a finite number")
-    return number
 
 
 # --- the Hub ---------------------------------------------------------------------------------------
@@ -207,21 +165,9 @@ def check_hub(cfg: RunConfig, reachable: Callable[[], bool] = hub_reachable) -> 
                           f"now. {fix} (A copy already in the local cache is used with HF_HUB_OFFLINE=1.)")
 
 
-def is_hub_dataset(name: str) -> bool:
-    return name in HUB_DATASETS or name.startswith("hf:")
-
-
 def dataset_choices() -> list[tuple[str, str]]:
     """(label, value) pairs: bundled sets first, then Hub sets marked as needing the network."""
-    choices = [(f"{name} · {BUNDLED_HELP.get(name, 'bundled')}", name) for name in BUNDLED]
+    choices = [(f"{name} · {about}", name) for name, about in BUNDLED.items()]
     suffix = "Hub, offline now" if hub_offline() else "Hub, needs internet"
     choices += [(f"{name} · {suffix}", name) for name in HUB_DATASETS]
     return choices
-
-
-def default_methods() -> list[str]:
-    return list(FormValues().methods)
-
-
-def method_choices() -> list[str]:
-    return list(METHODS)

@@ -24,6 +24,7 @@ from typing import Any
 
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset
+from fedmitr.events import RunFinished
 
 from app import zerogpu
 
@@ -147,10 +148,9 @@ class Job:
                     for event in stream:
                         if self.stop.is_set():
                             raise RunCancelled()
-                        if isinstance(event, zerogpu.Finished):
+                        if isinstance(event, RunFinished):
                             self.metrics = event.metrics
-                        else:
-                            self.events.put(event)
+                        self.events.put(event)
                 finally:
                     stream.close()  # stops the pipeline at its next step and waits for it
             finally:

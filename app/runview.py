@@ -1,22 +1,25 @@
 """What one session has seen of its run so far: the pipeline's events folded into plain data.
 
 The app feeds every event to :meth:`RunView.apply`, which returns which parts of the page changed;
-the app then redraws only those parts with the functions of :mod:`app.views`.
+the app then redraws only those parts with the functions of :mod:`app.views`. A live run and a
+recorded one (a run directory's ``events.jsonl``) go through the same :meth:`apply`. The view is
+changed only through its own methods: :meth:`apply`, :meth:`waiting`, :meth:`finish`,
+:meth:`fail`, :meth:`cancel`, :meth:`set_tint` and :meth:`attach_training_images`.
 """
 
 from __future__ import annotations
 
 import html
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from fedmitr.config import RunConfig
-from fedmitr.events import Event, Metric, PartitionReady, Progress, StageFinished, StageStarted, SyntheticRound
-from fedmitr.methods import METHODS
+from fedmitr.events import (Event, Metric, PartitionReady, PrivacyChecked, Progress, RunFinished, StageFinished,
+                            StageStarted, SyntheticRound)
+from fedmitr.methods import METHODS, headline
 
 from app import views
 
@@ -38,6 +41,7 @@ def _slim(event: SyntheticRound) -> SyntheticRound:
 @dataclass
 class RunView:
     cfg: RunConfig
+    _: KW_ONLY
     started: float = field(default_factory=time.time)
     stages: list[str] = field(default_factory=list)  # planned stage names, in order
     finished: dict[str, float] = field(default_factory=dict)  # stage -> seconds
@@ -61,8 +65,10 @@ class RunView:
     metrics: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)
     out_dir: str | None = None  # the finished run's directory (for Share and Try)
-    # method -> (round, image) -> (nearest real training image [C, H, W] uint8, its class, distances)
-    nearest: dict[str, dict[tuple[int, int], tuple[np.ndarray, int, dict[str, float]]]] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)  # methods of the finished run with a saved global model
+    privacy: dict[str, PrivacyChecked] = field(default_factory=dict)  # method -> its privacy check
+    # The training split's pixels in [0, 1] [M, C, H, W] and labels, to show a nearest real image.
+    train_images: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -92,6 +98,12 @@ class RunView:
             return {"partition", "clients"}
         if isinstance(event, Metric):
             return self._metric(event)
+        if isinstance(event, PrivacyChecked):
+            self.privacy[event.method] = event
+            return set()
+        if isinstance(event, RunFinished):
+            self.metrics = event.metrics
+            return set()
         if isinstance(event, SyntheticRound):
             kept = self.rounds.setdefault(event.method, [])
             self.round_size[event.method] = len(event.images)
@@ -121,10 +133,43 @@ class RunView:
     def _log(self, line: str) -> None:
         self.log.append(f"{time.time() - self.started:6.1f}s {line}")
 
+    # --- the run's outcome ------------------------------------------------------------------------
+    def waiting(self, position: int) -> None:
+        """The run's place in the line for the device (0: it holds the device)."""
+        self.queue_position = position
+
+    def finish(self, metrics: dict[str, Any], *, out_dir: str | None = None, files: list[str] | None = None,
+               models: list[str] | None = None) -> None:
+        """The run ended: its metrics, and (for a run with a directory) the downloads and the
+        methods whose global model was saved."""
+        self.state, self.metrics, self.queue_position = "done", metrics, 0
+        self.out_dir = out_dir
+        self.files = list(files or [])
+        self.models = list(models or [])
+
+    def fail(self, message: str) -> None:
+        self.state = "failed"
+        self._log(f"failed: {message}")
+
+    def cancel(self) -> bool:
+        """Mark a running view stopped; False if it had already ended."""
+        if self.state != "running":
+            return False
+        self.state = "cancelled"
+        return True
+
+    def set_tint(self, tint: bool) -> None:
+        self.tint = bool(tint)
+
+    def attach_training_images(self, train_unit: np.ndarray, train_labels: np.ndarray) -> None:
+        """The training split (pixels in [0, 1], labels), so the privacy check can show the nearest real
+        image of a synthetic one. Without it the view shows only the distances."""
+        self.train_images = (train_unit, train_labels)
+
     # --- derived ---------------------------------------------------------------------------------------
     def fraction(self) -> float:
         """Overall progress 0..1. Stages are weighted by a rough share of the run's time."""
-        inversion = [m for m in self.cfg.methods if METHODS.get(m) is not None and METHODS[m].inversion]
+        inversion = [m for m in self.cfg.methods if METHODS.get(m) is not None and METHODS[m].synthesises]
         weights = {"data": 0.02, "clients": 0.45 if inversion else 0.9}
         rest = 1 - sum(weights.values())
         for m in self.cfg.methods:
@@ -136,8 +181,8 @@ class RunView:
         return 1.0 if self.state == "done" else min(1.0, done / scale)
 
     def references(self) -> dict[str, float]:
-        """Single numbers drawn as reference lines: FedAvg and the ensemble, when they ran."""
-        return {m: self.method_accuracy[m] for m in ("fedavg", "ensemble") if m in self.method_accuracy}
+        """Single numbers drawn as reference lines: the methods without rounds (FedAvg, the ensemble)."""
+        return {m: a for m, a in self.method_accuracy.items() if m in METHODS and not METHODS[m].synthesises}
 
     def client_chart(self):
         k = self.cfg.data.num_clients
@@ -145,8 +190,8 @@ class RunView:
         return views.client_accuracy_chart([self.client_accuracy.get(i) for i in range(k)], sizes, self.references())
 
     def curves_chart(self):
-        curves = {m: c for m, c in self.curves.items()}
-        return views.accuracy_curves(curves, self.references(), rounds=self.cfg.distill.rounds if curves else None)
+        return views.accuracy_curves(self.curves, self.references(),
+                                     rounds=self.cfg.distill.rounds if self.curves else None)
 
     def gallery_methods(self) -> list[str]:
         return list(self.rounds)
@@ -171,34 +216,14 @@ class RunView:
         return views.relabel_map(event, image, self.class_names or None, relabel_used=bool(spec and spec.relabel),
                                  tint=self.tint)
 
-    def global_models(self) -> list[str]:
-        """Methods of the finished run that made a single global model (downloadable, shareable)."""
-        return [f.rsplit("/", 1)[-1].removesuffix(".safetensors") for f in self.files if f.endswith(".safetensors")]
-
-    def load_privacy(self, train_unit: np.ndarray, train_labels: np.ndarray) -> None:
-        """Read the privacy check's nearest real image of every image the gallery keeps, from the run
-        directory (``train_unit``: the training split's pixels in [0, 1], [M, C, H, W])."""
-        from fedmitr.synthetic import SyntheticSet
-
-        for method, rounds in self.rounds.items():
-            path = Path(self.out_dir or "") / "synthetic" / f"{method}.safetensors"
-            if not path.is_file():
-                continue
-            synthetic, extra = SyntheticSet.load(path)
-            if extra.get("nearest_real_index") is None:
-                continue
-            per_round = self.round_size.get(method, 0)
-            found = {}
-            for event in rounds:
-                for i in range(len(event.images)):
-                    g = (event.round - 1) * per_round + i
-                    if g < len(synthetic):
-                        j = int(extra["nearest_real_index"][g])
-                        real = (np.clip(train_unit[j], 0, 1) * 255 + 0.5).astype(np.uint8)
-                        found[(event.round, i)] = (real, int(train_labels[j]), {
-                            k: float(v[g]) for k, v in extra["nearest_real_distance"].items()})
-            self.nearest[method] = found
-        self._privacy_summary = (self.metrics or {}).get("privacy", {})
+    def shown_method(self) -> str | None:
+        """The method the gallery follows: the latest to synthesise, and at the end the headline
+        method if it ran."""
+        if not self.rounds:
+            return None
+        if self.state == "done" and headline().name in self.rounds:
+            return headline().name
+        return list(self.rounds)[-1]
 
     def privacy_view(self, method: str | None, round_pos: int = -1, image: int = 0):
         """(picture of a synthetic image beside its nearest real one, the text that explains it)."""
@@ -206,15 +231,23 @@ class RunView:
             return None, views.PRIVACY_HINT
         event = self.rounds[method][round_pos]
         image = min(max(0, image), len(event.images) - 1)
-        found = self.nearest.get(method, {}).get((event.round, image))
-        if found is None:
+        check = self.privacy.get(method)
+        if check is None:
             return None, views.PRIVACY_HINT
-        real, real_label, distance = found
-        summary = getattr(self, "_privacy_summary", {}).get(method)
+        g = (event.round - 1) * self.round_size.get(method, 0) + image  # the image's place in the method's set
+        if g >= len(check.nearest_index):
+            return None, views.PRIVACY_HINT
+        distance = {space: float(d[g]) for space, d in check.distance.items()}
+        text = views.privacy_text(distance, check.summary)
+        if self.train_images is None:
+            return None, text
+        train_unit, train_labels = self.train_images
+        j = int(check.nearest_index[g])
+        real = (np.clip(train_unit[j], 0, 1) * 255 + 0.5).astype(np.uint8)
         names = self.class_names or tuple(str(c) for c in range(10))
         picture = views.privacy_pair(event.images[image], real, f"synthetic r{event.round} #{image + 1}",
-                                     f"nearest real: class {names[real_label]}")
-        return picture, views.privacy_text(distance, summary)
+                                     f"nearest real: class {names[int(train_labels[j])]}")
+        return picture, text
 
     def latest_round(self, method: str | None) -> SyntheticRound | None:
         return self.rounds[method][-1] if method in self.rounds and self.rounds[method] else None

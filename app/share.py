@@ -17,7 +17,7 @@ import gradio as gr
 import numpy as np
 import torch
 
-from fedmitr.data import BUNDLED
+from fedmitr.catalog import BUNDLED
 from fedmitr.errors import USER_ERRORS, redact
 
 from app import form, views
@@ -66,7 +66,7 @@ def push(view: RunView | None, method: str | None, repo: str, private: bool, tok
     token = getattr(oauth_token, "token", None) or (token_text or "").strip() or None
     try:
         hub.check_repo_id(repo)
-        hub.resolve_token(token)  # no token at all: say so before probing the network
+        hub.require_token(token)  # no token at all: say so before probing the network
         _hub_ready()
         url = hub.push(run.out_dir, repo, token=token, private=bool(private), method=method)
     except USER_ERRORS as err:
@@ -124,11 +124,11 @@ def try_checkpoint(view: RunView | None, source: str, own_method: str | None, hu
             where = hub_id.strip()
         else:
             run = _finished_run(view)
-            if own_method not in run.global_models():
-                raise _refuse(f"Choose one of this run's global models: {', '.join(run.global_models())}.",
+            if own_method not in run.models:
+                raise _refuse(f"Choose one of this run's global models: {', '.join(run.models)}.",
                               title="Cannot load")
             with tempfile.TemporaryDirectory(prefix="fedmitr-try-") as tmp:
-                folder = hub.export(run.out_dir, Path(tmp) / "model", own_method)
+                folder = hub.export(run.out_dir, Path(tmp) / "model", method=own_method)
                 model, info = hub.load(f"local-dir:{folder}")  # the same path a shared checkpoint takes
             where = f"this run's {own_method}"
         result = hub.evaluate_checkpoint(model, dataset)
@@ -173,8 +173,3 @@ def build_try_tab(view_state: gr.State) -> gr.Dropdown:
                      api_name="try", concurrency_limit=2,
                      api_description="Evaluate a checkpoint (this session's run, or a Hub model) on a bundled dataset.")
     return own
-
-
-def train_images(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The training split's pixels in [0, 1] and labels, for the privacy view."""
-    return dataset.to_unit(dataset.train.images).numpy(), dataset.train.labels.numpy()

@@ -16,27 +16,13 @@ from plotly.colors import hex_to_rgb, sample_colorscale, unlabel_rgb
 from plotly.subplots import make_subplots
 
 from fedmitr.events import SyntheticRound
+from fedmitr.methods import METHODS
 
 # --- shared look ----------------------------------------------------------------------------------
 
-# One colour per method everywhere. The method itself is the warm, saturated one; references are grey.
-METHOD_COLOURS: dict[str, str] = {
-    "fedmitr": "#d1495b",
-    "sparse-kd": "#edae49",
-    "dense-relabel": "#00798c",
-    "dense-kd": "#30638e",
-    "fedavg": "#8d8d8d",
-    "ensemble": "#2b2d42",
-}
+# One colour and one name per method everywhere, from the method registry. A method registered
+# without a known colour gets a stable one of these.
 _FALLBACK_COLOURS = ("#6a4c93", "#8ac926", "#1982c4", "#ff924c", "#52a675")
-METHOD_LABELS: dict[str, str] = {
-    "fedmitr": "FedMITR",
-    "sparse-kd": "sparse inversion + KD",
-    "dense-relabel": "dense inversion + relabel",
-    "dense-kd": "dense inversion + KD",
-    "fedavg": "FedAvg",
-    "ensemble": "ensemble (teacher)",
-}
 CLIENT_COLOUR = "#9dbbd6"
 GENERATED_COLOUR = "#2a9d8f"  # patch trained on the generated label y
 RELABEL_COLOUR = "#f4a261"  # patch trained on the ensemble's relabel
@@ -44,13 +30,22 @@ FONT = dict(family="Inter, system-ui, -apple-system, Segoe UI, sans-serif", size
 
 
 def method_colour(name: str) -> str:
-    if name in METHOD_COLOURS:
-        return METHOD_COLOURS[name]
+    if name in METHODS:
+        return METHODS[name].colour
     return _FALLBACK_COLOURS[sum(map(ord, name)) % len(_FALLBACK_COLOURS)]
 
 
 def method_label(name: str) -> str:
-    return METHOD_LABELS.get(name, name)
+    return METHODS[name].label if name in METHODS else name
+
+
+def _dash(name: str) -> str:
+    """How a method is drawn as a horizontal reference line."""
+    return METHODS[name].line if name in METHODS else "solid"
+
+
+def _is_headline(name: str) -> bool:
+    return name in METHODS and METHODS[name].role == "method"
 
 
 def _base_layout(fig: go.Figure, title: str, height: int) -> go.Figure:
@@ -122,7 +117,7 @@ def client_accuracy_chart(client_accuracy: Sequence[float | None], client_sizes:
         customdata=hover, hovertemplate="%{customdata}<br>test accuracy %{y:.1%}<extra></extra>",
     ))
     for name, value in (references or {}).items():
-        dash = "dash" if name == "fedavg" else ("dot" if name == "ensemble" else "solid")
+        dash = _dash(name)
         # A legend entry per reference line, drawn across the whole chart.
         fig.add_trace(go.Scatter(
             x=[names[0], names[-1]] if k else [0, 1], y=[value, value], mode="lines",
@@ -166,7 +161,7 @@ def _rgb(colour: str) -> np.ndarray:
     return np.array(values, dtype=np.float32)
 
 
-def mask_overlay(event: SyntheticRound, max_images: int | None = None, display_px: int = 168,
+def mask_overlay(event: SyntheticRound, max_images: int | None = None, *, display_px: int = 168,
                  alpha: float = 0.45, tint: bool = True,
                  class_names: Sequence[str] | None = None) -> list[Image.Image]:
     """The synthetic images of one round with the sparse mask drawn over them.
@@ -346,7 +341,7 @@ def accuracy_curves(curves: Mapping[str, Mapping[int, float]], references: Mappi
     last = max([rounds or 1] + [max(c) for c in curves.values() if c])
     for name, points in curves.items():
         xs = sorted(points)
-        main = name == "fedmitr"
+        main = _is_headline(name)
         fig.add_trace(go.Scatter(
             x=xs, y=[points[r] for r in xs], mode="lines+markers", name=method_label(name),
             line=dict(color=method_colour(name), width=4 if main else 2.5),
@@ -354,7 +349,7 @@ def accuracy_curves(curves: Mapping[str, Mapping[int, float]], references: Mappi
             hovertemplate=f"{method_label(name)}<br>round %{{x}}: %{{y:.1%}}<extra></extra>",
         ))
     for name, value in (references or {}).items():
-        dash = "dash" if name == "fedavg" else "dot"
+        dash = _dash(name)
         fig.add_trace(go.Scatter(
             x=[1, last], y=[value, value], mode="lines", name=f"{method_label(name)}: {value:.1%}",
             line=dict(color=method_colour(name), width=2, dash=dash),
@@ -392,7 +387,7 @@ def results_rows(metrics: Mapping) -> list[list]:
                     f"{m.get('inversion_iterations', '?')} iterations")
             if len(inversion) > 1:
                 note += " (equal iterations with the other inversion methods, not equal time)"
-        elif name == "ensemble":
+        elif name in METHODS and not METHODS[name].makes_model:
             note = f"needs all {num_clients} client models at test time"
         else:
             note = "one global model"
@@ -451,7 +446,7 @@ def privacy_text(distance: Mapping[str, float], summary: Mapping | None) -> str:
 
 # --- a shared checkpoint on test images ------------------------------------------------------------
 
-def attention_overlay(image: np.ndarray, attention: np.ndarray, grid: int, caption: str,
+def attention_overlay(image: np.ndarray, attention: np.ndarray, grid: int, caption: str, *,
                       display_px: int = 168, alpha: float = 0.5) -> Image.Image:
     """A test image with the class token's attention on each patch as a heat tint, and a caption."""
     small = Image.fromarray(_to_rgb(image))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import queue
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,13 +23,6 @@ from fedmitr.data import ImageDataset
 GPU_SECONDS = {"tiny": 60, "cpu": 120, "cpu-49": 180, "gpu": 600}
 
 
-@dataclass(frozen=True)
-class Finished:
-    """The last value of :func:`run_events`: the run's ``metrics.json`` content."""
-
-    metrics: dict[str, Any]
-
-
 class _Stopped(BaseException):
     pass
 
@@ -39,7 +31,7 @@ _END = object()
 
 
 def run_events(cfg: RunConfig, out_dir: Path, dataset: ImageDataset | None = None) -> Iterator[Any]:
-    """Run the pipeline and yield its events as they come, then :class:`Finished`.
+    """Run the pipeline and yield its events as they come; the last is ``RunFinished``.
 
     Closing the generator stops the run at its next step (and waits for it to stop). A failure of
     the run is raised from the generator.
@@ -57,7 +49,7 @@ def run_events(cfg: RunConfig, out_dir: Path, dataset: ImageDataset | None = Non
 
     def work() -> None:
         try:
-            outcome["metrics"] = run(cfg, out_dir=out_dir, on_event=handler, dataset=dataset).metrics
+            run(cfg, out_dir=out_dir, on_event=handler, dataset=dataset)
         except _Stopped:
             pass
         except BaseException as err:  # noqa: BLE001 - re-raised to the consumer below
@@ -72,7 +64,6 @@ def run_events(cfg: RunConfig, out_dir: Path, dataset: ImageDataset | None = Non
             yield event
         if "error" in outcome:
             raise outcome["error"]
-        yield Finished(outcome["metrics"])
     finally:
         stop.set()
         thread.join()

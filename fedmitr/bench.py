@@ -27,8 +27,9 @@ from fedmitr.config import RunConfig, apply_overrides, preset_config
 from fedmitr.errors import ConfigError
 from fedmitr.events import BenchCell, EventHandler, Metric, ignore
 from fedmitr.inversion import invert
-from fedmitr.methods import METHODS
-from fedmitr.pipeline import check_out_dir, train
+from fedmitr.methods import METHODS, find_rounds, headline
+from fedmitr.pipeline import train
+from fedmitr.rundir import check_out_dir
 from fedmitr.runtime import Workers
 from fedmitr.server import ServerContext, run_method
 
@@ -44,14 +45,16 @@ def bench_cell(cfg: RunConfig, equal_time: bool | tuple[str, ...], on_event: Eve
     images per round as the cell's inversion speed-up allows, so they spend dense inversion's time.
     """
     fed = train(cfg, on_event)
-    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event, Workers.of(fed.accelerator))
+    server = ServerContext(cfg, fed.dataset, fed.ensemble, fed.accelerator.device, on_event=on_event,
+                           workers=Workers.of(fed.accelerator))
     base = {"setting": setting_name(cfg), "alpha": alpha_name(cfg.data.alpha), "seed": cfg.seed, "client_seconds": fed.seconds["clients"],
             "client_accuracy": fed.client_accuracy, "device": str(fed.device)}
     records = []
     inversion_seconds: dict[str, float] = {}
 
     def record(name: str, budget: str, images_per_round: int | None = None) -> dict[str, Any]:
-        result = run_method(name.removesuffix("@time"), server, images_per_round)
+        ctx = server if images_per_round is None else server.with_images_per_round(images_per_round)
+        result = run_method(name.removesuffix("@time"), ctx)
         on_event(Metric("accuracy", result.accuracy, name))
         return {**base, "method": name, "budget": budget, **result.to_dict()}
 
@@ -85,7 +88,7 @@ def setting_name(cfg: RunConfig) -> str:
     return cfg.preset if cfg.data.dataset == default else f"{cfg.preset}/{cfg.data.dataset}"
 
 
-def run_bench(base: RunConfig, alphas: list[float | None], seeds: list[int], out: str | Path,
+def run_bench(base: RunConfig, alphas: list[float | None], seeds: list[int], out: str | Path, *,
               equal_time: bool | tuple[str, ...] = True, command: str = "fedmitr bench", on_event: EventHandler = ignore) -> str:
     """Every (alpha, seed) cell of the grid; writes the outputs after each cell. Returns bench.md.
 
@@ -134,26 +137,39 @@ def _values(records, setting, method, alpha) -> list[float]:
             if _setting(r) == setting and r["method"] == method and r["alpha"] == alpha]
 
 
+def comparison_names() -> tuple[str, str, str]:
+    """(the method, its dense-inversion + KD baseline, its no-relabel ablation), found in the
+    registry by what the methods are, not by name."""
+    ours = headline()
+    dense = find_rounds(sparse=False, relabel=False)
+    no_relabel = find_rounds(sparse=ours.sparse, relabel=False)
+    if dense is None or no_relabel is None:
+        raise ConfigError("the regime map needs a dense-inversion + KD method and a no-relabel ablation registered")
+    return ours.name, dense, no_relabel
+
+
 def regime_map(records: list[dict[str, Any]]) -> str:
-    """Where FedMITR wins: per setting and alpha, its mean accuracy minus each rival's, in points,
-    and the two mechanisms apart (relabel: fedmitr − sparse-kd; sparsity: sparse-kd − dense-kd).
+    """Where the method wins: per setting and alpha, its mean accuracy minus each rival's, in points,
+    and the two mechanisms apart (relabel: method − its no-relabel ablation; sparsity: that
+    ablation − dense inversion + KD).
 
     A difference is marked **bold** when it exceeds both methods' seed standard deviations
     ("beyond the spread"); one seed gives no spread and no mark.
     """
-    rivals = [("dense-kd", "fedmitr"), ("dense-kd", "fedmitr@time"), ("sparse-kd", "fedmitr"),
-              ("dense-kd", "sparse-kd")]
-    lines = ["| setting | α | seeds | FedMITR | − dense-kd (equal iterations) | − dense-kd (equal time) "
-             "| − sparse-kd (relabel's effect) | sparse-kd − dense-kd (sparsity's effect) |",
+    ours, dense, no_relabel = comparison_names()
+    label = METHODS[ours].label
+    rivals = [(dense, ours), (dense, f"{ours}@time"), (no_relabel, ours), (dense, no_relabel)]
+    lines = [f"| setting | α | seeds | {label} | − {dense} (equal iterations) | − {dense} (equal time) "
+             f"| − {no_relabel} (relabel's effect) | {no_relabel} − {dense} (sparsity's effect) |",
              "|---|---|---|---|---|---|---|---|"]
     for setting in dict.fromkeys(_setting(r) for r in records):
         for alpha in _cells([r for r in records if _setting(r) == setting], "alpha"):
-            ours = _values(records, setting, "fedmitr", alpha)
-            if not ours:
+            mine = _values(records, setting, ours, alpha)
+            if not mine:
                 continue
             cells = []
-            for rival, mine in rivals:
-                a, b = _values(records, setting, mine, alpha), _values(records, setting, rival, alpha)
+            for rival, name in rivals:
+                a, b = _values(records, setting, name, alpha), _values(records, setting, rival, alpha)
                 if not a or not b:
                     cells.append("-")
                     continue
@@ -162,7 +178,7 @@ def regime_map(records: list[dict[str, Any]]) -> str:
                                    statistics.stdev(b) if len(b) > 1 else math.inf)
                 text = f"{diff:+.1f}"
                 cells.append(f"**{text}**" if abs(diff) > spread else text)
-            lines.append(f"| {setting} | {alpha} | {len(ours)} | {_fmt(ours)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {setting} | {alpha} | {len(mine)} | {_fmt(mine)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -170,7 +186,7 @@ def summarise(records: list[dict[str, Any]], command: str) -> str:
     """``bench.md``: the regime map, then per setting the accuracy table, the speed-up and stage seconds."""
     lines = [f"How it was produced: `{command}`", "",
              "Test accuracy in %, mean ± std over seeds; seconds are wall-clock of the server-side method.", "",
-             "## Where FedMITR wins (points; **bold**: beyond both methods' seed spread)", "",
+             f"## Where {METHODS[headline().name].label} wins (points; **bold**: beyond both methods' seed spread)", "",
              regime_map(records), ""]
     for setting in dict.fromkeys(_setting(r) for r in records):
         rows = [r for r in records if _setting(r) == setting]
@@ -278,14 +294,14 @@ def inversion_speed(cfg: RunConfig, repeats: int, on_event: EventHandler = ignor
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1 (got {repeats})")
     fed = train(cfg, on_event)
-    models = [c.model for c in fed.clients]
+    ensemble = fed.ensemble
     labels = torch.arange(cfg.inversion.images_per_round) % fed.dataset.num_classes
     seconds: dict[str, list[float]] = {"dense": [], "sparse": []}
     for r in range(repeats):
         for mode in ("dense", "sparse"):  # interleaved, so drifts in machine load hit both alike
             gen = torch.Generator().manual_seed(r)
-            batch = invert(models, labels, cfg.inversion, fed.dataset.pixel_bounds(), mode == "sparse", gen,
-                           allow_flip=fed.dataset.allow_flip)
+            batch = invert(ensemble, labels, cfg.inversion, pixel_bounds=fed.dataset.pixel_bounds(),
+                           sparse=mode == "sparse", generator=gen, allow_flip=fed.dataset.allow_flip)
             seconds[mode].append(batch.seconds)
     dense, sparse = statistics.mean(seconds["dense"]), statistics.mean(seconds["sparse"])
     return {"device": str(fed.device), "threads": torch.get_num_threads(),
@@ -302,9 +318,10 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 def compare_with_benchmark(records: list[dict[str, Any]], setting: str, alpha: float | None) -> str | None:
     """One sentence on how FedMITR did against dense inversion + KD in the benchmark's cell nearest
     to a run (same setting; the nearest alpha), or None when the benchmark has no such setting."""
+    ours, dense_name, _ = comparison_names()
     rows = [r for r in records if _setting(r) == setting]
-    alphas = [a for a in _cells(rows, "alpha") if _values(rows, setting, "fedmitr", a) and
-              _values(rows, setting, "dense-kd", a)]
+    alphas = [a for a in _cells(rows, "alpha") if _values(rows, setting, ours, a) and
+              _values(rows, setting, dense_name, a)]
     if not alphas:
         return None
 
@@ -316,15 +333,15 @@ def compare_with_benchmark(records: list[dict[str, Any]], setting: str, alpha: f
     nearest = min(alphas, key=distance)
     if distance(nearest) == math.inf:
         return None
-    dense = statistics.mean(_values(rows, setting, "dense-kd", nearest))
+    dense = statistics.mean(_values(rows, setting, dense_name, nearest))
     parts = []
-    for name, budget in (("fedmitr", "equal iterations"), ("fedmitr@time", "equal time")):
-        ours = _values(rows, setting, name, nearest)
-        if ours:
-            parts.append(f"{100 * (statistics.mean(ours) - dense):+.1f} points at {budget}")
-    seeds = len(_values(rows, setting, "fedmitr", nearest))
-    return (f"In the benchmark ({setting}, α={nearest}, mean of {seeds} seed(s), 1 thread), FedMITR was "
-            f"{' and '.join(parts)} against dense inversion + KD (`assets/bench/bench.md`).")
+    for name, budget in ((ours, "equal iterations"), (f"{ours}@time", "equal time")):
+        values = _values(rows, setting, name, nearest)
+        if values:
+            parts.append(f"{100 * (statistics.mean(values) - dense):+.1f} points at {budget}")
+    seeds = len(_values(rows, setting, ours, nearest))
+    return (f"In the benchmark ({setting}, α={nearest}, mean of {seeds} seed(s), 1 thread), {METHODS[ours].label} "
+            f"was {' and '.join(parts)} against {METHODS[dense_name].label} (`assets/bench/bench.md`).")
 
 
 # --- the cost of K clients -----------------------------------------------------------------------

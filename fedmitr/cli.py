@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
+from fedmitr.catalog import DATASETS
 from fedmitr.config import PRESETS, RunConfig, apply_overrides, load_config_file, parse_alpha, preset_config
-from fedmitr.data import DATASETS
 from fedmitr.errors import USER_ERRORS, ConfigError, excerpt, redact
 from fedmitr.events import BenchCell, Event, Metric, Progress, StageFinished, StageStarted
-from fedmitr.methods import METHODS, parse_methods
+from fedmitr.knobs import KNOBS, config_from_knobs
+from fedmitr.methods import METHODS, headline, parse_methods
+from fedmitr.rundir import RunDir, check_out_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +98,8 @@ def _add_share_commands(sub) -> None:
                                            "with --repo, push it to the Hub as a dataset.")
     synthetic.add_argument("run_dir", metavar="RUN_DIR")
     synthetic.add_argument("out", metavar="DIR")
-    synthetic.add_argument("--method", default="fedmitr", help="an inversion method of the run (default: fedmitr)")
+    synthetic.add_argument("--method", default=headline().name,
+                           help=f"an inversion method of the run (default: {headline().name})")
     synthetic.add_argument("--repo", default=None, metavar="USER/NAME", help="also push it as a Hub dataset")
     synthetic.add_argument("--private", action="store_true", help="create the dataset repo private")
 
@@ -109,25 +112,24 @@ def _add_share_commands(sub) -> None:
 
 
 def _add_share_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="fedmitr", help="whose global model: a method of the run (default: fedmitr)")
+    p.add_argument("--method", default=headline().name,
+                   help=f"whose global model: a method of the run (default: {headline().name})")
     p.add_argument("--with-clients", action="store_true", help="also include the client models under clients/")
     p.add_argument("--with-synthetic", action="store_true", help="also include the synthetic set under synthetic/")
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu", help=f"starting config: {', '.join(PRESETS)} (default: cpu)")
+    """One flag per knob of :data:`fedmitr.knobs.KNOBS` (unset: the preset's value), and --config."""
     p.add_argument("--config", default=None,
                    help="YAML or JSON file of nested overrides, e.g. {clients: {epochs: 20}}")
-    p.add_argument("--dataset", default=None,
-                   help=f"dataset: {', '.join(DATASETS)} or hf:owner/name (default: mnist5k, bundled)")
-    p.add_argument("--clients", type=str, default=None, help="number of clients K, >= 2 (default: 5)")
-    p.add_argument("--alpha", default=None,
-                   help="Dirichlet label skew, a number > 0 (0.1 extreme, 0.5 moderate), or 'iid' (default: 0.5)")
-    p.add_argument("--seed", type=str, default=None, help="integer seed for split, models and synthesis (default: 0)")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods to run: {', '.join(METHODS)} (default: fedavg,ensemble; "
-                        f"bench: all)")
-    p.add_argument("--epochs", type=str, default=None, help="local training epochs per client (preset default)")
+    extra = {
+        "preset": f" (default: cpu): {', '.join(PRESETS)}",
+        "dataset": f" (default: mnist5k, bundled): {', '.join(DATASETS)}",
+        "methods": f" (default: fedavg,ensemble,{headline().name}; bench: all): {', '.join(METHODS)}",
+    }
+    for name, knob in KNOBS.items():
+        p.add_argument(f"--{name}", default="cpu" if name == "preset" else None,
+                       help=knob.help + extra.get(name, " (default: the preset's)"))
 
 
 def _int(flag: str, value: str, minimum: int | None = None) -> int:
@@ -145,25 +147,10 @@ def config_from_args(args: argparse.Namespace, default_methods: tuple[str, ...] 
     cfg = preset_config(args.preset)
     if args.config:
         cfg = apply_overrides(cfg, load_config_file(args.config))
-    over: dict[str, Any] = {}
-    data: dict[str, Any] = {}
-    if args.dataset is not None:
-        data["dataset"] = args.dataset
-    if args.clients is not None:
-        data["num_clients"] = _int("--clients", args.clients, minimum=2)
-    if args.alpha is not None:
-        data["alpha"] = parse_alpha(args.alpha)
-    if data:
-        over["data"] = data
-    if args.seed is not None:
-        over["seed"] = _int("--seed", args.seed)
-    if args.methods is not None:
-        over["methods"] = parse_methods(args.methods)
-    elif default_methods is not None:
-        over["methods"] = default_methods
-    if args.epochs is not None:
-        over["clients"] = {"epochs": _int("--epochs", args.epochs, minimum=1)}
-    return apply_overrides(cfg, over).validate()
+    values = {name: getattr(args, name) for name in KNOBS if name != "preset" and getattr(args, name) is not None}
+    if "methods" not in values and default_methods is not None:
+        values["methods"] = default_methods
+    return config_from_knobs(values, base=cfg)
 
 
 def parse_grid(alphas: str, seeds: str) -> tuple[list[float | None], list[int]]:
@@ -261,16 +248,16 @@ def default_out(cfg: RunConfig) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedmitr.pipeline import run
+    cfg = config_from_args(args)  # every argument is checked before torch is imported
+    out = check_out_dir(Path(args.out) if args.out else default_out(cfg))
 
+    from fedmitr.pipeline import run
     from fedmitr.runtime import end_processes, launched_processes
 
-    cfg = config_from_args(args)
-    out = Path(args.out) if args.out else default_out(cfg)
     # Under torchrun / accelerate launch every process runs this; only the main one reports.
     main_process = int(os.environ.get("RANK", "0") or 0) == 0
     printer = ProgressPrinter(quiet=args.quiet or not main_process)
-    result = run(cfg, out_dir=out, on_event=printer)  # checks `out` before any work
+    result = run(cfg, out_dir=RunDir(out), on_event=printer)  # `out` was checked above, before any work
     printer.close()
     end_processes()
     if main_process:
@@ -283,23 +270,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace, command: str) -> int:
     import json
 
-    from fedmitr import bench
-
     if args.merge:
+        from fedmitr import bench
+
         print(bench.merge(args.merge, args.out, "fedmitr bench (merged: " + " ".join(args.merge) + ")"))
         return 0
+    # Every argument is checked before torch is imported.
     if args.scale is not None:
         ks = [_int("--scale", k.strip(), minimum=2) for k in args.scale.split(",") if k.strip()]
         if not ks:
             raise ConfigError("--scale needs numbers of clients, e.g. 5,10,20,50")
-        cfg = config_from_args(args, default_methods=("fedavg", "ensemble", "fedmitr"))
+        cfg = config_from_args(args)
+        check_out_dir(args.out)
+        from fedmitr import bench
+
         records = bench.scale(cfg, ks, args.out, ProgressPrinter(brief=True))
         print(bench.scale_table(records))
         return 0
     cfg = config_from_args(args, default_methods=tuple(METHODS))
+    check_out_dir(args.out)
     printer = ProgressPrinter(brief=True)
     if args.speed_only:
-        result = bench.inversion_speed(cfg, _int("--repeats", args.repeats, minimum=1), printer)
+        repeats = _int("--repeats", args.repeats, minimum=1)
+        from fedmitr import bench
+
+        result = bench.inversion_speed(cfg, repeats, printer)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "speed.json").write_text(json.dumps(result, indent=2))
@@ -312,10 +307,13 @@ def cmd_bench(args: argparse.Namespace, command: str) -> int:
     equal_time: bool | tuple[str, ...] = not args.no_equal_time
     if args.equal_time is not None and equal_time:
         equal_time = parse_methods(args.equal_time)
-        wrong = [m for m in equal_time if m not in cfg.methods or not METHODS[m].sparse]
+        sparse = [m for m in cfg.methods if METHODS[m].sparse]
+        wrong = [m for m in equal_time if m not in sparse]
         if wrong:
-            raise ConfigError(f"--equal-time takes sparse methods that run ({', '.join(m for m in cfg.methods if METHODS[m].sparse)}); "
+            raise ConfigError(f"--equal-time takes sparse methods that run ({', '.join(sparse) or 'none'}); "
                               f"not {', '.join(excerpt(m) for m in wrong[:3])}")
+    from fedmitr import bench
+
     print(bench.run_bench(cfg, alphas, seeds, args.out, equal_time=equal_time, command=command, on_event=printer))
     return 0
 
@@ -324,14 +322,16 @@ def cmd_share(args: argparse.Namespace) -> int:
     from fedmitr import hub
 
     if args.command == "export":
-        out = hub.export(args.run_dir, args.out, args.method, args.with_clients, args.with_synthetic)
+        out = hub.export(args.run_dir, args.out, method=args.method, include_clients=args.with_clients,
+                         include_synthetic=args.with_synthetic)
         print(f"wrote {out} (load it with timm.create_model('local-dir:{out}', pretrained=True))")
     elif args.command == "push":
         url = hub.push(args.run_dir, args.repo, private=args.private, method=args.method,
                        include_clients=args.with_clients, include_synthetic=args.with_synthetic)
         print(f"pushed {args.method} to {url}")
     elif args.command == "export-synthetic":
-        where = hub.export_synthetic(args.run_dir, args.out, args.method, repo_id=args.repo, private=args.private)
+        where = hub.export_synthetic(args.run_dir, args.out, method=args.method, repo_id=args.repo,
+                                     private=args.private)
         print(f"wrote {where}")
     else:
         model, info = hub.load(args.model)

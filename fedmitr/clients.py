@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Callable
 
 import torch
@@ -30,7 +30,8 @@ class ClientResult:
     index: int  # client id, 0-based
     model: VisionTransformer  # trained, in eval mode, on the accelerator's device
     num_samples: int  # size of the client's training set
-    seconds: float  # wall-clock training time
+    _: KW_ONLY
+    seconds: float = 0.0  # wall-clock training time
     losses: list[float] = field(default_factory=list)  # mean training loss per epoch
 
 
@@ -44,7 +45,8 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
 
 
 def train_step(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor,
-               optimizer: torch.optim.Optimizer, accelerator: Accelerator, label_smoothing: float) -> dict[str, float]:
+               optimizer: torch.optim.Optimizer, *, accelerator: Accelerator, label_smoothing: float = 0.0
+               ) -> dict[str, float]:
     """One supervised step; returns the named losses (timm's training-task convention)."""
     with accelerator.autocast():
         logits = model(images)
@@ -55,7 +57,7 @@ def train_step(model: VisionTransformer, images: torch.Tensor, labels: torch.Ten
     return {"loss": float(loss.detach())}
 
 
-def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientTrainConfig,
+def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientTrainConfig, *,
                  accelerator: Accelerator, generator: torch.Generator, allow_flip: bool = False,
                  on_step: Callable[[int, float], None] | None = None) -> ClientResult:
     """Train ``model`` on one client's data with cross-entropy, AdamW and shift (+flip) augmentation.
@@ -81,14 +83,15 @@ def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientT
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             x = random_shift(images[idx], cfg.shift_px, generator, flip=allow_flip)
-            step = train_step(model, fit_input(x, size), labels[idx], optimizer, accelerator, cfg.label_smoothing)
+            step = train_step(model, fit_input(x, size), labels[idx], optimizer, accelerator=accelerator,
+                              label_smoothing=cfg.label_smoothing)
             scheduler.step_update(epoch * steps_per_epoch + s + 1)
             total += step["loss"]
             if on_step is not None:
                 on_step(epoch + 1, total / (s + 1))
         losses.append(total / steps_per_epoch)
     model = model.eval()
-    return ClientResult(index, model, n, time.perf_counter() - start, losses)
+    return ClientResult(index, model, n, seconds=time.perf_counter() - start, losses=losses)
 
 
 def client_steps(num_samples: int, cfg: ClientTrainConfig) -> int:
@@ -103,7 +106,7 @@ def initial_model(model_cfg: ModelConfig, dataset: ImageDataset, seed: int) -> V
     return build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
 
 
-def train_one(k: int, dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig,
+def train_one(k: int, dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig, *,
               accelerator: Accelerator, seed: int, init_state: dict[str, torch.Tensor],
               on_step: Callable[[int, float], None] | None = None) -> ClientResult:
     """Client ``k`` of ``part``: its own seed, its own shard, the shared initial weights; trained once.
@@ -117,10 +120,11 @@ def train_one(k: int, dataset: ImageDataset, part: Partition, model_cfg: ModelCo
     model.load_state_dict(init_state)
     idx = torch.from_numpy(part.client_indices[k])
     split = Split(dataset.train.images[idx], dataset.train.labels[idx])
-    return train_client(k, split, model, cfg, accelerator, generator, dataset.allow_flip, on_step)
+    return train_client(k, split, model, cfg, accelerator=accelerator, generator=generator,
+                        allow_flip=dataset.allow_flip, on_step=on_step)
 
 
-def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig,
+def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig, *,
                   accelerator: Accelerator, seed: int, on_event: EventHandler = ignore,
                   init: VisionTransformer | None = None) -> list[ClientResult]:
     """Train every client of ``part`` independently from ``init`` (default :func:`initial_model`).
@@ -144,7 +148,8 @@ def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig
             on_event(Progress("clients", min(total, done * accelerator.num_processes), total,
                               f"client {k + 1}/{k_total}, epoch {epoch}/{cfg.epochs}", {"loss": loss}))
 
-        mine.append(train_one(k, dataset, part, model_cfg, cfg, accelerator, seed, init_state, on_step))
+        mine.append(train_one(k, dataset, part, model_cfg, cfg, accelerator=accelerator, seed=seed,
+                              init_state=init_state, on_step=on_step))
     if accelerator.num_processes == 1:
         return mine
     return _share_clients(mine, dataset, model_cfg, accelerator)
@@ -159,34 +164,6 @@ def _share_clients(mine: list[ClientResult], dataset: ImageDataset, model_cfg: M
     for index, state, num_samples, seconds, losses in sorted(gather_object(payload), key=lambda p: p[0]):
         model = build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
         model.load_state_dict(state)
-        results.append(ClientResult(index, model.to(accelerator.device).eval(), num_samples, seconds, losses))
+        results.append(ClientResult(index, model.to(accelerator.device).eval(), num_samples, seconds=seconds,
+                                    losses=losses))
     return results
-
-
-@torch.no_grad()
-def predict_logits(models: list[VisionTransformer], images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Logits averaged over ``models`` (one model = its own logits), ``[N, num_classes]`` on CPU."""
-    device = next(models[0].parameters()).device
-    size = model_input_size(models[0])
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = fit_input(images[start:start + batch_size].to(device), size)
-        out.append(torch.stack([m(x).float() for m in models]).mean(0).cpu())
-    return torch.cat(out)
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == labels).float().mean())
-
-
-def evaluate(models: VisionTransformer | list[VisionTransformer], split: Split) -> float:
-    """Test accuracy (0..1) of one model, or of the logit-averaging ensemble of several."""
-    models = models if isinstance(models, list) else [models]
-    was_training = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        return accuracy(predict_logits(models, split.images), split.labels)
-    finally:
-        for m, flag in zip(models, was_training):
-            m.train(flag)

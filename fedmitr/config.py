@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedmitr.data import check_dataset_name
+from fedmitr.catalog import check_dataset_name
 from fedmitr.errors import ConfigError, excerpt
-from fedmitr.methods import METHODS
+from fedmitr.methods import METHODS, default_methods
 
 __all__ = [
     "ConfigError",
@@ -46,7 +46,7 @@ TOKEN_VIEWS = ("full", "same")
 MAX_ALPHA = 1e4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     dataset: str = "mnist5k"  # registry name, see fedmitr.data.DATASETS
     num_clients: int = 5  # K, number of federated clients
@@ -57,7 +57,7 @@ class DataConfig:
     evaluate_on: str = "test"  # "test", or "validation": 20% of the training split, for choosing settings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     arch: str = "scratch"  # "scratch" = small timm VisionTransformer; else a timm model name
     pretrained: bool = False  # load ImageNet weights for a timm name (needs the Hub)
@@ -69,7 +69,7 @@ class ModelConfig:
     mlp_ratio: float = 2.0  # scratch only: MLP hidden width / embed_dim
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ClientTrainConfig:
     # Defaults measured on bundled MNIST, 5 clients, alpha 0.5 (see README): small batches and a
     # high learning rate get the most out of a from-scratch ViT in ~40 s on 2 CPU cores.
@@ -82,7 +82,7 @@ class ClientTrainConfig:
     shift_px: int = 1  # random translation augmentation, in pixels (0 = off)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InversionConfig:
     images_per_round: int = 100  # synthetic images optimised together (one batch per round)
     iterations: int = 80  # Adam steps on the pixels per batch
@@ -103,7 +103,7 @@ class InversionConfig:
     adv_weight: float = 1.0  # ADI-style competition: reward teacher/student disagreement (0 = off)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RelabelConfig:
     # "neighbourhood" measured best on bundled MNIST (README), as in the prototype of METHOD.md.
     mode: str = "neighbourhood"  # low-density relabel, one of RELABEL_MODES: client heads, image or 3x3 patches
@@ -113,7 +113,7 @@ class RelabelConfig:
     weighting: str = "uniform"  # token-loss weight of a relabelled patch: "uniform" (1) or "confidence" (max q_i)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     rounds: int = 5  # interleaved rounds: synthesise a batch, distil, evaluate
     steps_per_round: int = 240  # distillation steps over the pool per round
@@ -128,11 +128,12 @@ class DistillConfig:
     init: str = "fedavg"  # global model start: "fresh" (random init) or "fedavg" (the client average)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     preset: str = "cpu"  # name of the preset these values started from
     seed: int = 0  # seeds the split, the models, the inversion and the distillation
-    methods: tuple[str, ...] = ("fedavg", "ensemble")  # methods to run on the trained clients
+    # methods to run on the trained clients; default: the references and the method (fedavg, ensemble, fedmitr)
+    methods: tuple[str, ...] = field(default_factory=lambda: default_methods())
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     clients: ClientTrainConfig = field(default_factory=ClientTrainConfig)
@@ -233,6 +234,7 @@ def _tiny() -> RunConfig:
     """Seconds on a CPU: for tests and smoke runs. Accuracy is not the point."""
     return RunConfig(
         preset="tiny",
+        methods=default_methods(synthesis=False),  # fedavg, ensemble: the fastest end-to-end check
         data=DataConfig(max_train_samples=600, max_test_samples=200, min_client_samples=10),
         model=ModelConfig(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
         clients=ClientTrainConfig(epochs=4, batch_size=32),

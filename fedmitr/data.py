@@ -26,7 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedmitr.catalog import BUNDLED, DATASETS, HUB_DATASETS, HubSpec, check_dataset_name, is_hub_dataset
 from fedmitr.errors import ConfigError, DatasetUnavailable, excerpt, redact
+
+__all__ = ["BUNDLED", "DATASETS", "HUB_DATASETS", "HubSpec", "ImageDataset", "LOADERS", "Partition", "Split",
+           "check_dataset_name", "dataset_from_hf", "is_hub_dataset", "label_entropy", "open_dataset", "partition",
+           "subsample", "validation_view"]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"  # data files inside the package (pip install . has them)
 # Fixed seed for the train/test split of datasets that ship without one: the test set must not
@@ -43,7 +48,7 @@ class Split:
         return int(self.labels.shape[0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImageDataset:
     name: str
     train: Split
@@ -109,9 +114,10 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return keep
 
 
-def _make_dataset(name: str, unit_train: torch.Tensor, y_train: np.ndarray, unit_test: torch.Tensor,
-                  y_test: np.ndarray, class_names: tuple[str, ...], allow_flip: bool,
-                  source: str) -> ImageDataset:
+def _make_dataset(name: str, train: tuple[torch.Tensor, np.ndarray], test: tuple[torch.Tensor, np.ndarray], *,
+                  class_names: tuple[str, ...], allow_flip: bool, source: str) -> ImageDataset:
+    """``train`` / ``test``: (pixels in [0, 1] [N, C, H, W], labels [N])."""
+    (unit_train, y_train), (unit_test, y_test) = train, test
     # Statistics come from the training split only, as a client-side normaliser would.
     train_images, mean, std = _normalise(unit_train)
     m = torch.tensor(mean).view(1, -1, 1, 1)
@@ -144,8 +150,8 @@ def _digits_dataset(name: str, images: np.ndarray, labels: np.ndarray, source: s
     """uint8 digit images [N, H, W] -> the bundled sets' fixed stratified 80/20 split, classes 0-9."""
     unit = torch.from_numpy(images).float().div_(255).unsqueeze(1)  # [N, 1, H, W]
     train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
-    return _make_dataset(name, unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
-                         tuple(str(d) for d in range(10)), allow_flip=False, source=source)
+    return _make_dataset(name, (unit[train_idx], labels[train_idx]), (unit[test_idx], labels[test_idx]),
+                         class_names=tuple(str(d) for d in range(10)), allow_flip=False, source=source)
 
 
 def load_mnist5k() -> ImageDataset:
@@ -184,8 +190,8 @@ def load_digits16() -> ImageDataset:
     labels = bunch.target.astype(np.int64)
     train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
     return _make_dataset(
-        "digits", unit[train_idx], labels[train_idx], unit[test_idx], labels[test_idx],
-        tuple(str(d) for d in range(10)), allow_flip=False,
+        "digits", (unit[train_idx], labels[train_idx]), (unit[test_idx], labels[test_idx]),
+        class_names=tuple(str(d) for d in range(10)), allow_flip=False,
         source="scikit-learn load_digits (8x8 upsampled to 16x16)",
     )
 
@@ -195,23 +201,6 @@ def load_digits16() -> ImageDataset:
 IMAGE_COLUMNS = ("img", "image")
 LABEL_COLUMNS = ("label", "fine_label", "labels")
 TEST_SPLITS = ("test", "valid", "validation")
-
-
-@dataclass(frozen=True)
-class HubSpec:
-    hub_id: str
-    image_size: int  # images are resized (squashed) to this square size
-    allow_flip: bool = True
-    test_split: str | None = None  # None: the first of TEST_SPLITS present, else hold out 20%
-
-
-HUB_DATASETS: dict[str, HubSpec] = {
-    "cifar10": HubSpec("uoft-cs/cifar10", 32),
-    "cifar100": HubSpec("uoft-cs/cifar100", 32),
-    "tiny-imagenet": HubSpec("zh-plus/tiny-imagenet", 64, test_split="valid"),
-    "mini-imagenet": HubSpec("timm/mini-imagenet", 64, test_split="validation"),
-    "office-home": HubSpec("flwrlabs/office-home", 64),
-}
 
 
 def _pick_column(columns: list[str], candidates: tuple[str, ...], what: str, hub_id: str) -> str:
@@ -278,9 +267,9 @@ def dataset_from_hf(splits: Any, name: str, spec: HubSpec, channels: int = 3,
         raise DatasetUnavailable(f"{spec.hub_id}: labels fall outside 0..{len(class_names) - 1}")
     return _make_dataset(
         name,
-        _images_to_unit(train[image_col], spec.image_size, channels, on_progress), y_train,
-        _images_to_unit(test[image_col], spec.image_size, channels, on_progress), y_test,
-        class_names, allow_flip=spec.allow_flip, source=f"Hugging Face Hub: {spec.hub_id}",
+        (_images_to_unit(train[image_col], spec.image_size, channels, on_progress), y_train),
+        (_images_to_unit(test[image_col], spec.image_size, channels, on_progress), y_test),
+        class_names=class_names, allow_flip=spec.allow_flip, source=f"Hugging Face Hub: {spec.hub_id}",
     )
 
 
@@ -298,27 +287,8 @@ def _load_hub(name: str, spec: HubSpec, on_progress: Callable[[int, int], None] 
     return dataset_from_hf(splits, name, spec, on_progress=on_progress)
 
 
-BUNDLED: dict[str, Callable[[], ImageDataset]] = {
+LOADERS: dict[str, Callable[[], ImageDataset]] = {
     "mnist5k": load_mnist5k, "mnist-canvas": load_mnist_canvas, "digits": load_digits16}
-DATASETS: tuple[str, ...] = (*BUNDLED, *HUB_DATASETS)
-
-
-def check_dataset_name(name: str) -> None:
-    """Refuse a name that is neither in the registry nor ``hf:owner/name``, without loading anything."""
-    if not isinstance(name, str):
-        raise ConfigError(f"dataset must be a name (got {type(name).__name__})")
-    if name in BUNDLED or name in HUB_DATASETS:
-        return
-    if name.startswith("hf:"):
-        owner, _, repo = name[3:].partition("/")
-        if owner.strip() and repo.strip() and "/" not in repo and not any(c.isspace() for c in name):
-            return
-        raise ConfigError(f"a Hub dataset is written hf:owner/name, e.g. hf:uoft-cs/cifar10 "
-                          f"(got {excerpt(name)}); bundled (offline): {', '.join(BUNDLED)}")
-    raise ConfigError(
-        f"unknown dataset {excerpt(name)}; bundled (offline): {', '.join(BUNDLED)}; "
-        f"from the Hub: {', '.join(HUB_DATASETS)}, or hf:owner/name"
-    )
 
 
 def open_dataset(name: str, max_train: int | None = None, max_test: int | None = None,
@@ -329,8 +299,8 @@ def open_dataset(name: str, max_train: int | None = None, max_test: int | None =
     ``on_progress(done, total)`` follows the decoding of a Hub dataset's images.
     """
     check_dataset_name(name)
-    if name in BUNDLED:
-        ds = BUNDLED[name]()
+    if name in LOADERS:
+        ds = LOADERS[name]()
     elif name in HUB_DATASETS:
         ds = _load_hub(name, HUB_DATASETS[name], on_progress)
     else:
@@ -378,7 +348,7 @@ class Partition:
         return len(self.client_indices)
 
 
-def partition(labels: np.ndarray, num_clients: int, alpha: float | None, num_classes: int,
+def partition(labels: np.ndarray, num_clients: int, alpha: float | None, num_classes: int, *,
               seed: int, min_samples: int = 10, max_tries: int = 1000) -> Partition:
     """Split training indices over clients: per-class Dirichlet(alpha) label skew, or IID.
 

@@ -29,8 +29,9 @@ from timm.models.vision_transformer import VisionTransformer
 from fedmitr.baselines import fedavg
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset
-from fedmitr.inversion import SyntheticBatch, ensemble_forward
-from fedmitr.models import build_model, gather_tokens, random_shift, sparse_forward
+from fedmitr.ensemble import Ensemble
+from fedmitr.inversion import SyntheticBatch
+from fedmitr.models import build_model, gather_tokens, patch_grid, random_shift, sparse_forward
 from fedmitr.relabel import TokenTargets
 
 
@@ -49,13 +50,12 @@ class GlobalModel(nn.Module):
         return out.logits, self.aux_head(out.tokens)
 
 
-def new_student(cfg: RunConfig, dataset: ImageDataset, teachers: list[VisionTransformer],
-                device: torch.device) -> GlobalModel:
-    """The global model before distillation: the FedAvg average of the clients (``distill.init =
+def new_student(cfg: RunConfig, dataset: ImageDataset, ensemble: Ensemble, device: torch.device) -> GlobalModel:
+    """The global model before distillation: the plain average of the clients (``distill.init =
     "fedavg"``, as FedDF starts) or a fresh initialisation (``"fresh"``), plus a fresh aux head."""
     vit = build_model(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     if cfg.distill.init == "fedavg":
-        vit.load_state_dict(fedavg(teachers).state_dict())
+        vit.load_state_dict(fedavg(ensemble.models).state_dict())
     return GlobalModel(vit, dataset.num_classes).to(device)
 
 
@@ -88,19 +88,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean", log_target=True) * t * t
 
 
-def distill_step(student: GlobalModel, teachers: list[VisionTransformer], images: torch.Tensor,
+def distill_step(student: GlobalModel, ensemble: Ensemble, images: torch.Tensor, *,
                  keep_idx: torch.Tensor | None, targets: torch.Tensor | None, optimizer: torch.optim.Optimizer,
                  cfg: RunConfig, generator: torch.Generator,
                  before_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One distillation step on a batch of pool images; returns the named losses.
 
-    ``before_step`` runs between the backward pass and the optimiser step (data-parallel processes
-    average their gradients there).
+    ``keep_idx`` [B, M]: the patches each image kept (teacher and student see only those); None,
+    or every patch, is the dense view. ``before_step`` runs between the backward pass and the
+    optimiser step (data-parallel processes average their gradients there).
     """
     k = cfg.distill
+    if keep_idx is not None and keep_idx.shape[1] == patch_grid(student.vit) ** 2:
+        keep_idx = None  # every patch kept: the dense forward
     view = random_shift(images, k.shift_px, generator)
     with torch.no_grad():
-        teacher_logits, _ = ensemble_forward(teachers, view, keep_idx)
+        teacher_logits = ensemble(view, keep_idx).logits
     student_logits, aux_logits = student(view, keep_idx)
     loss_kd = kd_loss(student_logits.float(), teacher_logits, k.temperature)
     losses = {"kd": float(loss_kd.detach())}

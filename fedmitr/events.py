@@ -1,6 +1,11 @@
 """Typed progress events. The pipeline calls ``on_event(event)``; the CLI and the app render them.
 
-Every event is a small frozen dataclass. Handlers should be quick: they run on the training thread.
+Every event is a small frozen dataclass of plain values and NumPy arrays: it pickles (ZeroGPU
+streams events across processes) and it is written to a run's ``events.jsonl``
+(:mod:`fedmitr.rundir`), from which a finished run can be replayed exactly as it was streamed.
+Handlers should be quick: they run on the training thread.
+
+This module imports no torch, so the command line and the app can use it cheaply.
 """
 
 from __future__ import annotations
@@ -10,7 +15,20 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
-from fedmitr.runtime import DeviceInfo
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Where a run executes. ``str()`` is the one-line description saved in ``metrics.json``."""
+
+    type: str  # torch device type: "cpu", "cuda", "mps"
+    name: str  # e.g. "NVIDIA H100 80GB HBM3"; the device type for CPUs
+    processes: int  # processes of the run (accelerate / torchrun)
+    threads: int  # torch intra-op threads of this process
+
+    def __str__(self) -> str:
+        if self.type == "cuda":
+            return f"{self.name} (cuda, {self.processes} process(es))"
+        return f"{self.type} ({self.threads} threads, {self.processes} process(es))"
 
 
 @dataclass(frozen=True)
@@ -51,15 +69,16 @@ class PartitionReady:
     class_names: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SyntheticRound:
     """One round of synthesis for an inversion method, with everything the app draws.
 
     Shapes (B images, C channels, H x W pixels, N patches on a G x G grid, num_classes L):
-    images [B, C, H, W] float in [0, 1]; labels [B]; stop_step [B, N] int (the iteration at which a
-    patch was stopped, or -1 if it stayed active); density [B, N] float (share of the ensemble's
-    CLS attention); high_mask [B, N] bool; token_labels [B, N] int (argmax of each patch's target);
-    token_relabelled [B, N] bool (True where the target came from the ensemble, not the label).
+    images [B, C, H, W] uint8 pixels (float in [0, 1] is accepted too); labels [B]; stop_step [B, N] int (the iteration
+    at which a patch was stopped, or -1 if it stayed active); density [B, N] float (share of the
+    ensemble's CLS attention); high_mask [B, N] bool; token_labels [B, N] int (argmax of each
+    patch's target); token_relabelled [B, N] bool (True where the target came from the ensemble,
+    not the label).
     """
 
     method: str
@@ -73,6 +92,25 @@ class SyntheticRound:
     token_relabelled: np.ndarray
     grid: int  # patches per side
     iterations: int  # inversion iterations of this batch
+    token_weight: np.ndarray | None = None  # [B, N] weight of each patch in the token loss (None: no token loss)
+
+
+@dataclass(frozen=True)
+class PrivacyChecked:
+    """The privacy check of one inversion method: the nearest real training image of each of its
+    synthetic images (indices into the training split, in the order the images were made)."""
+
+    method: str
+    nearest_index: np.ndarray  # [N] int
+    distance: dict[str, np.ndarray]  # "pixel" / "feature" -> [N] distance to that image
+    summary: dict[str, dict[str, float]]  # what metrics.json records (see fedmitr.privacy.NearestReal)
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """The last event of a run: its ``metrics.json`` content."""
+
+    metrics: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -85,9 +123,21 @@ class BenchCell:
     total: int  # cells in the grid
 
 
-Event = Union[StageStarted, StageFinished, Progress, Metric, PartitionReady, SyntheticRound, BenchCell]
+Event = Union[StageStarted, StageFinished, Progress, Metric, PartitionReady, SyntheticRound, PrivacyChecked,
+              RunFinished, BenchCell]
 EventHandler = Callable[[Event], Any]
+EVENT_TYPES: dict[str, type] = {t.__name__: t for t in Event.__args__}  # type: ignore[attr-defined]
 
 
 def ignore(event: Event) -> None:  # noqa: ARG001 - the default handler
     """Default handler: drop every event."""
+
+
+def fan_out(*handlers: EventHandler) -> EventHandler:
+    """One handler that passes every event to each of ``handlers`` in turn."""
+
+    def handle(event: Event) -> None:
+        for h in handlers:
+            h(event)
+
+    return handle

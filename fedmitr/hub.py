@@ -17,11 +17,8 @@ A token is never printed, logged, written to a file or put in an error message.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,57 +27,15 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from fedmitr.config import ModelConfig, RunConfig, apply_overrides, preset_config
+from fedmitr.config import ModelConfig
 from fedmitr.errors import ConfigError, HubError, excerpt, redact
-from fedmitr.methods import METHODS
-from fedmitr.synthetic import SyntheticSet
+from fedmitr.methods import METHODS, headline
+from fedmitr.rundir import RunDir
 
 # timm's registered ViT whose builder a scratch ViT's ``model_args`` override entirely: the Hub
 # config names it as the architecture, so timm.create_model can rebuild the model from the args.
 SCRATCH_ARCH = "vit_tiny_patch16_224"
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 LICENSE = "apache-2.0"
-
-
-@dataclass
-class RunDir:
-    """A finished run directory, as written by :func:`fedmitr.pipeline.run`."""
-
-    path: Path
-    config: RunConfig
-    metrics: dict[str, Any]
-
-    @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
-        path = Path(path)
-        if not (path / "metrics.json").is_file():
-            raise ConfigError(f"{excerpt(str(path), 80)} is not a finished run directory (no metrics.json); "
-                              f"give the --out folder of a `fedmitr run`")
-        try:
-            metrics = json.loads((path / "metrics.json").read_text())
-            config = apply_overrides(preset_config(metrics["config"]["preset"]), metrics["config"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"the run directory's metrics.json cannot be read ({type(err).__name__}); "
-                              f"was it written by fedmitr?") from None
-        return cls(path, config, metrics)
-
-    def model_path(self, method: str) -> Path:
-        """The checkpoint of ``method``'s single global model; a clear error if the run has none."""
-        ran = list(self.metrics.get("methods", {}))
-        with_model = [m for m in ran if (self.path / "models" / f"{m}.safetensors").is_file()]
-        if method not in with_model:
-            why = "ran but makes no single model" if method in ran else "did not run"
-            raise ConfigError(f"method {excerpt(method)} {why} in this run; global models here: "
-                              f"{', '.join(with_model) or 'none'}")
-        return self.path / "models" / f"{method}.safetensors"
-
-    def synthetic(self, method: str) -> tuple[SyntheticSet, dict[str, Any]]:
-        path = self.path / "synthetic" / f"{method}.safetensors"
-        if not path.is_file():
-            have = sorted(p.stem for p in (self.path / "synthetic").glob("*.safetensors"))
-            raise ConfigError(f"this run kept no synthetic set for {excerpt(method)}; it has: {', '.join(have) or 'none'} "
-                              f"(only inversion methods make one)")
-        return SyntheticSet.load(path)
 
 
 # --- the model ---------------------------------------------------------------------------------------
@@ -97,13 +52,14 @@ def timm_architecture(cfg: ModelConfig, num_classes: int, in_chans: int, image_s
     }
 
 
-def export(run_dir: str | Path, out_dir: str | Path, method: str = "fedmitr", include_clients: bool = False,
+def export(run_dir: str | Path, out_dir: str | Path, *, method: str | None = None, include_clients: bool = False,
            include_synthetic: bool = False) -> Path:
     """Write exactly the folder :func:`push` uploads. Nothing is written if the run cannot be exported."""
     import timm
     from timm.models import save_for_hf
 
     run = RunDir.open(run_dir)
+    method = method or headline().name
     checkpoint = run.model_path(method)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -126,9 +82,13 @@ def export(run_dir: str | Path, out_dir: str | Path, method: str = "fedmitr", in
         if curve:
             curve_png(curve, run.metrics["methods"], method).save(tmp / "accuracy_curve.png")
         if include_clients:
-            shutil.copytree(run.path / "clients", tmp / "clients")
+            (tmp / "clients").mkdir()
+            for c in run.metrics["clients"]:
+                shutil.copy2(run.client_path(c["index"]), tmp / "clients" / run.client_path(c["index"]).name)
         if include_synthetic:
             synthetic_dataset(run, method).save_to_disk(str(tmp / "synthetic"))
+        if run.events_file.is_file():  # the whole run, replayable in the app's Try tab
+            shutil.copy2(run.events_file, tmp / "fedmitr_events.jsonl")
         model_card(run, method, arch).save(tmp / "README.md")
         if out.exists():
             out.rmdir()
@@ -179,38 +139,47 @@ def _run_info(model_ref: str) -> dict[str, Any]:
 # --- pushing -----------------------------------------------------------------------------------------
 
 def check_repo_id(repo_id: str) -> str:
-    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
-        raise ConfigError(f"a Hub repo id is USER/NAME with letters, digits, '-', '_' and '.' "
-                          f"(got {excerpt(repo_id)})")
+    """``repo_id`` if it is a valid USER/NAME (huggingface_hub's own rules); else a ConfigError that
+    does not repeat it in full (a token pasted into the wrong box must not be echoed)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ConfigError(f"a Hub repo id is USER/NAME (got {excerpt(repo_id)})")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ConfigError(f"a Hub repo id is USER/NAME with letters, digits, '-', '_' and '.', not starting or "
+                          f"ending with '-' or '.', at most 96 characters (got {excerpt(repo_id)})") from None
     return repo_id
 
 
-def resolve_token(token: str | None) -> str:
-    """The token to push with: the one given, else $HF_TOKEN, else the one `hf auth login` saved."""
-    if token:
-        return token
+def require_token(token: str | None) -> str:
+    """The token to push with: the one given, else the one huggingface_hub finds ($HF_TOKEN, or what
+    `hf auth login` saved); a clear error before any network call when there is none."""
     from huggingface_hub import get_token
 
-    found = os.environ.get("HF_TOKEN") or get_token()
+    found = token or get_token()
     if not found:
         raise HubError("pushing needs a Hugging Face token with write access: log in (`hf auth login`), set "
                        "HF_TOKEN, or pass one")
     return found
 
 
-def push(run_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False,
-         method: str = "fedmitr", include_clients: bool = False, include_synthetic: bool = False) -> str:
+def push(run_dir: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
+         method: str | None = None, include_clients: bool = False, include_synthetic: bool = False) -> str:
     """Export ``method``'s model and push it as one commit to ``repo_id`` (created if needed).
 
     Returns the commit's URL. Everything is checked, and the folder exported, before the Hub is
     contacted; a failure leaves nothing half-pushed (the upload is a single commit).
     """
     check_repo_id(repo_id)
-    token = resolve_token(token)
+    token = require_token(token)
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory(prefix="fedmitr-push-") as tmp:
-        folder = export(run_dir, Path(tmp) / "export", method, include_clients, include_synthetic)
+        method = method or headline().name
+        folder = export(run_dir, Path(tmp) / "export", method=method, include_clients=include_clients,
+                        include_synthetic=include_synthetic)
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -224,7 +193,7 @@ def push(run_dir: str | Path, repo_id: str, token: str | None = None, private: b
 
 # --- the synthetic set as a dataset ------------------------------------------------------------------
 
-def synthetic_dataset(run: RunDir | str | Path, method: str = "fedmitr"):
+def synthetic_dataset(run: RunDir | str | Path, method: str | None = None):
     """The synthetic set of ``method`` as a :class:`datasets.Dataset`: an ``image`` column, the
     generated ``label`` (a ``ClassLabel``), and per patch the information density, the
     high-information mask, the stop iteration, the token label and whether it was relabelled; with
@@ -235,7 +204,7 @@ def synthetic_dataset(run: RunDir | str | Path, method: str = "fedmitr"):
 
     disable_progress_bar()  # a library call: no bars in the caller's output
     run = run if isinstance(run, RunDir) else RunDir.open(run)
-    synthetic, extra = run.synthetic(method)
+    synthetic, extra = run.synthetic(method or headline().name)
     names = extra.get("class_names") or [str(c) for c in range(int(synthetic.labels.max()) + 1)]
     images = synthetic.images.transpose(0, 2, 3, 1)
     if images.shape[-1] == 1:
@@ -262,14 +231,15 @@ def synthetic_dataset(run: RunDir | str | Path, method: str = "fedmitr"):
     return Dataset.from_dict(columns, features=Features(features))
 
 
-def export_synthetic(run_dir: str | Path, out_dir: str | Path, method: str = "fedmitr",
+def export_synthetic(run_dir: str | Path, out_dir: str | Path, *, method: str | None = None,
                      repo_id: str | None = None, token: str | None = None, private: bool = False) -> str:
     """Save the synthetic set with ``save_to_disk`` (and a dataset card); with ``repo_id``, also push
     it to the Hub as a dataset. Returns the folder, or the dataset's URL when pushed."""
     run = RunDir.open(run_dir)
+    method = method or headline().name
     if repo_id is not None:
         check_repo_id(repo_id)
-        token = resolve_token(token)
+        token = require_token(token)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"export folder {excerpt(str(out), 80)} is not empty; give a new folder")
@@ -304,13 +274,17 @@ def _privacy_text(metrics: dict[str, Any], method: str) -> str:
             f"the 5th percentile.")
 
 
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
 def model_card(run: RunDir, method: str, arch: str):
+    """The model card: ``templates/model_card.md`` filled in by ``ModelCard.from_template``, with a
+    ``model-index`` carrying the measured test accuracy."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     m, cfg = run.metrics, run.config
     acc = m["methods"][method]["accuracy"]
     ds = m["dataset"]
-    alpha = "IID" if cfg.data.alpha is None else f"Dirichlet α={cfg.data.alpha:g}"
     card_data = ModelCardData(
         library_name="timm", license=LICENSE, pipeline_tag="image-classification",
         tags=["federated-learning", "one-shot-federated-learning", "fedmitr", "vision-transformer",
@@ -320,58 +294,17 @@ def model_card(run: RunDir, method: str, arch: str):
                                  dataset_split="test", metric_type="accuracy", metric_value=round(acc, 4),
                                  metric_name="Test accuracy")],
     )
-    refs = "".join(f"| {name} | {r['accuracy']:.1%} | {r['seconds']:.1f} |\n" for name, r in m["methods"].items())
-    clients = ", ".join(f"{c['accuracy']:.1%}" for c in m["clients"])
-    text = f"""
-# FedMITR {method} global model ({ds['name']})
-
-One global Vision Transformer built by **one-shot federated learning**: {cfg.data.num_clients} clients each
-trained a ViT on their own non-IID share of the data and sent it to the server once; the server never saw
-any data. {"It made this model with **FedMITR**: sparse model inversion of the client ensemble (synthetic images whose uninformative patches stop being optimised early), token relabel (high-information patches keep the generated label, the others are relabelled by the ensemble), and distillation into one ViT that uses every patch." if METHODS[method].relabel and METHODS[method].sparse else "Method: " + METHODS[method].summary + "."}
-Made with the fedmitr library (method `{method}`).
-
-## How it was trained
-
-| | |
-|---|---|
-| dataset | {ds['name']} ({ds['num_train']} train / {ds['num_test']} test images, {ds['image_size']} px, {ds['num_classes']} classes; {ds['source']}) |
-| clients | {cfg.data.num_clients}, label skew {alpha} |
-| preset | `{cfg.preset}`, seed {cfg.seed} |
-| architecture | timm `{arch}` rebuilt from `config.json`'s `model_args` ({m['methods'][method].get('patches', '?')} patches per image) |
-| device | {m.get('device', '?')} |
-| server-side seconds | {m['methods'][method]['seconds']:.1f} |
-
-## Results on the test split (same run)
-
-| model | accuracy | server seconds |
-|---|---|---|
-{refs}
-Each client alone: {clients}. FedAvg averages the clients' weights; the ensemble averages their predictions
-and needs all {cfg.data.num_clients} models at test time (it is the teacher).
-
-## Use
-
-```python
-import timm, torch
-model = timm.create_model("hf-hub:USER/NAME", pretrained=True).eval()
-x = torch.randn(1, {ds['channels']}, {ds['image_size']}, {ds['image_size']})  # normalised like the training data
-print(model(x).argmax(1))
-```
-
-Inputs are normalised with the training split's per-channel mean and std (`config.json`'s `mean`/`std`).
-
-## Privacy check
-
-{_privacy_text(m, method)}
-
-## Limits
-
-A small ViT trained from scratch on {ds['name']}: a teaching and research artefact, not a production
-classifier. Its accuracy depends strongly on the skew, the seed and the clients' own accuracy (see
-`fedmitr_metrics.json`); one seed says little. The privacy check is an empirical nearest-neighbour test,
-not a formal guarantee.
-"""
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{text}")
+    spec = METHODS.get(method)
+    description = (spec.description or f"Method: {spec.summary}.") if spec is not None else f"Method `{method}`."
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATES / "model_card.md"),
+        method=method, ds=ds, cfg=cfg, arch=arch, description=description,
+        alpha="IID" if cfg.data.alpha is None else f"Dirichlet α={cfg.data.alpha:g}",
+        patches=m["methods"][method].get("patches", "?"), device=m.get("device", "?"),
+        seconds=m["methods"][method]["seconds"], results=m["methods"],
+        clients=", ".join(f"{c['accuracy']:.1%}" for c in m["clients"]),
+        privacy=_privacy_text(m, method),
+    )
 
 
 def dataset_card(run: RunDir, method: str, size: int):
@@ -399,8 +332,9 @@ them (not shared here).
 
 
 def curve_png(curve: list[float], methods: dict[str, Any], method: str, size: tuple[int, int] = (480, 300)):
-    """A small PNG of the accuracy per round, with FedAvg and the ensemble as reference lines."""
-    from PIL import Image, ImageDraw
+    """A small PNG of the accuracy per round, with the methods without rounds (FedAvg, the ensemble)
+    as reference lines, each in its method's colour."""
+    from PIL import Image, ImageColor, ImageDraw
 
     w, h = size
     left, right, top, bottom = 48, 16, 28, 36
@@ -415,16 +349,17 @@ def curve_png(curve: list[float], methods: dict[str, Any], method: str, size: tu
         y = xy(0, tick)[1]
         draw.line([(left, y), (w - right, y)], fill=(229, 231, 235))
         draw.text((6, y - 6), f"{tick:.0%}", fill=(75, 85, 99))
-    for name, colour in (("fedavg", (141, 141, 141)), ("ensemble", (43, 45, 66))):
-        if name in methods:
-            y = xy(0, methods[name]["accuracy"])[1]
+    for name, entry in methods.items():
+        if name in METHODS and not METHODS[name].synthesises:
+            colour = ImageColor.getrgb(METHODS[name].colour)
+            y = xy(0, entry["accuracy"])[1]
             draw.line([(left, y), (w - right, y)], fill=colour, width=1)
             draw.text((w - right - 70, y - 12), name, fill=colour)
-    draw.line([xy(i, a) for i, a in enumerate(curve)] if len(curve) > 1 else [xy(0, curve[0])] * 2,
-              fill=(209, 73, 91), width=3)
+    own = ImageColor.getrgb(METHODS[method].colour) if method in METHODS else (209, 73, 91)
+    draw.line([xy(i, a) for i, a in enumerate(curve)] if len(curve) > 1 else [xy(0, curve[0])] * 2, fill=own, width=3)
     for i, a in enumerate(curve):
         x, y = xy(i, a)
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(209, 73, 91))
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=own)
     draw.text((left, 6), f"{method}: test accuracy per round (final {curve[-1]:.1%})", fill=(31, 41, 55))
     draw.text((w // 2 - 20, h - 18), "round", fill=(75, 85, 99))
     return img
@@ -435,8 +370,8 @@ def curve_png(curve: list[float], methods: dict[str, Any], method: str, size: tu
 @torch.no_grad()
 def evaluate_checkpoint(model: VisionTransformer, dataset_name: str) -> dict[str, Any]:
     """Test accuracy and the confusion matrix of a loaded checkpoint on a registry dataset."""
-    from fedmitr.clients import predict_logits
     from fedmitr.data import open_dataset
+    from fedmitr.ensemble import Ensemble
 
     ds = open_dataset(dataset_name)
     expected = (ds.num_classes, ds.channels)
@@ -444,7 +379,7 @@ def evaluate_checkpoint(model: VisionTransformer, dataset_name: str) -> dict[str
     if expected != got:
         raise ConfigError(f"this model takes {got[1]}-channel images and predicts {got[0]} classes; "
                           f"{excerpt(dataset_name)} has {expected[1]} channel(s) and {expected[0]} classes")
-    logits = predict_logits([model], ds.test.images)
+    logits = Ensemble([model]).predict_logits(ds.test.images)
     pred = logits.argmax(1)
     confusion = torch.zeros(ds.num_classes, ds.num_classes, dtype=torch.long)
     confusion.index_put_((ds.test.labels, pred), torch.ones_like(pred), accumulate=True)

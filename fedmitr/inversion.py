@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.config import InversionConfig
-from fedmitr.models import gather_tokens, patch_grid, patchify, sparse_forward
+from fedmitr.ensemble import Ensemble
+from fedmitr.models import sparse_forward
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SyntheticBatch:
     """Synthetic images and their bookkeeping. B images, N = grid * grid patches."""
 
@@ -59,19 +60,6 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return sum(d.flatten(1).norm(dim=1) for d in diffs)
 
 
-def ensemble_forward(models: list[VisionTransformer], images: torch.Tensor,
-                     keep_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ensemble logits ``[B, L]`` (mean over clients) and CLS attention ``[B, M]`` (mean over clients)."""
-    logits, attention = 0.0, 0.0
-    # Unfold and gather the active pixel patches once for all clients (same architecture).
-    patches = None if keep_idx is None else gather_tokens(patchify(models[0], images), keep_idx)
-    for m in models:
-        out = sparse_forward(m, images, keep_idx, patches)
-        logits = logits + out.logits.float()
-        attention = attention + out.cls_attention.float()
-    return logits / len(models), attention / len(models)
-
-
 def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """Per-row Jensen-Shannon divergence ``[B]`` (nats) between two softmax distributions."""
     p, q = logits_p.softmax(-1), logits_q.softmax(-1)
@@ -88,12 +76,11 @@ def roll_patch_indices(keep_idx: torch.Tensor, grid: int, dy_patches: int, dx_pa
     return rows * grid + cols
 
 
-def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: InversionConfig,
+def invert(ensemble: Ensemble, labels: torch.Tensor, cfg: InversionConfig, *,
            pixel_bounds: tuple[torch.Tensor, torch.Tensor], sparse: bool, generator: torch.Generator,
-           allow_flip: bool = False,
-           on_step: Callable[[int, dict[str, float]], None] | None = None,
-           student: VisionTransformer | None = None) -> SyntheticBatch:
-    """Synthesise one batch of images for ``labels`` [B] from the ensemble of ``models``.
+           allow_flip: bool = False, student: VisionTransformer | None = None,
+           on_step: Callable[[int, dict[str, float]], None] | None = None) -> SyntheticBatch:
+    """Synthesise one batch of images for ``labels`` [B] from ``ensemble``.
 
     ``pixel_bounds`` are the normalised values of black and white, each ``[1, C, 1, 1]``.
     ``on_step(iteration, losses)`` is called after every step (losses: ce, tv, total, active).
@@ -101,21 +88,25 @@ def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: Inversion
     ``adv_weight * (1 - JS(teacher || student))``: images on which the current global model still
     disagrees with the ensemble are favoured, the ones distillation learns most from.
     """
+    with ensemble.frozen(*([student] if student is not None and cfg.adv_weight > 0 else [])):
+        return _invert(ensemble, labels, cfg, pixel_bounds=pixel_bounds, sparse=sparse, generator=generator,
+                       allow_flip=allow_flip, student=student if cfg.adv_weight > 0 else None, on_step=on_step)
+
+
+def _invert(ensemble: Ensemble, labels: torch.Tensor, cfg: InversionConfig, *,
+            pixel_bounds: tuple[torch.Tensor, torch.Tensor], sparse: bool, generator: torch.Generator,
+            allow_flip: bool, student: VisionTransformer | None,
+            on_step: Callable[[int, dict[str, float]], None] | None) -> SyntheticBatch:
     start = time.perf_counter()
-    ref = models[0]
-    device = next(ref.parameters()).device
-    grid = patch_grid(ref)
+    ref = ensemble.models[0]
+    device = ensemble.device
+    grid = ensemble.grid
     n_patches = grid * grid
-    size = int(ref.patch_embed.img_size[0])
+    size = ensemble.input_size
     patch = size // grid
     b = labels.shape[0]
     labels = labels.to(device)
     low, high = (t.to(device) for t in pixel_bounds)
-    use_student = student is not None and cfg.adv_weight > 0
-    frozen = models + ([student] if use_student else [])
-    was_training = [m.training for m in frozen]
-    for m in frozen:
-        m.eval().requires_grad_(False)
 
     x = torch.randn((b, ref.patch_embed.proj.in_channels, size, size), generator=generator).to(device)
     x = torch.max(torch.min(x, high), low).requires_grad_(True)
@@ -138,11 +129,12 @@ def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: Inversion
         view_idx = roll_patch_indices(keep_idx, grid, round(dy / patch), round(dx / patch))
         if flipped:
             view_idx = (view_idx // grid) * grid + (grid - 1 - view_idx % grid)
-        logits, attention = ensemble_forward(models, view, None if view_idx.shape[1] == n_patches else view_idx)
+        out = ensemble(view, None if view_idx.shape[1] == n_patches else view_idx)
+        logits, attention = out.logits, out.attention
         ce = F.cross_entropy(logits, labels, reduction="none")
         tv = total_variation(x)
         per_image = ce + cfg.tv_weight * tv + cfg.l2_weight * x.flatten(1).pow(2).sum(1)
-        if use_student:
+        if student is not None:
             s_logits = sparse_forward(student, view, None if view_idx.shape[1] == n_patches else view_idx).logits
             per_image = per_image + cfg.adv_weight * (1 - js_divergence(logits, s_logits.float()))
         loss = per_image.mean()
@@ -171,7 +163,5 @@ def invert(models: list[VisionTransformer], labels: torch.Tensor, cfg: Inversion
             on_step(it, {"ce": float(ce.detach().mean()), "tv": float(tv.detach().mean()), "total": float(loss.detach()),
                          "active": float(keep_idx.shape[1])})
 
-    for m, flag in zip(frozen, was_training):
-        m.train(flag).requires_grad_(True)
     return SyntheticBatch(images=best_x.detach(), labels=labels, keep_idx=keep_idx, stop_step=stop_step,
                           iterations=cfg.iterations, seconds=time.perf_counter() - start)

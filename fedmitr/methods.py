@@ -1,52 +1,321 @@
-"""The server-side methods that can be run by name on the same trained clients.
+"""The server-side methods: each one a registered object, runnable by name on the same clients.
 
-This module is plain data, so the config, the CLI and the app can list and check method names
-without importing torch. How a method runs is its ``runner``: the name of one of the three
-server procedures in :data:`fedmitr.server.RUNNERS` (average the weights, average the logits, or
-the invert -> relabel -> distil rounds). The flags say which variant of the rounds it is.
+A method is a :class:`Method`: its display metadata (label, colour, role, one-line summary) and
+``run(ctx) -> MethodResult``. :func:`register_method` adds one to :data:`METHODS`, as timm's
+``@register_model`` does for models; the config, the command line, the benchmark, the Hub's model
+card and the app all read this registry, and no method name is written anywhere else.
+
+The inversion methods are one family, :class:`Rounds`, composed of three pluggable stages:
+
+* ``inversion``: :class:`ModelInversion` (dense, or sparse: patches stop early);
+* ``targets``: :class:`ClassTargets` (the class token only) or :class:`TokenRelabel` (every patch
+  gets its own target);
+* ``distillation``: :class:`Distillation` (class-token KD on the same view, plus the token loss
+  when there are token targets).
+
+A new variant is one registration in one file, e.g.::
+
+    @register_method
+    def fedmitr_image() -> Rounds:
+        return Rounds(name="fedmitr-image", label="FedMITR, image relabel", colour="#b5179e",
+                      role="ablation", summary="sparse inversion + image-level relabel",
+                      inversion=ModelInversion(sparse=True), targets=TokenRelabel(mode="image"))
+
+A stage with new behaviour is a small class with the same ``__call__`` (see each stage's docstring).
+
+This module imports no torch: the command line lists and checks method names without loading it.
+The built-in stages import their implementation when they run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
-RUNNERS = ("fedavg", "ensemble", "rounds")  # the procedures of fedmitr.server.RUNNERS
+from fedmitr.errors import ConfigError, excerpt
+
+if TYPE_CHECKING:  # only for type checkers: importing these would import torch
+    import torch
+
+    from fedmitr.config import InversionConfig, RunConfig
+    from fedmitr.distill import GlobalModel
+    from fedmitr.ensemble import Ensemble
+    from fedmitr.inversion import SyntheticBatch
+    from fedmitr.relabel import PatchScores, TokenTargets
+    from fedmitr.server import MethodResult, ServerContext
+
+# What a method is, for tables, charts and the default selections:
+#   reference: not one model (the ensemble: K models at test time, the teacher);
+#   baseline:  a global model from earlier work (FedAvg, dense inversion + KD);
+#   ablation:  the method with one mechanism taken out, or a variant of it;
+#   method:    FedMITR itself.
+ROLES = ("reference", "baseline", "ablation", "method")
+_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    summary: str  # one line, shown in --help, the UI and the README
-    runner: str  # one of RUNNERS
-    sparse: bool = False  # inversion with progressive patch stopping
-    relabel: bool = False  # per-patch token targets in distillation
+@dataclass(frozen=True, kw_only=True)
+class Method(ABC):
+    """A server-side method: what it is called and looks like, and what it does with the clients."""
+
+    name: str  # registry key, lower-case with dashes: "fedmitr"
+    label: str  # display name: "FedMITR"
+    colour: str  # one colour everywhere (bars, curves, tables): "#d1495b"
+    role: str  # one of ROLES
+    summary: str  # one line, shown in --help, the app and the README
+    description: str = ""  # a few sentences for model cards (default: the summary)
+    line: str = "solid"  # dash style when drawn as a horizontal reference line ("solid", "dash", "dot")
+
+    synthesises: ClassVar[bool] = False  # makes synthetic images (rounds, a curve, a gallery)
 
     @property
-    def inversion(self) -> bool:
-        """Whether the method synthesises images (and so has rounds, a curve and a gallery)."""
-        return self.runner == "rounds"
+    def makes_model(self) -> bool:
+        """Whether the method ends with one global model (shareable, downloadable)."""
+        return self.role != "reference"
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the method synthesises with sparse inversion (the benchmark's equal-time reruns)."""
+        return False
+
+    @property
+    def relabel(self) -> bool:
+        """Whether patch tokens get their own targets (the app's relabel map says so)."""
+        return False
+
+    @abstractmethod
+    def run(self, ctx: ServerContext) -> MethodResult:
+        """Run on the trained clients of ``ctx``; ``seconds`` is filled in by the caller."""
 
 
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec("fedavg", "one-shot parameter average of the client models (weighted by client size)",
-                   runner="fedavg"),
-        MethodSpec("ensemble", "the teacher itself: K models at inference, averaged logits (a reference)",
-                   runner="ensemble"),
-        MethodSpec("dense-kd", "dense inversion + class-token KD (F-ADI / FedDF-style data-free baseline)",
-                   runner="rounds"),
-        MethodSpec("sparse-kd", "sparse inversion + class-token KD (ablation: no token relabel)",
-                   runner="rounds", sparse=True),
-        MethodSpec("dense-relabel", "dense inversion + token relabel (ablation: no sparsity)",
-                   runner="rounds", relabel=True),
-        MethodSpec("fedmitr", "sparse inversion + token relabel + distillation (the method)",
-                   runner="rounds", sparse=True, relabel=True),
-    )
-}
+# --- the registry ----------------------------------------------------------------------------------
+
+METHODS: dict[str, Method] = {}
+M = TypeVar("M", bound=Method)
+
+
+def register_method(factory: Callable[[], M]) -> Callable[[], M]:
+    """Decorator: register the method ``factory()`` returns under its name (as timm's
+    ``@register_model``). Raises :class:`ConfigError` for a taken or malformed name."""
+    method = factory()
+    if not isinstance(method, Method):
+        raise TypeError(f"{factory.__name__}() must return a fedmitr.methods.Method (got {type(method).__name__})")
+    if not _NAME.match(method.name) or "@" in method.name:
+        raise ConfigError(f"method name {excerpt(method.name)} must be lower-case letters, digits and dashes")
+    if method.name in METHODS:
+        raise ConfigError(f"a method named {excerpt(method.name)} is already registered")
+    if method.role not in ROLES:
+        raise ConfigError(f"method role must be one of {', '.join(ROLES)} (got {excerpt(method.role)})")
+    METHODS[method.name] = method
+    return factory
+
+
+def get_method(name: str) -> Method:
+    method = METHODS.get(name)
+    if method is None:
+        raise ConfigError(f"unknown method {excerpt(name)}; known: {', '.join(METHODS)}")
+    return method
+
+
+def headline() -> Method:
+    """The method this project is about: the first registered method of role ``method``."""
+    return next(m for m in METHODS.values() if m.role == "method")
+
+
+def with_role(*roles: str) -> list[str]:
+    """Names of the registered methods of the given roles, in registration order."""
+    return [name for name, m in METHODS.items() if m.role in roles]
+
+
+def default_methods(synthesis: bool = True) -> tuple[str, ...]:
+    """What a run compares by default: the methods without synthesis (the cheap references) and,
+    with ``synthesis``, the headline method."""
+    cheap = tuple(name for name, m in METHODS.items() if not m.synthesises)
+    return (*cheap, headline().name) if synthesis else cheap
+
+
+def find_rounds(*, sparse: bool, relabel: bool) -> str | None:
+    """The first registered built-in-style :class:`Rounds` method with this inversion and these
+    targets (how the benchmark pairs a method with its ablations, without naming them)."""
+    for name, m in METHODS.items():
+        if m.synthesises and m.sparse == sparse and m.relabel == relabel:
+            return name
+    return None
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
     """``"fedavg, ensemble"`` -> ``("fedavg", "ensemble")``; duplicates dropped, order kept."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     return tuple(dict.fromkeys(names))
+
+
+# --- methods without synthesis ---------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class FedAvg(Method):
+    """One-shot FedAvg: the clients' parameters averaged, weighted by client size."""
+
+    def run(self, ctx: ServerContext) -> MethodResult:
+        from fedmitr.baselines import fedavg
+        from fedmitr.ensemble import Ensemble
+        from fedmitr.server import MethodResult
+
+        model = fedavg(ctx.ensemble.models, ctx.ensemble.num_samples)
+        return MethodResult(self.name, Ensemble([model]).evaluate(ctx.dataset.test), model=model)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnsembleReference(Method):
+    """The teacher itself: the clients' logits averaged, K models at test time."""
+
+    def run(self, ctx: ServerContext) -> MethodResult:
+        from fedmitr.server import MethodResult
+
+        return MethodResult(self.name, ctx.ensemble.evaluate(ctx.dataset.test))
+
+
+# --- the stages of the inversion family ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelInversion:
+    """Stage 2: synthesise a batch of images from the ensemble (:func:`fedmitr.inversion.invert`).
+
+    ``sparse``: stop the least-attended patches at ``cfg.stop_at`` and drop them from every later
+    forward. A custom inversion stage takes the same arguments and returns a ``SyntheticBatch``.
+    """
+
+    sparse: bool
+
+    def __call__(self, ensemble: Ensemble, labels: torch.Tensor, cfg: InversionConfig, *,
+                 pixel_bounds: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
+                 allow_flip: bool = False, student: Any = None,
+                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> SyntheticBatch:
+        from fedmitr.inversion import invert
+
+        return invert(ensemble, labels, cfg, pixel_bounds=pixel_bounds, sparse=self.sparse, generator=generator,
+                      allow_flip=allow_flip, student=student, on_step=on_step)
+
+
+@dataclass(frozen=True)
+class ClassTargets:
+    """Stage 3 without relabel: information density and H are scored (the app shows them), but
+    only the class token is taught; patch tokens get no target."""
+
+    relabel: ClassVar[bool] = False
+
+    def __call__(self, ensemble: Ensemble, batch: SyntheticBatch, cfg: RunConfig, *, num_classes: int,
+                 on_chunk: Callable[[int, int], None] | None = None) -> tuple[PatchScores, TokenTargets | None]:
+        from fedmitr.relabel import high_set_size, score_patches
+
+        return score_patches(ensemble, batch, high_set_size(batch.stop_step.shape[1], cfg.relabel, cfg.inversion)), None
+
+
+@dataclass(frozen=True)
+class TokenRelabel:
+    """Stage 3, token relabel: H keeps the generated label, the other patches get an ensemble
+    relabel (:func:`fedmitr.relabel.relabel`). ``mode`` None follows ``cfg.relabel.mode``."""
+
+    mode: str | None = None
+    relabel: ClassVar[bool] = True
+
+    def __call__(self, ensemble: Ensemble, batch: SyntheticBatch, cfg: RunConfig, *, num_classes: int,
+                 on_chunk: Callable[[int, int], None] | None = None) -> tuple[PatchScores, TokenTargets | None]:
+        from fedmitr.relabel import high_set_size, relabel, score_patches
+
+        relabel_cfg = cfg.relabel if self.mode is None else dataclasses.replace(cfg.relabel, mode=self.mode)
+        scores = score_patches(ensemble, batch, high_set_size(batch.stop_step.shape[1], relabel_cfg, cfg.inversion))
+        return scores, relabel(ensemble, batch, scores, relabel_cfg, num_classes=num_classes, on_chunk=on_chunk)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Stage 4: one distillation step (:func:`fedmitr.distill.distill_step`): T^2-KL of the class
+    token from the ensemble on the same view, plus beta times the token loss where there are token
+    targets. Returns the named losses."""
+
+    def __call__(self, student: GlobalModel, ensemble: Ensemble, images: torch.Tensor, *,
+                 keep_idx: torch.Tensor | None, targets: torch.Tensor | None, optimizer: torch.optim.Optimizer,
+                 cfg: RunConfig, generator: torch.Generator,
+                 before_step: Callable[[], None] | None = None) -> dict[str, float]:
+        from fedmitr.distill import distill_step
+
+        return distill_step(student, ensemble, images, keep_idx=keep_idx, targets=targets, optimizer=optimizer,
+                            cfg=cfg, generator=generator, before_step=before_step)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rounds(Method):
+    """Build one global ViT from synthetic images, in rounds of invert -> targets -> distil ->
+    evaluate (:func:`fedmitr.server.run_rounds`)."""
+
+    inversion: ModelInversion = field(default_factory=lambda: ModelInversion(sparse=False))
+    targets: ClassTargets | TokenRelabel = field(default_factory=ClassTargets)
+    distillation: Distillation = field(default_factory=Distillation)
+
+    synthesises: ClassVar[bool] = True
+
+    @property
+    def sparse(self) -> bool:
+        return self.inversion.sparse
+
+    @property
+    def relabel(self) -> bool:
+        return self.targets.relabel
+
+    def run(self, ctx: ServerContext) -> MethodResult:
+        from fedmitr.server import run_rounds
+
+        return run_rounds(self, ctx)
+
+
+# --- the built-in methods --------------------------------------------------------------------------
+
+FEDMITR_DESCRIPTION = (
+    "It made this model with **FedMITR**: sparse model inversion of the client ensemble (synthetic images whose "
+    "uninformative patches stop being optimised early), token relabel (high-information patches keep the "
+    "generated label, the others are relabelled by the ensemble), and distillation into one ViT that uses every "
+    "patch.")
+
+
+@register_method
+def fedavg() -> Method:
+    return FedAvg(name="fedavg", label="FedAvg", colour="#8d8d8d", role="baseline", line="dash",
+                  summary="one-shot parameter average of the client models (weighted by client size)")
+
+
+@register_method
+def ensemble() -> Method:
+    return EnsembleReference(name="ensemble", label="ensemble (teacher)", colour="#2b2d42", role="reference",
+                             line="dot",
+                             summary="the teacher itself: K models at inference, averaged logits (a reference)")
+
+
+@register_method
+def dense_kd() -> Method:
+    return Rounds(name="dense-kd", label="dense inversion + KD", colour="#30638e", role="baseline",
+                  summary="dense inversion + class-token KD (F-ADI / FedDF-style data-free baseline)",
+                  inversion=ModelInversion(sparse=False), targets=ClassTargets())
+
+
+@register_method
+def sparse_kd() -> Method:
+    return Rounds(name="sparse-kd", label="sparse inversion + KD", colour="#edae49", role="ablation",
+                  summary="sparse inversion + class-token KD (ablation: no token relabel)",
+                  inversion=ModelInversion(sparse=True), targets=ClassTargets())
+
+
+@register_method
+def dense_relabel() -> Method:
+    return Rounds(name="dense-relabel", label="dense inversion + relabel", colour="#00798c", role="ablation",
+                  summary="dense inversion + token relabel (ablation: no sparsity)",
+                  inversion=ModelInversion(sparse=False), targets=TokenRelabel())
+
+
+@register_method
+def fedmitr() -> Method:
+    return Rounds(name="fedmitr", label="FedMITR", colour="#d1495b", role="method",
+                  summary="sparse inversion + token relabel + distillation (the method)",
+                  description=FEDMITR_DESCRIPTION,
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel())

@@ -2,12 +2,15 @@
 
 ``sparse_forward(model, images, keep_idx)`` runs a timm ViT on CLS plus a subset of patch tokens. It
 uses only timm's public modules (patch_embed, pos_embed, blocks, norm, head) and computes the last
-block's attention explicitly, so timm is never patched.
+block's attention weights the way timm itself exposes them (``timm.utils.AttentionExtract``:
+unfused attention and a forward hook on ``attn_drop``), so timm is never patched.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -130,7 +133,9 @@ def sparse_forward(model: VisionTransformer, images: torch.Tensor, keep_idx: tor
     x = model.norm_pre(model.patch_drop(model.pos_drop(x)))
     for blk in model.blocks[:-1]:
         x = blk(x)
-    x, attn = _block_with_attention(model.blocks[-1], x)
+    with attention_weights(model.blocks[-1]) as captured:
+        x = model.blocks[-1](x)
+    attn = captured[-1]  # [B, heads, 1 + M, 1 + M]
     x = model.norm(x)
     logits = model.forward_head(x)
     return SparseOutput(logits=logits, cls_attention=attn[:, :, 0, 1:].mean(dim=1), tokens=x[:, 1:])
@@ -141,22 +146,24 @@ def gather_tokens(tokens: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
-def _block_with_attention(blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Block.forward`` with the attention weights computed explicitly and returned."""
-    attn_mod = blk.attn
-    if getattr(attn_mod, "gate", None) is not None:
-        raise ConfigError("gated attention is not supported by sparse_forward")
-    h = blk.norm1(x)
-    b, n, _ = h.shape
-    qkv = attn_mod.qkv(h).reshape(b, n, 3, attn_mod.num_heads, attn_mod.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
-    weights = ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, heads, n, n]
-    out = (attn_mod.attn_drop(weights) @ v).transpose(1, 2).reshape(b, n, -1)
-    out = attn_mod.proj_drop(attn_mod.proj(attn_mod.norm(out)))
-    x = x + blk.drop_path1(blk.ls1(out))
-    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, weights
+@contextmanager
+def attention_weights(block: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record the attention weights ``[B, heads, n, n]`` of a timm ``Block`` while the context is open.
+
+    timm's fused attention hides the weights; its own extraction route (``timm.utils.AttentionExtract``
+    with hooks) is the unfused path plus a forward hook on ``attn_drop``, whose output is the softmax
+    weights (dropout is off in eval and p=0 here). Only this block is switched, only for the context:
+    every other forward keeps timm's fused kernel.
+    """
+    attn = block.attn
+    captured: list[torch.Tensor] = []
+    handle = attn.attn_drop.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        yield captured
+    finally:
+        attn.fused_attn = fused
+        handle.remove()
 
 
 def token_logits(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:

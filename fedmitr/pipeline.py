@@ -13,28 +13,28 @@ Every stage reports through ``on_event`` (see :mod:`fedmitr.events`); nothing he
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from fedmitr.clients import ClientResult, client_steps, evaluate, initial_model, train_clients
+from fedmitr.clients import ClientResult, client_steps, initial_model, train_clients
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, partition, validation_view
+from fedmitr.ensemble import Ensemble
 from fedmitr.errors import ConfigError
-from fedmitr.events import EventHandler, Metric, PartitionReady, Progress, StageFinished, StageStarted, ignore
-from fedmitr.methods import METHODS
+from fedmitr.events import (EventHandler, Metric, PartitionReady, PrivacyChecked, Progress, RunFinished, StageFinished,
+                            StageStarted, fan_out, ignore)
+from fedmitr.methods import get_method
 from fedmitr.models import fit_input
 from fedmitr.privacy import NearestReal, nearest_real, real_set
-from fedmitr.runtime import DeviceInfo, Workers, describe_device, make_accelerator, seed_everything
+from fedmitr.rundir import RunDir, check_out_dir
+from fedmitr.runtime import DeviceInfo, Workers, describe_device, make_accelerator, set_seed
 from fedmitr.server import MethodResult, ServerContext, run_method
 
 
@@ -54,13 +54,19 @@ class Federation:
     dataset: ImageDataset
     partition: Partition
     clients: list[ClientResult]
+    _: KW_ONLY
     client_accuracy: list[float]  # test accuracy of each client's own model
     accelerator: Accelerator
     device: DeviceInfo
     seconds: dict[str, float]  # "data" and "clients", wall-clock
 
+    @property
+    def ensemble(self) -> Ensemble:
+        """The clients' models as the server's teacher."""
+        return Ensemble([c.model for c in self.clients], [c.num_samples for c in self.clients])
 
-@dataclass
+
+@dataclass(kw_only=True)
 class RunResult:
     config: RunConfig
     dataset: ImageDataset
@@ -69,20 +75,6 @@ class RunResult:
     methods: dict[str, MethodResult]
     metrics: dict[str, Any]  # exactly what metrics.json holds
     out_dir: Path | None
-
-
-def check_out_dir(out_dir: str | Path) -> Path:
-    """Fail early (before any work) if ``out_dir`` cannot be created or written."""
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"out dir {str(path)!r} exists and is not a directory; give a directory path")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"out dir {str(path)!r} is not writable ({str(probe)!r} does not allow writing); "
-                          f"choose a directory you can write to")
-    return path
 
 
 def prepare(cfg: RunConfig, dataset: ImageDataset | None = None, on_event: EventHandler = ignore) -> Prepared:
@@ -124,46 +116,51 @@ def train(cfg: RunConfig, on_event: EventHandler = ignore, dataset: ImageDataset
     on_event(StageFinished("data", seconds["data"]))
 
     accelerator = make_accelerator()
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     device = describe_device(accelerator)
     steps = sum(client_steps(len(idx), cfg.clients) for idx in part.client_indices)
     on_event(StageStarted("clients", total=steps, info=str(device), device=device))
     t0 = time.perf_counter()
-    clients = train_clients(dataset, part, cfg.model, cfg.clients, accelerator, cfg.seed, on_event,
-                            init=prepared.init)
-    client_accuracy = [evaluate(c.model, dataset.test) for c in clients]
+    clients = train_clients(dataset, part, cfg.model, cfg.clients, accelerator=accelerator, seed=cfg.seed,
+                            on_event=on_event, init=prepared.init)
+    client_accuracy = [Ensemble([c.model]).evaluate(dataset.test) for c in clients]
     for c, acc in zip(clients, client_accuracy):
         on_event(Metric("accuracy", acc, f"client {c.index + 1}", client=c.index))
     seconds["clients"] = time.perf_counter() - t0
     on_event(StageFinished("clients", seconds["clients"]))
-    return Federation(dataset, part, clients, client_accuracy, accelerator, device, seconds)
+    return Federation(dataset, part, clients, client_accuracy=client_accuracy, accelerator=accelerator, device=device,
+                      seconds=seconds)
 
 
-def run(cfg: RunConfig, out_dir: str | Path | None = None, on_event: EventHandler = ignore,
+def run(cfg: RunConfig, out_dir: str | Path | RunDir | None = None, on_event: EventHandler = ignore,
         dataset: ImageDataset | None = None) -> RunResult:
-    """Run the whole one-shot pipeline of ``cfg`` and (if ``out_dir``) write the run directory.
+    """Run the whole one-shot pipeline of ``cfg`` and (if ``out_dir``) write the run directory
+    (a :class:`RunDir` is taken as already checked).
 
     Invalid input raises :class:`ConfigError` (or ``DatasetUnavailable``/``ModelUnavailable``)
     before any training starts and before anything is written.
     """
     t_start = time.perf_counter()
-    out_path = check_out_dir(out_dir) if out_dir is not None else None
+    run_dir = out_dir if isinstance(out_dir, RunDir) or out_dir is None else RunDir(check_out_dir(out_dir))
+    if run_dir is not None:
+        on_event = fan_out(run_dir.record, on_event)  # the run directory keeps the event stream
     fed = train(cfg, on_event, dataset)
-    return serve(cfg, fed, out_path, on_event, started=t_start)
+    return serve(cfg, fed, run_dir=run_dir, on_event=on_event, started=t_start)
 
 
-def serve(cfg: RunConfig, fed: Federation, out_dir: Path | None = None, on_event: EventHandler = ignore,
+def serve(cfg: RunConfig, fed: Federation, *, run_dir: RunDir | None = None, on_event: EventHandler = ignore,
           privacy: bool = True, extra_metrics: dict[str, Any] | None = None,
           started: float | None = None) -> RunResult:
     """The server's side of a run: every method of ``cfg`` on the trained clients of ``fed``, the
     privacy check (``privacy``: it needs the clients' data, which only a simulation holds), and the
-    run directory. ``extra_metrics`` are added to ``metrics.json`` (e.g. which clients replied)."""
+    run directory. ``extra_metrics`` are added to ``metrics.json`` (e.g. which clients replied).
+    ``on_event`` should already include ``run_dir.record`` if the events are to be kept."""
     t_start = time.perf_counter() if started is None else started
     workers = Workers.of(fed.accelerator)
-    server = ServerContext(cfg, fed.dataset, fed.clients, fed.accelerator.device, on_event, workers)
+    server = ServerContext(cfg, fed.dataset, fed.ensemble, fed.accelerator.device, on_event=on_event, workers=workers)
     methods: dict[str, MethodResult] = {}
     for name in cfg.methods:
-        on_event(StageStarted(name, info=METHODS[name].summary))
+        on_event(StageStarted(name, info=get_method(name).summary))
         methods[name] = result = run_method(name, server)
         on_event(Metric("accuracy", result.accuracy, name))
         on_event(StageFinished(name, result.seconds))
@@ -175,15 +172,15 @@ def serve(cfg: RunConfig, fed: Federation, out_dir: Path | None = None, on_event
         metrics["privacy"] = {name: check.summary() for name, check in checks.items()}
     metrics["processes"] = process_record(workers, fed, methods)
     metrics.update(extra_metrics or {})
-    if out_dir is not None and fed.accelerator.is_main_process:
-        write_run_dir(out_dir, cfg, metrics, fed.clients, methods, checks, fed.dataset)
+    on_event(RunFinished(metrics))
+    if run_dir is not None and fed.accelerator.is_main_process:
+        write_run_dir(run_dir, cfg, metrics, fed=fed, methods=methods, privacy=checks)
     fed.accelerator.wait_for_everyone()  # no process leaves while the main one still writes
-    return RunResult(cfg, fed.dataset, fed.partition, fed.clients, methods, metrics, out_dir)
+    return RunResult(config=cfg, dataset=fed.dataset, partition=fed.partition, clients=fed.clients, methods=methods,
+                     metrics=metrics, out_dir=run_dir.path if run_dir is not None else None)
 
 
 def _digest(tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for t in (tensors.values() if isinstance(tensors, dict) else tensors):
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -207,19 +204,21 @@ def process_record(workers: Workers, fed: Federation, methods: dict[str, MethodR
 def privacy_check(fed: Federation, methods: dict[str, MethodResult], on_event: EventHandler = ignore
                   ) -> dict[str, NearestReal]:
     """The nearest real training image of every synthetic image, per inversion method (see
-    :mod:`fedmitr.privacy`). It runs here because the simulation holds every client's data; in a real
-    deployment each client would run it on its own data."""
+    :mod:`fedmitr.privacy`), each reported as a :class:`PrivacyChecked` event. It runs here because
+    the simulation holds every client's data; in a real deployment each client would run it on
+    its own data."""
     t0 = time.perf_counter()
     on_event(StageStarted("privacy", info="nearest real training image of every synthetic image"))
-    train, models = fed.dataset.train, [c.model for c in fed.clients]
-    real = real_set(fed.dataset.to_unit(train.images), train.images, train.labels, models)
+    train, ensemble = fed.dataset.train, fed.ensemble
+    real = real_set(fed.dataset.to_unit(train.images), train.images, train.labels, ensemble)
     checks = {}
     for name, result in methods.items():
         if result.synthetic is not None:
             unit = torch.from_numpy(result.synthetic.unit_images())  # at the model's input size
             normalised = (unit - torch.tensor(fed.dataset.mean).view(1, -1, 1, 1)) / torch.tensor(
                 fed.dataset.std).view(1, -1, 1, 1)
-            checks[name] = nearest_real(fit_input(unit, fed.dataset.image_size), normalised, real, models)
+            checks[name] = check = nearest_real(fit_input(unit, fed.dataset.image_size), normalised, real, ensemble)
+            on_event(PrivacyChecked(name, check.index, check.distance, check.summary()))
     on_event(StageFinished("privacy", time.perf_counter() - t0))
     return checks
 
@@ -252,36 +251,20 @@ def run_metrics(cfg: RunConfig, fed: Federation, methods: dict[str, MethodResult
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def write_run_dir(out_dir: Path, cfg: RunConfig, metrics: dict[str, Any], clients: list[ClientResult],
-                  methods: dict[str, MethodResult], privacy: dict[str, NearestReal] | None = None,
-                  dataset: ImageDataset | None = None) -> None:
-    """``config.json``, ``metrics.json``, ``clients/client_K.safetensors``, ``models/METHOD.safetensors``
-    and ``synthetic/METHOD.safetensors`` (the synthetic set, with its privacy check)."""
-    (out_dir / "clients").mkdir(parents=True, exist_ok=True)
-    for c in clients:
-        save_file(_cpu_state(c.model), str(out_dir / "clients" / f"client_{c.index}.safetensors"))
+def write_run_dir(run_dir: RunDir, cfg: RunConfig, metrics: dict[str, Any], *, fed: Federation,
+                  methods: dict[str, MethodResult], privacy: dict[str, NearestReal] | None = None) -> None:
+    """Everything the run made, through :class:`RunDir`; ``metrics.json`` last."""
+    for c in fed.clients:
+        run_dir.save_client(c.index, c.model)
     for name, r in methods.items():
         if r.model is not None:
-            (out_dir / "models").mkdir(exist_ok=True)
-            save_file(_cpu_state(r.model), str(out_dir / "models" / f"{name}.safetensors"))
+            run_dir.save_model(name, r.model)
         if r.synthetic is not None:
-            (out_dir / "synthetic").mkdir(exist_ok=True)
             check = (privacy or {}).get(name)
-            extra = {"class_names": list(dataset.class_names) if dataset is not None else None,
-                     "nearest_real_index": check.index.tolist() if check else None,
-                     "nearest_real_distance": {k: v.tolist() for k, v in check.distance.items()} if check else None}
-            r.synthetic.save(out_dir / "synthetic" / f"{name}.safetensors", extra)
-    _atomic_write(out_dir / "config.json", cfg.to_json() + "\n")
-    # metrics.json last: its presence means the run directory is complete.
-    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            run_dir.save_synthetic(name, r.synthetic, {
+                "class_names": list(fed.dataset.class_names),
+                "nearest_real_index": check.index.tolist() if check else None,
+                "nearest_real_distance": {k: v.tolist() for k, v in check.distance.items()} if check else None})
+    run_dir.write_config(cfg)
+    run_dir.write_events()
+    run_dir.write_metrics(metrics)

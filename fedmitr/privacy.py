@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
-from fedmitr.models import fit_input, model_input_size
+from fedmitr.ensemble import Ensemble
 
 SPACES = ("pixel", "feature")
 
@@ -44,22 +43,6 @@ class NearestReal:
                           "reference_median": float(np.median(ref)), "reference_p5": p5,
                           "closer_than_reference_p5": float((d < p5).mean())}
         return out
-
-
-@torch.no_grad()
-def ensemble_features(models: list[VisionTransformer], images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """``[N, K*D]``: every client's final class-token feature, concatenated (the ensemble's view)."""
-    device = next(models[0].parameters()).device
-    size = model_input_size(models[0])
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = fit_input(images[start:start + batch_size].to(device), size)  # models of another input size
-        feats = []
-        for m in models:
-            tokens = m.forward_features(x)  # [B, 1 + N, D], normed
-            feats.append(tokens[:, 0].float())
-        out.append(torch.cat(feats, dim=1).cpu())
-    return torch.cat(out)
 
 
 def _pixels(images: torch.Tensor) -> torch.Tensor:
@@ -103,20 +86,20 @@ class RealSet:
 
 
 def real_set(real_unit: torch.Tensor, real_normalised: torch.Tensor, real_labels: torch.Tensor,
-             models: list[VisionTransformer]) -> RealSet:
+             ensemble: Ensemble) -> RealSet:
     """``real_unit``: training pixels in [0, 1]; ``real_normalised``: what the models take."""
-    pixels, features = _pixels(real_unit), ensemble_features(models, real_normalised)
+    pixels, features = _pixels(real_unit), ensemble.features(real_normalised)
     return RealSet(pixels, features, {"pixel": _same_class_reference(pixels, real_labels).numpy(),
                                       "feature": _same_class_reference(features, real_labels).numpy()})
 
 
 def nearest_real(synthetic_unit: torch.Tensor, synthetic_normalised: torch.Tensor, real: RealSet,
-                 models: list[VisionTransformer]) -> NearestReal:
+                 ensemble: Ensemble) -> NearestReal:
     """The check for one set of synthetic images (pixels in [0, 1], and normalised for the models).
 
     The nearest image is the pixel-space one; distances are given in both spaces.
     """
     px_dist, px_idx = _nearest(_pixels(synthetic_unit), real.pixels)
-    ft_dist, _ = _nearest(ensemble_features(models, synthetic_normalised), real.features)
+    ft_dist, _ = _nearest(ensemble.features(synthetic_normalised), real.features)
     return NearestReal(index=px_idx.numpy(), distance={"pixel": px_dist.numpy(), "feature": ft_dist.numpy()},
                        reference=real.reference)

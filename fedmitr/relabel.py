@@ -23,11 +23,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.config import RELABEL_MODES, InversionConfig, RelabelConfig
-from fedmitr.inversion import SyntheticBatch, ensemble_forward, kept_count, stop_iterations
-from fedmitr.models import patch_grid, sparse_forward, token_logits
+from fedmitr.ensemble import Ensemble
+from fedmitr.inversion import SyntheticBatch, kept_count, stop_iterations
 
 
 @dataclass
@@ -46,9 +45,9 @@ class TokenTargets:
 
 
 @torch.no_grad()
-def information_density(models: list[VisionTransformer], images: torch.Tensor) -> torch.Tensor:
+def information_density(ensemble: Ensemble, images: torch.Tensor) -> torch.Tensor:
     """``[B, N]`` share of the ensemble's last-block CLS attention on each patch, from one dense pass."""
-    _, attention = ensemble_forward(models, images, None)
+    attention = ensemble(images).attention
     return attention / attention.sum(dim=1, keepdim=True)
 
 
@@ -59,33 +58,29 @@ def high_set_size(num_patches: int, cfg: RelabelConfig, inversion: InversionConf
     return max(1, round(cfg.high_ratio * num_patches))
 
 
-def score_patches(models: list[VisionTransformer], images: torch.Tensor, high_count: int) -> PatchScores:
-    """Information density of every patch of ``images`` [B, C, H, W] and the top ``high_count`` of each."""
-    density = information_density(models, images)
+def score_patches(ensemble: Ensemble, batch: SyntheticBatch, high_count: int) -> PatchScores:
+    """Information density of every patch of the batch's images and the top ``high_count`` of each."""
+    density = information_density(ensemble, batch.images)
     top = density.topk(high_count, dim=1).indices
     high_mask = torch.zeros_like(density, dtype=torch.bool).scatter_(1, top, True)
     return PatchScores(density=density, high_mask=high_mask)
 
 
 @torch.no_grad()
-def ensemble_relabel(models: list[VisionTransformer], images: torch.Tensor, mode: str, temperature: float,
+def ensemble_relabel(ensemble: Ensemble, images: torch.Tensor, mode: str, *, temperature: float,
                      on_chunk: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Soft ensemble label of every patch, ``[B, N, L]``, by ``mode`` (see module docstring).
 
     ``on_chunk(done, total)`` is called after each chunk of the neighbourhood relabel's forwards.
     """
-    n = patch_grid(models[0]) ** 2
+    n = ensemble.num_patches
     if mode == "image":
-        logits, _ = ensemble_forward(models, images, None)
+        logits = ensemble(images).logits
         return F.softmax(logits / temperature, dim=-1).unsqueeze(1).expand(-1, n, -1).contiguous()
     if mode == "token":
-        probs = 0.0
-        for m in models:
-            out = sparse_forward(m, images, None)
-            probs = probs + F.softmax(token_logits(m, out.tokens).float() / temperature, dim=-1)
-        return probs / len(models)
+        return ensemble.token_probs(images, temperature=temperature)
     if mode == "neighbourhood":
-        grid = patch_grid(models[0])
+        grid = ensemble.grid
         hood = neighbourhoods(grid).to(images.device)  # [N, 9]
         b = images.shape[0]
         # Every (image, patch) pair becomes one sparse forward on its 9 neighbouring tokens.
@@ -94,7 +89,7 @@ def ensemble_relabel(models: list[VisionTransformer], images: torch.Tensor, mode
         out = []
         chunks = range(0, rep.shape[0], 1024)
         for i, start in enumerate(chunks, start=1):
-            logits, _ = ensemble_forward(models, rep[start:start + 1024], keep[start:start + 1024])
+            logits = ensemble(rep[start:start + 1024], keep[start:start + 1024]).logits
             out.append(F.softmax(logits / temperature, dim=-1))
             if on_chunk is not None:
                 on_chunk(i, len(chunks))
@@ -115,10 +110,10 @@ def neighbourhoods(grid: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def relabel(models: list[VisionTransformer], batch: SyntheticBatch, scores: PatchScores, cfg: RelabelConfig,
+def relabel(ensemble: Ensemble, batch: SyntheticBatch, scores: PatchScores, cfg: RelabelConfig, *,
             num_classes: int, on_chunk: Callable[[int, int], None] | None = None) -> TokenTargets:
     """Per-patch targets for ``batch``: the generated label on H, the ensemble relabel elsewhere."""
-    q = ensemble_relabel(models, batch.images, cfg.mode, cfg.temperature, on_chunk)  # [B, N, L]
+    q = ensemble_relabel(ensemble, batch.images, cfg.mode, temperature=cfg.temperature, on_chunk=on_chunk)  # [B, N, L]
     one_hot = F.one_hot(batch.labels, num_classes).float()
     if cfg.label_smoothing > 0:
         one_hot = one_hot * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes

@@ -1,15 +1,19 @@
-"""Device handling through accelerate, and explicit seeding."""
+"""Device handling through accelerate, and the processes that share a run."""
 
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import gather_object, reduce, set_seed
+
+from fedmitr.events import DeviceInfo
+
+__all__ = ["DeviceInfo", "Workers", "describe_device", "end_processes", "launched_processes", "make_accelerator",
+           "set_seed"]
 
 
 def launched_processes() -> int:
@@ -63,50 +67,26 @@ class Workers:
         return cls(accelerator.process_index, accelerator.num_processes)
 
     def share(self, n: int) -> slice:
-        """This process's contiguous share of ``n`` items (the first processes take one more)."""
-        base, extra = divmod(n, self.size)
-        start = self.rank * base + min(self.rank, extra)
-        return slice(start, start + base + (self.rank < extra))
+        """This process's contiguous share of ``n`` items (the first processes take one more), as
+        accelerate's ``split_between_processes`` deals them."""
+        if self.size == 1:
+            return slice(0, n)
+        with PartialState().split_between_processes(list(range(n))) as mine:
+            return slice(mine[0], mine[-1] + 1) if mine else slice(0, 0)
 
     def gather(self, obj: object) -> list:
         """``obj`` of every process, in rank order (``[obj]`` for one process)."""
         if self.size == 1:
             return [obj]
-        from accelerate.utils import gather_object
-
         return gather_object([obj])
 
     def average_gradients(self, module: torch.nn.Module) -> None:
-        """All-reduce the gradients of ``module`` to their mean over the processes."""
+        """Replace the gradients of ``module`` by their mean over the processes."""
         if self.size == 1:
             return
         for p in module.parameters():
             if p.grad is not None:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-                p.grad.div_(self.size)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a CPU generator for explicit use."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """Where a run executes. ``str()`` is the one-line description saved in ``metrics.json``."""
-
-    type: str  # torch device type: "cpu", "cuda", "mps"
-    name: str  # e.g. "NVIDIA H100 80GB HBM3"; the device type for CPUs
-    processes: int  # processes of the run (accelerate / torchrun)
-    threads: int  # torch intra-op threads of this process
-
-    def __str__(self) -> str:
-        if self.type == "cuda":
-            return f"{self.name} (cuda, {self.processes} process(es))"
-        return f"{self.type} ({self.threads} threads, {self.processes} process(es))"
+                p.grad.copy_(reduce(p.grad, reduction="mean"))
 
 
 def describe_device(accelerator: Accelerator) -> DeviceInfo:

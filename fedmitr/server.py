@@ -1,63 +1,64 @@
 """The server side of one-shot FL: what it does with the K trained client models it received.
 
-Every method of :data:`fedmitr.methods.METHODS` names one of three procedures (:data:`RUNNERS`):
+Every method of :data:`fedmitr.methods.METHODS` runs through :func:`run_method` on a
+:class:`ServerContext`. The inversion family (:class:`fedmitr.methods.Rounds`) builds one global
+ViT from synthetic images, in rounds; :func:`run_rounds` reads top to bottom as the method does it:
 
-* ``fedavg``: average the clients' parameters into one model;
-* ``ensemble``: average the clients' logits (K models at test time: the teacher, a reference);
-* ``rounds``: build one global ViT from synthetic images, in rounds. Each round reads top to bottom
-  as the method does it:
-
-  1. **invert** the ensemble into a batch of synthetic images (sparse or dense, :mod:`.inversion`);
-  2. **relabel**: score each patch's information density, and (relabel methods) give every patch
-     its own target (:mod:`.relabel`);
-  3. **distil**: add the batch to the pool and take distillation steps over it (:mod:`.distill`);
-  4. **evaluate** the global model on the test split: one point of the accuracy curve.
+1. **invert** the ensemble into a batch of synthetic images (the method's ``inversion`` stage);
+2. **targets**: score each patch's information density and H, and (relabel methods) give every
+   patch its own target (the ``targets`` stage);
+3. **distil**: add the batch to the pool and take distillation steps over it (``distillation``);
+4. **evaluate** the global model on the test split: one point of the accuracy curve.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from fedmitr import baselines
-from fedmitr.clients import ClientResult, evaluate
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset
-from fedmitr.distill import Pool, distill_step, new_student
-from fedmitr.errors import ConfigError, excerpt
+from fedmitr.distill import Pool, new_student
+from fedmitr.ensemble import Ensemble
 from fedmitr.events import EventHandler, Metric, Progress, SyntheticRound, ignore
-from fedmitr.inversion import SyntheticBatch, invert
-from fedmitr.methods import METHODS, MethodSpec
-from fedmitr.relabel import PatchScores, TokenTargets, high_set_size, relabel, score_patches
+from fedmitr.inversion import SyntheticBatch
+from fedmitr.methods import Rounds, get_method
+from fedmitr.relabel import PatchScores, TokenTargets
 from fedmitr.runtime import Workers
 from fedmitr.synthetic import SyntheticSet
 
 
 @dataclass
 class ServerContext:
-    """What the server holds after the one round of communication: the clients' models, and the
-    test split it reports on (the server's own held-out data; it never sees training data)."""
+    """What the server holds after the one round of communication: the clients' models as one
+    ensemble, and the test split it reports on (the server's own held-out data; it never sees
+    training data)."""
 
     cfg: RunConfig
     dataset: ImageDataset
-    clients: list[ClientResult]
+    ensemble: Ensemble
     device: torch.device
+    _: KW_ONLY
     on_event: EventHandler = ignore
     workers: Workers = Workers()  # the processes that share the server's work (torchrun / accelerate launch)
 
-    @property
-    def teachers(self) -> list[VisionTransformer]:
-        return [c.model for c in self.clients]
+    def with_images_per_round(self, images: int) -> "ServerContext":
+        """The same context with another inversion batch size (the benchmark's equal-time runs)."""
+        inversion = dataclasses.replace(self.cfg.inversion, images_per_round=images)
+        return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, inversion=inversion))
 
 
 @dataclass
 class MethodResult:
     name: str
     accuracy: float  # test accuracy of the method's model, 0..1
+    _: KW_ONLY
     seconds: float = 0.0  # wall-clock time of the server-side method
     model: VisionTransformer | None = None  # the single global model, if the method makes one
     curve: list[float] = field(default_factory=list)  # test accuracy after each round (inversion methods)
@@ -79,44 +80,29 @@ class MethodResult:
         return out
 
 
-def run_method(name: str, ctx: ServerContext, images_per_round: int | None = None) -> MethodResult:
-    """Run one server-side method by name on the trained clients; ``seconds`` is its wall-clock.
-
-    ``images_per_round`` overrides the inversion batch size (the benchmark's equal-time runs).
-    """
-    spec = METHODS.get(name)
-    if spec is None:
-        raise ConfigError(f"unknown method {excerpt(name)}; known: {', '.join(METHODS)}")
+def run_method(name: str, ctx: ServerContext) -> MethodResult:
+    """Run one registered method by name on the trained clients; ``seconds`` is its wall-clock."""
+    method = get_method(name)
     start = time.perf_counter()
-    result = RUNNERS[spec.runner](spec, ctx, images_per_round)
+    result = method.run(ctx)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def run_fedavg(spec: MethodSpec, ctx: ServerContext, images_per_round: int | None = None) -> MethodResult:
-    model = baselines.fedavg(ctx.teachers, [c.num_samples for c in ctx.clients])
-    return MethodResult(spec.name, evaluate(model, ctx.dataset.test), model=model)
-
-
-def run_ensemble(spec: MethodSpec, ctx: ServerContext, images_per_round: int | None = None) -> MethodResult:
-    return MethodResult(spec.name, evaluate(ctx.teachers, ctx.dataset.test))
-
-
-def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | None = None) -> MethodResult:
+def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
     """Interleaved synthesis and distillation for an inversion method (see the module docstring)."""
-    cfg, dataset, teachers, device = ctx.cfg, ctx.dataset, ctx.teachers, ctx.device
-    inv = cfg.inversion if images_per_round is None else replace(cfg.inversion, images_per_round=images_per_round)
+    cfg, dataset, ensemble, device, w = ctx.cfg, ctx.dataset, ctx.ensemble, ctx.device, ctx.workers
+    inv = cfg.inversion
     rounds, steps = cfg.distill.rounds, cfg.distill.steps_per_round
-    w = ctx.workers
     # Process 0 draws exactly what a single process draws; the others their own streams.
     generator = torch.Generator().manual_seed(cfg.seed + 17 + 7919 * w.rank)
     torch.manual_seed(cfg.seed + 17)  # the student's aux head: the same on every process
-    student = new_student(cfg, dataset, teachers, device)
+    student = new_student(cfg, dataset, ensemble, device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
     pool = Pool()
     curve: list[float] = []
     seconds = {"inversion": 0.0, "relabel": 0.0, "distill": 0.0, "evaluate": 0.0}
-    progress = _progress(spec.name, rounds * (inv.iterations + steps), ctx.on_event)
+    progress = _progress(method.name, rounds * (inv.iterations + steps), ctx.on_event)
     losses: dict[str, float] = {}
     rounds_made: list[SyntheticRound] = []
 
@@ -124,22 +110,21 @@ def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | Non
         # 1. Invert: a balanced batch of labels, continuing the class cycle of earlier rounds
         # (each process inverts its share of them).
         labels = (torch.arange(inv.images_per_round) + (r - 1) * inv.images_per_round) % dataset.num_classes
-        batch = invert(teachers, labels[w.share(len(labels))], inv, dataset.pixel_bounds(), spec.sparse, generator,
-                       allow_flip=dataset.allow_flip, student=student.vit,
-                       on_step=lambda it, values: progress(f"round {r}/{rounds}: inversion {it}/{inv.iterations}",
-                                                           values))
+        batch = method.inversion(
+            ensemble, labels[w.share(len(labels))], inv, pixel_bounds=dataset.pixel_bounds(), generator=generator,
+            allow_flip=dataset.allow_flip, student=student.vit,
+            on_step=lambda it, values: progress(f"round {r}/{rounds}: inversion {it}/{inv.iterations}", values))
         seconds["inversion"] += batch.seconds
 
-        # 2. Relabel: information density of every patch, H, and (relabel methods) per-patch targets.
+        # 2. Targets: information density of every patch, H, and (relabel methods) per-patch targets.
         t0 = time.perf_counter()
-        scores = score_patches(teachers, batch.images, high_set_size(batch.stop_step.shape[1], cfg.relabel, inv))
-        targets = relabel(teachers, batch, scores, cfg.relabel, dataset.num_classes,
-                          on_chunk=lambda i, n: progress(f"round {r}/{rounds}: relabel {i}/{n}", {}, advance=False)
-                          ) if spec.relabel else None
+        scores, targets = method.targets(
+            ensemble, batch, cfg, num_classes=dataset.num_classes,
+            on_chunk=lambda i, n: progress(f"round {r}/{rounds}: relabel {i}/{n}", {}, advance=False))
         if w.size > 1:  # every process gets the whole round: the same pool everywhere
             batch, scores, targets = _gather_round(w, batch, scores, targets, device)
         seconds["relabel"] += time.perf_counter() - t0
-        made = round_event(spec, r, batch, scores, targets, dataset)
+        made = round_event(method.name, r, batch, scores, targets, dataset=dataset)
         rounds_made.append(made)
         ctx.on_event(made)
 
@@ -152,31 +137,25 @@ def run_rounds(spec: MethodSpec, ctx: ServerContext, images_per_round: int | Non
         per_process = -(-min(cfg.distill.batch_size, images.shape[0]) // w.size)
         for step in range(1, steps + 1):
             idx = torch.randint(0, images.shape[0], (per_process,), generator=generator).to(device)
-            losses = distill_step(student, teachers, images[idx], keep_idx[idx] if spec.sparse else None,
-                                  token_targets[idx] if token_targets is not None else None, optimizer, cfg, generator,
-                                  before_step=lambda: w.average_gradients(student))
+            losses = method.distillation(
+                student, ensemble, images[idx], keep_idx=keep_idx[idx],
+                targets=token_targets[idx] if token_targets is not None else None, optimizer=optimizer, cfg=cfg,
+                generator=generator, before_step=lambda: w.average_gradients(student))
             progress(f"round {r}/{rounds}: distillation {step}/{steps}", losses)
         seconds["distill"] += time.perf_counter() - t0
 
         # 4. Evaluate: one point of the accuracy curve.
         t0 = time.perf_counter()
-        curve.append(evaluate(student.vit, dataset.test))
+        curve.append(Ensemble([student.vit]).evaluate(dataset.test))
         seconds["evaluate"] += time.perf_counter() - t0
-        ctx.on_event(Metric("accuracy", curve[-1], spec.name, step=r))
+        ctx.on_event(Metric("accuracy", curve[-1], method.name, step=r))
 
     return MethodResult(
-        spec.name, curve[-1], model=student.vit.eval(), curve=curve, stage_seconds=seconds,
+        method.name, curve[-1], model=student.vit.eval(), curve=curve, stage_seconds=seconds,
         synthetic_images=len(pool), inversion_iterations=inv.iterations,
         active_patches=int(pool.keep_idx[-1].shape[1]), patches=int(batch.stop_step.shape[1]), final_losses=losses,
         synthetic=SyntheticSet.from_rounds(rounds_made),
     )
-
-
-RUNNERS: dict[str, Callable[[MethodSpec, ServerContext, int | None], MethodResult]] = {
-    "fedavg": run_fedavg,
-    "ensemble": run_ensemble,
-    "rounds": run_rounds,
-}
 
 
 def _gather_round(w: Workers, batch: SyntheticBatch, scores: PatchScores, targets: TokenTargets | None,
@@ -219,7 +198,7 @@ def _progress(stage: str, total: int, on_event: EventHandler) -> Callable[..., N
     return step
 
 
-def round_event(spec: MethodSpec, r: int, batch: SyntheticBatch, scores: PatchScores, targets: TokenTargets | None,
+def round_event(method: str, r: int, batch: SyntheticBatch, scores: PatchScores, targets: TokenTargets | None, *,
                 dataset: ImageDataset) -> SyntheticRound:
     """Everything the app draws of one round: images, stops, density, H and each patch's label."""
     n = batch.stop_step.shape[1]
@@ -229,9 +208,10 @@ def round_event(spec: MethodSpec, r: int, batch: SyntheticBatch, scores: PatchSc
     else:
         token_labels = targets.targets.argmax(-1)
         relabelled = targets.relabelled
+    unit = dataset.to_unit(batch.images).cpu().numpy()
     return SyntheticRound(
-        method=spec.name, round=r,
-        images=dataset.to_unit(batch.images).cpu().numpy(),
+        method=method, round=r,
+        images=(np.clip(unit, 0, 1) * 255 + 0.5).astype(np.uint8),  # as the run directory keeps them
         labels=batch.labels.cpu().numpy(),
         stop_step=batch.stop_step.cpu().numpy(),
         density=scores.density.cpu().numpy(),

@@ -8,7 +8,7 @@ privacy and shared as a Hugging Face ``datasets`` dataset after the run.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from fedmitr.errors import ConfigError
 from fedmitr.events import SyntheticRound
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SyntheticSet:
     """N synthetic images of one method; patches on a ``grid`` x ``grid`` grid (P = grid**2)."""
 
@@ -82,8 +82,7 @@ class SyntheticSet:
         with safe_open(str(path), framework="numpy") as fh:
             meta = fh.metadata() or {}
         arrays = load_file(str(path))
-        known = {f.name for f in fields(cls)}
-        values = {name: arrays[name] for name in cls.ARRAYS if name in known}
+        values = {name: arrays[name] for name in cls.ARRAYS}
         values["high_mask"] = values["high_mask"].astype(bool)
         values["token_relabelled"] = values["token_relabelled"].astype(bool)
         return cls(method=meta.get("method", path.stem), grid=int(meta.get("grid", 0)),

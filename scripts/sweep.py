@@ -1,6 +1,6 @@
 """Compare variants of the server methods on the same trained clients, to choose settings.
 
-    python scripts/sweep.py --preset canvas --alpha 0.1 --seed 0 --variants variants.json --out sweep.jsonl
+    python scripts/sweep.py --preset cpu-49 --alpha 0.1 --seed 0 --variants scripts/sweep-variants.json --out sweep.jsonl
 
 The clients are trained once on the preset's data with 20% of the training split held out
 (``data.evaluate_on = "validation"``), so every accuracy here is a **validation** accuracy: settings
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             "client_accuracy": fed.client_accuracy, "device": str(fed.device)}
     for name, spec in variants.items():
         variant_cfg = apply_overrides(cfg, spec.get("overrides", {})).validate()
-        server = ServerContext(variant_cfg, fed.dataset, fed.clients, fed.accelerator.device)
+        server = ServerContext(variant_cfg, fed.dataset, fed.ensemble, fed.accelerator.device)
         result = run_method(spec["method"], server)
         record = {**base, "variant": name, "method": spec["method"], **result.to_dict()}
         with open(args.out, "a") as fh:

@@ -52,12 +52,20 @@ def tiny_clients(tiny_data: ImageDataset, tiny_cfg: RunConfig) -> list[ClientRes
     """
     cfg = dataclasses.replace(tiny_cfg.clients, epochs=8)
     part = partition(tiny_data.train.labels.numpy(), 3, 0.5, 10, seed=0)
-    return train_clients(tiny_data, part, tiny_cfg.model, cfg, make_accelerator(), seed=0)
+    return train_clients(tiny_data, part, tiny_cfg.model, cfg, accelerator=make_accelerator(), seed=0)
 
 
 @pytest.fixture(scope="session")
 def teachers(tiny_clients):
     return [c.model for c in tiny_clients]
+
+
+@pytest.fixture(scope="session")
+def ensemble(tiny_clients):
+    """The three tiny clients as the server's teacher."""
+    from fedmitr.ensemble import Ensemble
+
+    return Ensemble([c.model for c in tiny_clients], [c.num_samples for c in tiny_clients])
 
 
 @pytest.fixture(scope="session")

@@ -34,10 +34,10 @@ def test_run_events_streams_the_pipeline_and_stops_when_closed(tmp_path, tiny_cf
     import threading
 
     from app import zerogpu
-    from fedmitr.events import StageStarted
+    from fedmitr.events import RunFinished, StageStarted
 
     events = list(zerogpu.run_events(tiny_cfg, tmp_path / "full"))
-    assert isinstance(events[-1], zerogpu.Finished) and "methods" in events[-1].metrics
+    assert isinstance(events[-1], RunFinished) and "methods" in events[-1].metrics
     assert isinstance(events[0], StageStarted) and events[0].stage == "data"
 
     before = threading.active_count()

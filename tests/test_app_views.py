@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 import pytest
 
 from app import views
+from fedmitr.methods import METHODS
 from app_events import make_round
 
 
@@ -51,7 +52,7 @@ def test_accuracy_curves_one_line_per_method_plus_references():
     assert "ensemble (teacher): 70.0%" in by_name  # one label, no "(teacher) (reference)"
     assert fig.layout.yaxis.tickformat == ".0%"
     # The method stands out: its own colour and the thickest line.
-    assert by_name["FedMITR"].line.color == views.METHOD_COLOURS["fedmitr"]
+    assert by_name["FedMITR"].line.color == METHODS["fedmitr"].colour
     assert by_name["FedMITR"].line.width > by_name["dense inversion + KD"].line.width
 
 

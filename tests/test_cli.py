@@ -15,7 +15,8 @@ from fedmitr.config import preset_config
 
 TINY = preset_config("tiny")
 
-RUN_FLAGS = ["--dataset", "--clients", "--alpha", "--seed", "--preset", "--methods", "--out", "--config"]
+RUN_FLAGS = ["--dataset", "--clients", "--alpha", "--seed", "--preset", "--methods", "--out", "--config", "--epochs",
+             "--iterations", "--images", "--keep", "--relabel", "--rounds"]
 
 
 def fedmitr(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -31,10 +32,12 @@ def fedmitr(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_run_help_documents_every_flag(capsys):
     code, out, err = fedmitr(["run", "--help"], capsys)
     assert code == 0 and err == ""
+    out = " ".join(out.split())  # argparse wraps lines wherever it likes
     for flag in RUN_FLAGS:
         assert flag in out
     # ... with what each one allows.
-    for allowed in ("mnist5k", "cifar10", "iid", "tiny, cpu, cpu-49, gpu", "fedavg, ensemble", ">= 2", "YAML"):
+    for allowed in ("mnist5k", "cifar10", "iid", "tiny, cpu, cpu-49, gpu", "fedavg, ensemble", ">= 2", "YAML",
+                    "neighbourhood"):
         assert allowed in out
 
 
@@ -113,9 +116,10 @@ def _inputs(tmp: Path) -> dict[str, str]:
 
 BAD_INPUTS = {
     # case: (extra argv, phrases the error must contain)
-    "clients 1": (["--clients", "1"], ["--clients", ">= 2", "got 1"]),
+    "clients 1": (["--clients", "1"], ["clients must be a whole number >= 2", "got 1"]),
     "clients 100000": (["--clients", "100000"], ["100000 clients", "use at most"]),
-    "clients abc": (["--clients", "abc"], ["--clients must be an integer", "'abc'"]),
+    "clients abc": (["--clients", "abc"], ["clients must be a number", "'abc'"]),
+    "clients 2.5": (["--clients", "2.5"], ["clients must be a whole number", "(got 2.5)"]),
     "alpha -1": (["--alpha", "-1"], ["alpha must be a number > 0", "'iid'"]),
     "alpha abc": (["--alpha", "abc"], ["alpha must be a number > 0", "'iid'", "'abc'"]),
     "alpha 0": (["--alpha", "0"], ["alpha must be a number > 0", "'iid'"]),
@@ -123,8 +127,11 @@ BAD_INPUTS = {
     "dataset offline": (["--dataset", "cifar10"], ["cifar10", "Offline?", "mnist5k"]),
     "methods bogus": (["--methods", "fedavg,bogus"], ["bogus", "known: fedavg, ensemble"]),
     "preset nope": (["--preset", "nope"], ["'nope'", "tiny, cpu, cpu-49, gpu"]),
-    "seed abc": (["--seed", "abc"], ["--seed must be an integer"]),
-    "epochs 0": (["--epochs", "0"], ["--epochs must be >= 1"]),
+    "seed abc": (["--seed", "abc"], ["seed must be a number"]),
+    "seed -1": (["--seed", "-1"], ["seed must be a whole number >= 0"]),
+    "epochs 0": (["--epochs", "0"], ["epochs must be a whole number >= 1"]),
+    "keep 2": (["--keep", "2"], ["keep_per_stop must be in (0, 1]"]),
+    "relabel nope": (["--relabel", "nope"], ["relabel mode must be one of", "neighbourhood"]),
     "unknown flag": (["--bogus", "1"], ["--bogus", "--help"]),
     "config missing": (["--config", "/nonexistent.yaml"], ["cannot read config file", "/nonexistent.yaml"]),
     "config invalid yaml": (["--config", "BAD_YAML"], ["bad.yaml", "not valid YAML"]),
@@ -213,10 +220,24 @@ def test_progress_in_a_log_file_is_plain_lines(tmp_path):
 
 
 def test_the_out_dir_is_checked_once(tmp_path, monkeypatch, capsys):
+    import fedmitr.cli
     import fedmitr.pipeline
 
     calls = []
     real = fedmitr.pipeline.check_out_dir
-    monkeypatch.setattr(fedmitr.pipeline, "check_out_dir", lambda path: calls.append(path) or real(path))
+    for module in (fedmitr.cli, fedmitr.pipeline):
+        monkeypatch.setattr(module, "check_out_dir", lambda path: calls.append(path) or real(path))
     assert main(["run", "--preset", "tiny", "--methods", "ensemble", "--out", str(tmp_path / "r"), "--quiet"]) == 0
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["bench", "--help"], ["run", "--clients", "x"],
+                                  ["run", "--alpha", "-1"], ["bench", "--seeds", "a", "--alphas", "0.1"]])
+def test_help_and_argument_errors_import_no_torch(argv):
+    """The command line answers these from the light modules alone (torch takes seconds to import)."""
+    code = ("import sys\nfrom fedmitr.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'timm', 'gradio', 'accelerate') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr

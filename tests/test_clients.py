@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmitr.clients import accuracy, evaluate, predict_logits, train_clients
+from fedmitr.clients import train_clients
 from fedmitr.config import apply_overrides
 from fedmitr.data import partition
+from fedmitr.ensemble import Ensemble
 from fedmitr.events import Progress
 from fedmitr.runtime import make_accelerator
 
@@ -21,7 +22,7 @@ def trained(tiny_data, tiny_cfg):
     cfg = apply_overrides(tiny_cfg, {"clients": {"epochs": EPOCHS}}).validate()
     part = partition(tiny_data.train.labels.numpy(), NUM_CLIENTS, None, tiny_data.num_classes, seed=0)
     events = []
-    results = train_clients(tiny_data, part, cfg.model, cfg.clients, make_accelerator(), seed=0,
+    results = train_clients(tiny_data, part, cfg.model, cfg.clients, accelerator=make_accelerator(), seed=0,
                             on_event=events.append)
     return cfg, part, results, events
 
@@ -49,7 +50,7 @@ def test_local_training_reduces_the_loss(trained):
 
 def test_trained_clients_beat_chance(trained, tiny_data):
     _, _, results, _ = trained
-    accs = [evaluate(r.model, tiny_data.test) for r in results]
+    accs = [Ensemble([r.model]).evaluate(tiny_data.test) for r in results]
     assert min(accs) > 0.2, accs  # 10 classes: chance is 0.1
 
 
@@ -67,32 +68,6 @@ def test_progress_events_count_every_optimiser_step(trained):
     # The last step of each epoch carries that epoch's mean loss (the curve the UI can draw).
     ends = [e for e, nxt in zip(progress, progress[1:] + [None]) if nxt is None or nxt.message != e.message]
     assert [e.values["loss"] for e in ends] == pytest.approx([loss for r in results for loss in r.losses])
-
-
-# --- evaluation --------------------------------------------------------------------------------------
-
-def test_evaluate_of_a_list_is_the_accuracy_of_averaged_logits(trained, tiny_data):
-    _, _, results, _ = trained
-    models = [r.model for r in results]
-    x, y = tiny_data.test.images, tiny_data.test.labels
-    with torch.no_grad():
-        mean_logits = torch.stack([m(x) for m in models]).mean(0)
-        single = models[0](x)
-    assert evaluate(models, tiny_data.test) == pytest.approx(float((mean_logits.argmax(1) == y).float().mean()))
-    assert evaluate(models[0], tiny_data.test) == pytest.approx(float((single.argmax(1) == y).float().mean()))
-    # Batching does not change the averaged logits.
-    assert torch.allclose(predict_logits(models, x, batch_size=7), mean_logits, atol=1e-5)
-
-
-def test_evaluate_restores_training_mode(model_factory, tiny_data):
-    model = model_factory().train()
-    evaluate(model, tiny_data.test)
-    assert model.training
-
-
-def test_accuracy():
-    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [0.0, 1.0]])
-    assert accuracy(logits, torch.tensor([0, 1, 1, 0])) == 0.5
 
 
 def test_warmup_cosine_rises_to_the_peak_then_decays_to_zero():

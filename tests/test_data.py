@@ -278,8 +278,8 @@ def _labelled(counts: list[int]) -> Split:
 
 
 def test_subsample_keeps_class_proportions():
-    ds = ImageDataset("skewed", _labelled([100, 300, 600]), _labelled([20, 60, 120]), ("a", "b", "c"),
-                      (0.0,), (1.0,), False, "test")
+    ds = ImageDataset(name="skewed", train=_labelled([100, 300, 600]), test=_labelled([20, 60, 120]),
+                      class_names=("a", "b", "c"), mean=(0.0,), std=(1.0,), allow_flip=False, source="test")
     cut = subsample(ds, 100, 20)
     assert cut.train.labels.bincount().tolist() == [10, 30, 60]
     assert cut.test.labels.bincount().tolist() == [2, 6, 12]

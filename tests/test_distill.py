@@ -15,7 +15,7 @@ from fedmitr.models import build_model
 TINY = preset_config("tiny")
 
 
-def test_distillation_loss_decreases_on_a_fixed_batch(teachers):
+def test_distillation_loss_decreases_on_a_fixed_batch(ensemble):
     cfg = replace(TINY, distill=replace(TINY.distill, shift_px=0))
     torch.manual_seed(0)
     student = GlobalModel(build_model(TINY.model, 10, 1, 28), 10)
@@ -24,7 +24,8 @@ def test_distillation_loss_decreases_on_a_fixed_batch(teachers):
     keep = torch.stack([torch.randperm(16)[:5] for _ in range(16)])
     targets = torch.softmax(torch.randn(16, 16, 10), -1)
     gen = torch.Generator().manual_seed(0)
-    losses = [distill_step(student, teachers, images, keep, targets, opt, cfg, gen) for _ in range(40)]
+    losses = [distill_step(student, ensemble, images, keep_idx=keep, targets=targets, optimizer=opt, cfg=cfg,
+                           generator=gen) for _ in range(40)]
     assert set(losses[0]) == {"kd", "token", "total"}
     assert losses[-1]["kd"] < 0.5 * losses[0]["kd"]
     # Random soft targets have an entropy floor, so the token loss only has to go down.
@@ -38,12 +39,12 @@ def test_kd_loss_is_zero_for_equal_logits_and_positive_otherwise():
     assert kd_loss(logits, logits.flip(1), 4.0) > 0
 
 
-def test_student_starts_from_the_client_average_or_fresh(teachers, tiny_data):
+def test_student_starts_from_the_client_average_or_fresh(ensemble, teachers, tiny_data):
     avg = fedavg(teachers).state_dict()
-    student = new_student(TINY, tiny_data, teachers, torch.device("cpu"))
+    student = new_student(TINY, tiny_data, ensemble, torch.device("cpu"))
     for key, value in student.vit.state_dict().items():
         torch.testing.assert_close(value, avg[key])
-    fresh = new_student(apply_overrides(TINY, {"distill": {"init": "fresh"}}), tiny_data, teachers,
+    fresh = new_student(apply_overrides(TINY, {"distill": {"init": "fresh"}}), tiny_data, ensemble,
                         torch.device("cpu"))
     assert not torch.allclose(fresh.vit.head.weight, avg["head.weight"])
 

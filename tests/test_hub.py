@@ -36,7 +36,7 @@ def _card(folder: Path) -> dict:
 
 
 def test_export_rebuilds_the_same_model_with_timm_and_reports_the_measured_accuracy(run_dir, tmp_path, tiny_cfg):
-    out = hub.export(run_dir, tmp_path / "export", "fedmitr")
+    out = hub.export(run_dir, tmp_path / "export", method="fedmitr")
     assert {"config.json", "model.safetensors", "README.md", "fedmitr_config.json", "fedmitr_metrics.json",
             "accuracy_curve.png"} <= {p.name for p in out.iterdir()}
     rebuilt = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -61,9 +61,9 @@ def test_export_rebuilds_the_same_model_with_timm_and_reports_the_measured_accur
 
 def test_export_refuses_what_it_cannot_export_and_writes_nothing(run_dir, tmp_path):
     with pytest.raises(ConfigError, match="makes no single model"):
-        hub.export(run_dir, tmp_path / "e1", "ensemble")
+        hub.export(run_dir, tmp_path / "e1", method="ensemble")
     with pytest.raises(ConfigError, match="did not run"):
-        hub.export(run_dir, tmp_path / "e2", "dense-kd")
+        hub.export(run_dir, tmp_path / "e2", method="dense-kd")
     with pytest.raises(ConfigError, match="not a finished run directory"):
         hub.export(tmp_path / "nothing", tmp_path / "e3")
     assert not any(tmp_path.iterdir())
@@ -88,7 +88,7 @@ def test_push_uploads_exactly_the_export_in_one_commit_and_never_leaks_the_token
     create_repo.assert_called_once()
     assert create_repo.call_args.args[1] == "someone/fedmitr-tiny" and create_repo.call_args.kwargs["private"]
     assert upload.call_count == 1
-    export = hub.export(run_dir, tmp_path / "reference", "fedmitr")
+    export = hub.export(run_dir, tmp_path / "reference", method="fedmitr")
     expected = {p.relative_to(export).as_posix() for p in export.rglob("*") if p.is_file()}
     assert set(uploaded["files"]) == expected
     assert uploaded["files"]["model.safetensors"] == (export / "model.safetensors").read_bytes()
@@ -152,7 +152,7 @@ def test_eval_prints_accuracy_and_a_confusion_matrix(run_dir, tmp_path, capsys):
 def test_synthetic_set_is_a_dataset_with_labels_and_patch_records(run_dir, tmp_path):
     from datasets import load_from_disk
 
-    where = hub.export_synthetic(run_dir, tmp_path / "syn", "fedmitr")
+    where = hub.export_synthetic(run_dir, tmp_path / "syn", method="fedmitr")
     ds = load_from_disk(where)
     cfg = json.loads((run_dir / "config.json").read_text())
     assert len(ds) == cfg["distill"]["rounds"] * cfg["inversion"]["images_per_round"]
@@ -165,15 +165,15 @@ def test_synthetic_set_is_a_dataset_with_labels_and_patch_records(run_dir, tmp_p
     assert size_mb < 1
 
 
-def test_privacy_check_flags_a_copied_training_image(tiny_data, teachers):
+def test_privacy_check_flags_a_copied_training_image(tiny_data, ensemble):
     from fedmitr.privacy import nearest_real, real_set
 
     train = tiny_data.train
-    real = real_set(tiny_data.to_unit(train.images), train.images, train.labels, teachers)
+    real = real_set(tiny_data.to_unit(train.images), train.images, train.labels, ensemble)
     copies = train.images[[3, 7]]
     noise = torch.randn(2, 1, 28, 28)
     synthetic = torch.cat([copies, noise])
-    check = nearest_real(tiny_data.to_unit(synthetic), synthetic, real, teachers)
+    check = nearest_real(tiny_data.to_unit(synthetic), synthetic, real, ensemble)
     assert check.index[:2].tolist() == [3, 7]
     assert check.distance["pixel"][:2].max() < 1e-5 and check.distance["pixel"][2:].min() > 0.1
     summary = check.summary()

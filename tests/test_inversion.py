@@ -24,10 +24,10 @@ def test_roll_patch_indices_follow_whole_patch_rolls():
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_inversion_mask_bookkeeping(teachers, bounds, sparse):
+def test_inversion_mask_bookkeeping(ensemble, bounds, sparse):
     cfg = replace(TINY.inversion, iterations=20, jitter_px=2)
     labels = torch.arange(8) % 10
-    batch = invert(teachers, labels, cfg, bounds, sparse, torch.Generator().manual_seed(0))
+    batch = invert(ensemble, labels, cfg, pixel_bounds=bounds, sparse=sparse, generator=torch.Generator().manual_seed(0))
     n = 16
     stops = stop_iterations(cfg)
     expected = kept_count(n, cfg.keep_per_stop, len(stops)) if sparse else n
@@ -47,11 +47,11 @@ def test_inversion_mask_bookkeeping(teachers, bounds, sparse):
     torch.testing.assert_close(batch.labels, labels)
 
 
-def test_inversion_optimises_towards_the_target_labels(teachers, bounds):
+def test_inversion_optimises_towards_the_target_labels(ensemble, teachers, bounds):
     cfg = replace(TINY.inversion, iterations=60)
     labels = torch.arange(10)
     ce = []
-    batch = invert(teachers, labels, cfg, bounds, True, torch.Generator().manual_seed(1),
+    batch = invert(ensemble, labels, cfg, pixel_bounds=bounds, sparse=True, generator=torch.Generator().manual_seed(1),
                    on_step=lambda it, losses: ce.append(losses["ce"]))
     assert len(ce) == 60 and ce[-1] < 0.75 * ce[0]
     with torch.no_grad():

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from fedmitr.clients import client_steps, evaluate
+from fedmitr.clients import client_steps
+from fedmitr.ensemble import Ensemble
 from fedmitr.config import apply_overrides, preset_config
 from fedmitr.errors import ConfigError, DatasetUnavailable
-from fedmitr.events import Metric, PartitionReady, Progress, StageFinished, StageStarted
+from fedmitr.events import Metric, PartitionReady, Progress, RunFinished, StageFinished, StageStarted
 from fedmitr.models import build_model
 from fedmitr.pipeline import run
 
@@ -33,8 +34,8 @@ def _trace(events) -> list[tuple]:
             out.append(("Progress", e.stage, e.step))
         elif isinstance(e, Metric):
             out.append(("Metric", e.source))
-        elif isinstance(e, PartitionReady):
-            out.append(("PartitionReady",))
+        elif isinstance(e, (PartitionReady, RunFinished)):
+            out.append((type(e).__name__,))
         else:
             out.append((type(e).__name__, e.stage))
     return out
@@ -51,7 +52,9 @@ def test_events_arrive_in_pipeline_order(tiny_run, tiny_cfg):
     expected += [("StageFinished", "clients")]
     for name in tiny_cfg.methods:
         expected += [("StageStarted", name), ("Metric", name), ("StageFinished", name)]
+    expected += [("RunFinished",)]
     assert _trace(events) == expected
+    assert events[-1].metrics == result.metrics
 
     started = {e.stage: e for e in events if isinstance(e, StageStarted)}
     assert started["clients"].total == steps
@@ -93,7 +96,7 @@ def test_run_dir_holds_config_and_metrics(tiny_run, tiny_cfg):
         assert metrics["methods"][name]["seconds"] >= 0.0
         assert metrics["methods"][name]["accuracy"] == result.methods[name].accuracy
     # No temporary files are left behind by the atomic writes.
-    assert sorted(p.name for p in out.iterdir()) == ["clients", "config.json", "metrics.json", "models"]
+    assert sorted(p.name for p in out.iterdir()) == ["clients", "config.json", "events.jsonl", "metrics.json", "models"]
 
 
 def test_checkpoints_load_into_a_fresh_model_and_reproduce_the_metrics(tiny_run, tiny_cfg):
@@ -108,11 +111,11 @@ def test_checkpoints_load_into_a_fresh_model_and_reproduce_the_metrics(tiny_run,
     for i in range(k):
         model = fresh()
         model.load_state_dict(load_file(out / "clients" / f"client_{i}.safetensors"))  # strict
-        assert evaluate(model, ds.test) == pytest.approx(metrics["clients"][i]["accuracy"])
+        assert Ensemble([model]).evaluate(ds.test) == pytest.approx(metrics["clients"][i]["accuracy"])
     assert sorted(p.name for p in (out / "models").iterdir()) == ["fedavg.safetensors"]  # ensemble has no model
     model = fresh()
     model.load_state_dict(load_file(out / "models" / "fedavg.safetensors"))
-    assert evaluate(model, ds.test) == pytest.approx(metrics["methods"]["fedavg"]["accuracy"])
+    assert Ensemble([model]).evaluate(ds.test) == pytest.approx(metrics["methods"]["fedavg"]["accuracy"])
 
 
 @pytest.mark.parametrize("methods", [("ensemble",), ("fedavg",), ("ensemble", "fedavg")])
@@ -128,9 +131,10 @@ def test_only_the_chosen_methods_run(methods, tiny_cfg, tiny_data, tmp_path):
         assert sorted(p.name for p in models_dir.iterdir()) == ["fedavg.safetensors"]
     else:
         assert not models_dir.exists()  # the ensemble is no single model
-    # The ensemble is the K clients at inference: its accuracy is evaluate() on their list.
+    # The ensemble is the K clients at inference: its accuracy is that of their Ensemble.
     if "ensemble" in methods:
-        assert result.methods["ensemble"].accuracy == evaluate([c.model for c in result.clients], tiny_data.test)
+        assert result.methods["ensemble"].accuracy == Ensemble([c.model for c in result.clients]).evaluate(
+            tiny_data.test)
 
 
 def test_same_seed_same_run_other_seed_other_split(tiny_run, tiny_cfg):
@@ -242,3 +246,23 @@ def test_the_tiny_default_run_gives_the_pinned_numbers_on_one_thread(tiny_cfg):
     metrics = run(cfg).metrics
     assert [round(c["accuracy"], 4) for c in metrics["clients"]] == pytest.approx(PINNED_TINY["client_accuracy"])
     assert {k: round(v["accuracy"], 4) for k, v in metrics["methods"].items()} == pytest.approx(PINNED_TINY["methods"])
+
+
+def test_the_run_directory_keeps_the_event_stream(tiny_run):
+    """events.jsonl replays the run: every event but the thinned progress, in order, with its values."""
+    from fedmitr.rundir import RunDir
+
+    _, events, out = tiny_run
+    replayed = [event for _, event in RunDir.open(out).events()]
+    kept = [e for e in events if not isinstance(e, Progress)]
+    assert [type(e).__name__ for e in replayed if not isinstance(e, Progress)] == [type(e).__name__ for e in kept]
+    plain = (Metric, StageStarted, StageFinished)  # events without arrays compare as they are
+    assert [e for e in replayed if isinstance(e, plain)] == [e for e in kept if isinstance(e, plain)]
+    assert replayed[-1].metrics == json.loads(json.dumps(events[-1].metrics))  # RunFinished, as JSON keeps it
+    ready = next(e for e in replayed if isinstance(e, PartitionReady))
+    assert np.array_equal(ready.class_counts, next(e for e in kept if isinstance(e, PartitionReady)).class_counts)
+    progress = [e for e in replayed if isinstance(e, Progress)]
+    assert 0 < len(progress) <= 101 * len({e.stage for e in progress})  # one per percent of each stage, at most
+    assert progress[-1].step == progress[-1].total  # the last step of the stage is kept
+    started = next(e for e in replayed if isinstance(e, StageStarted) and e.device is not None)
+    assert started.device == next(e for e in events if isinstance(e, StageStarted) and e.device is not None).device

@@ -8,18 +8,19 @@ import pytest
 import torch
 
 from fedmitr.config import RELABEL_MODES, RelabelConfig, preset_config
-from fedmitr.inversion import invert, kept_count, stop_iterations
+from fedmitr.inversion import SyntheticBatch, invert, kept_count, stop_iterations
 from fedmitr.relabel import high_set_size, information_density, neighbourhoods, relabel, score_patches
 
 TINY = preset_config("tiny")
 
 
 @pytest.mark.parametrize("mode", RELABEL_MODES)
-def test_relabel_targets_are_distributions_with_label_on_high_patches(teachers, bounds, mode):
+def test_relabel_targets_are_distributions_with_label_on_high_patches(ensemble, bounds, mode):
     cfg = replace(TINY.inversion, iterations=10)
-    batch = invert(teachers, torch.arange(6), cfg, bounds, True, torch.Generator().manual_seed(0))
-    scores = score_patches(teachers, batch.images, 4)
-    out = relabel(teachers, batch, scores, RelabelConfig(mode=mode), 10)
+    batch = invert(ensemble, torch.arange(6), cfg, pixel_bounds=bounds, sparse=True,
+                   generator=torch.Generator().manual_seed(0))
+    scores = score_patches(ensemble, batch, 4)
+    out = relabel(ensemble, batch, scores, RelabelConfig(mode=mode), num_classes=10)
     assert out.targets.shape == (6, 16, 10)
     assert (out.targets >= 0).all()
     torch.testing.assert_close(out.targets.sum(-1), torch.ones(6, 16))
@@ -37,16 +38,17 @@ def test_neighbourhoods_are_nine_distinct_patches_around_each_patch():
 
 
 
-def test_information_density_is_a_distribution_over_patches(teachers):
+def test_information_density_is_a_distribution_over_patches(ensemble):
     images = torch.randn(5, 1, 28, 28)
-    density = information_density(teachers, images)
+    density = information_density(ensemble, images)
     assert density.shape == (5, 16) and (density >= 0).all()
     torch.testing.assert_close(density.sum(1), torch.ones(5))
 
 
-def test_high_set_is_the_densest_patches(teachers):
-    images = torch.randn(4, 1, 28, 28)
-    scores = score_patches(teachers, images, 5)
+def test_high_set_is_the_densest_patches(ensemble):
+    batch = SyntheticBatch(images=torch.randn(4, 1, 28, 28), labels=torch.arange(4), keep_idx=torch.arange(16).expand(4, -1),
+                           stop_step=torch.full((4, 16), -1), iterations=1, seconds=0.0)
+    scores = score_patches(ensemble, batch, 5)
     assert (scores.high_mask.sum(1) == 5).all()
     for density, high in zip(scores.density, scores.high_mask):
         assert density[high].min() >= density[~high].max()

@@ -59,7 +59,7 @@ def _train_on_two_processes(out_path: str):
     ds, part = _setup()
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
-    clients = train_clients(ds, part, TINY.model, TINY.clients, accelerator, seed=0)
+    clients = train_clients(ds, part, TINY.model, TINY.clients, accelerator=accelerator, seed=0)
     assert [c.index for c in clients] == [0, 1, 2], "every process gets every client, in order"
     if accelerator.is_main_process:
         torch.save([{k: v.cpu() for k, v in c.model.state_dict().items()} for c in clients], out_path)
@@ -70,7 +70,7 @@ def test_two_processes_train_the_same_clients_as_one(tmp_path):
     debug_launcher(_train_on_two_processes, args=(out_path,), num_processes=2)
     distributed = torch.load(out_path)
     ds, part = _setup()
-    single = train_clients(ds, part, TINY.model, TINY.clients, make_accelerator(cpu=True), seed=0)
+    single = train_clients(ds, part, TINY.model, TINY.clients, accelerator=make_accelerator(cpu=True), seed=0)
     assert len(distributed) == len(single) == 3
     for state, client in zip(distributed, single):
         for key, value in client.model.state_dict().items():

@@ -10,24 +10,18 @@ import torch
 from fedmitr.config import preset_config
 from fedmitr.errors import ConfigError
 from fedmitr.events import Metric, Progress, SyntheticRound
-from fedmitr.methods import METHODS, RUNNERS
-from fedmitr.server import RUNNERS as SERVER_RUNNERS
+from fedmitr.methods import METHODS
 from fedmitr.server import MethodResult, ServerContext, run_method
 
 TINY = preset_config("tiny")
 
 
 @pytest.fixture(scope="module")
-def context(tiny_clients, tiny_data):
+def context(ensemble, tiny_data):
     def make(on_event=lambda e: None, cfg=TINY):
-        return ServerContext(cfg, tiny_data, tiny_clients, torch.device("cpu"), on_event)
+        return ServerContext(cfg, tiny_data, ensemble, torch.device("cpu"), on_event=on_event)
 
     return make
-
-
-def test_every_runner_named_by_a_method_exists():
-    assert set(SERVER_RUNNERS) == set(RUNNERS)
-    assert {spec.runner for spec in METHODS.values()} <= set(RUNNERS)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -37,9 +31,9 @@ def test_every_method_runs_end_to_end(name, context):
     spec = METHODS[name]
     assert isinstance(result, MethodResult) and result.name == name
     assert 0 <= result.accuracy <= 1 and result.seconds > 0
-    assert (result.model is not None) == (name != "ensemble")
+    assert (result.model is not None) == spec.makes_model
     entry = result.to_dict()
-    if not spec.inversion:
+    if not spec.synthesises:
         assert entry == {"accuracy": result.accuracy, "seconds": result.seconds} and events == []
         return
     rounds, images = TINY.distill.rounds, TINY.inversion.images_per_round
@@ -63,7 +57,7 @@ def test_every_method_runs_end_to_end(name, context):
     curve = [e for e in events if isinstance(e, Metric)]
     assert [(e.source, e.step, e.value) for e in curve] == [(name, r + 1, a) for r, a in enumerate(result.curve)]
     last = synthetic[-1]
-    assert last.images.shape == (images, 1, 28, 28) and 0 <= last.images.min() and last.images.max() <= 1
+    assert last.images.shape == (images, 1, 28, 28) and last.images.dtype == np.uint8
     np.testing.assert_allclose(last.density.sum(1), 1, rtol=1e-5)
     assert (last.token_relabelled == (~last.high_mask if spec.relabel else False)).all()
     assert ((last.stop_step >= 0).any(axis=1)).all() == spec.sparse
@@ -76,10 +70,75 @@ def test_a_method_is_deterministic_for_a_seed(context):
 
 
 def test_equal_time_override_changes_only_the_images_per_round(context):
-    result = run_method("sparse-kd", context(), images_per_round=3)
+    result = run_method("sparse-kd", context().with_images_per_round(3))
     assert result.synthetic_images == 3 * TINY.distill.rounds
 
 
 def test_unknown_method_is_a_clear_error(context):
     with pytest.raises(ConfigError, match="unknown method 'magic'; known: fedavg, ensemble"):
         run_method("magic", context())
+
+
+@pytest.fixture()
+def registry():
+    """Methods registered inside a test are gone after it."""
+    before = dict(METHODS)
+    yield METHODS
+    METHODS.clear()
+    METHODS.update(before)
+
+
+def test_a_registered_toy_method_runs_end_to_end_by_name(context, registry):
+    """A new variant is one registration: here a method that keeps only the first client."""
+    from dataclasses import dataclass
+
+    from fedmitr.ensemble import Ensemble
+    from fedmitr.methods import Method, register_method
+
+
+    @dataclass(frozen=True, kw_only=True)
+    class FirstClient(Method):
+        def run(self, ctx):
+            model = ctx.ensemble.models[0]
+            return MethodResult(self.name, Ensemble([model]).evaluate(ctx.dataset.test), model=model)
+
+    @register_method
+    def first_client():
+        return FirstClient(name="first-client", label="client 1", colour="#123456", role="baseline",
+                           summary="the first client's own model")
+
+    assert "first-client" in METHODS
+    ctx = context()
+    result = run_method("first-client", ctx)
+    assert result.accuracy == Ensemble([ctx.ensemble.models[0]]).evaluate(ctx.dataset.test) and result.seconds > 0
+    cfg = TINY.__class__(**{**TINY.__dict__, "methods": ("fedavg", "first-client")}).validate()  # the config knows it
+    assert cfg.methods == ("fedavg", "first-client")
+
+
+def test_a_rounds_variant_is_one_registration(context, registry):
+    from fedmitr.methods import ModelInversion, Rounds, TokenRelabel, register_method
+
+    @register_method
+    def fedmitr_image():
+        return Rounds(name="fedmitr-image", label="FedMITR, image relabel", colour="#b5179e", role="ablation",
+                      summary="sparse inversion + image-level relabel", inversion=ModelInversion(sparse=True),
+                      targets=TokenRelabel(mode="image"))
+
+    events = []
+    result = run_method("fedmitr-image", context(events.append))
+    assert len(result.curve) == TINY.distill.rounds and result.active_patches < result.patches
+    synthetic = [e for e in events if isinstance(e, SyntheticRound)]
+    # The image-level relabel gives every low-density patch of an image the same label.
+    low = ~synthetic[-1].high_mask[0]
+    assert len(set(synthetic[-1].token_labels[0][low].tolist())) == 1
+
+
+def test_registration_refuses_a_taken_or_malformed_name(registry):
+    from fedmitr.methods import FedAvg, register_method
+
+    with pytest.raises(ConfigError, match="already registered"):
+        register_method(lambda: FedAvg(name="fedavg", label="x", colour="#000000", role="baseline", summary="x"))
+    with pytest.raises(ConfigError, match="lower-case"):
+        register_method(lambda: FedAvg(name="Bad Name", label="x", colour="#000000", role="baseline", summary="x"))
+    with pytest.raises(ConfigError, match="role must be one of"):
+        register_method(lambda: FedAvg(name="odd", label="x", colour="#000000", role="hero", summary="x"))

@@ -43,6 +43,8 @@ def train(msg: Message, context: Context) -> Message:
     if node.num_partitions is not None and node.num_partitions != k:
         raise ValueError(f"this node was started with num-partitions={node.num_partitions}, "
                          f"but the run splits the data over num-clients={k}")
+    import torch  # noqa: F401 - ArrayRecord's torch conversion needs torch loaded (it looks in sys.modules)
+
     init_state = msg.content[task.INIT].to_torch_state_dict()
     result, class_counts, device = task.train_shard(cfg, node.partition_id, init_state)
     log(INFO, "client %d/%d: trained on %d samples in %.1f s on %s, final loss %.4f", node.partition_id, k,

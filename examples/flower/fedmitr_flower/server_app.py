@@ -26,7 +26,7 @@ from fedmitr_flower import task
 
 app = ServerApp()
 
-POLL_SECONDS = 0.5  # how often the server asks the SuperLink for replies and connected nodes
+POLL_SECONDS = 0.5  # how often the server asks the SuperLink which nodes are connected
 HANDSHAKE_TIMEOUT = 120.0  # at most this long (or reply-timeout if shorter) for the handshake replies
 
 
@@ -38,7 +38,9 @@ def main(grid: Grid, context: Context) -> None:
 def run(grid: Grid, run_config: dict[str, Any]) -> Path:
     """The whole server side of a Flower run; returns the run directory."""
     from fedmitr.cli import ProgressPrinter, default_out, results_table
-    from fedmitr.pipeline import check_out_dir, prepare, serve
+    from fedmitr.events import fan_out
+    from fedmitr.pipeline import prepare, serve
+    from fedmitr.rundir import RunDir, check_out_dir
 
     t_start = time.perf_counter()
     cfg = task.config_from_run_config(run_config)
@@ -67,7 +69,7 @@ def run(grid: Grid, run_config: dict[str, Any]) -> Path:
     report.seconds["handshake"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    replies = train_round(grid, assigned, cfg, prepared.dataset, prepared.init, reply_timeout, report)
+    replies = train_round(grid, assigned, cfg, prepared.dataset, prepared.init, timeout=reply_timeout, report=report)
     round_seconds = report.seconds["round"] = time.perf_counter() - t0
     for k in range(k_total):
         if k not in assigned and not report.is_missing(k):
@@ -78,8 +80,9 @@ def run(grid: Grid, run_config: dict[str, Any]) -> Path:
                            + report.summary())
 
     fed = federation(cfg, prepared.dataset, replies, {"data": data_seconds, "clients": round_seconds})
-    result = serve(cfg, fed, out, on_event=printer, privacy=False, extra_metrics={"flower": report.to_dict()},
-                   started=t_start)
+    run_dir = RunDir(out)
+    result = serve(cfg, fed, run_dir=run_dir, on_event=fan_out(run_dir.record, printer), privacy=False,
+                   extra_metrics={"flower": report.to_dict()}, started=t_start)
     printer.close()
     _say(results_table(result.metrics))
     _say(f"wrote {out / 'metrics.json'}")
@@ -143,31 +146,14 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 
 def exchange(grid: Grid, messages: dict[int, Message], timeout: float
              ) -> tuple[dict[int, Message], dict[int, str]]:
-    """Push one message per node and pull the replies for up to ``timeout`` seconds.
+    """Send one message per node and collect the replies for up to ``timeout`` seconds
+    (Flower's ``Grid.send_and_receive``).
 
     Returns the replies by node id, and for every node without a reply why not.
     """
-    nodes = list(messages)
-    ids = list(grid.push_messages([messages[n] for n in nodes]))
-    pending: dict[str, int] = {}
-    lost: dict[int, str] = {}
-    for node, message_id in zip(nodes, ids):
-        if message_id is None:
-            lost[node] = "the SuperLink did not accept the message"
-        else:
-            pending[message_id] = node
-    replies: dict[int, Message] = {}
-    deadline = time.monotonic() + timeout
-    while pending:
-        for reply in grid.pull_messages(list(pending)):
-            node = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                replies[node] = reply
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(POLL_SECONDS)
-    for node in pending.values():
-        lost[node] = f"no reply within {timeout:g} s"
+    replies = {reply.metadata.src_node_id: reply
+               for reply in grid.send_and_receive(list(messages.values()), timeout=timeout)}
+    lost = {node: f"no reply within {timeout:g} s" for node in messages if node not in replies}
     return replies, lost
 
 
@@ -210,7 +196,7 @@ def handshake(grid: Grid, nodes: Iterable[int], timeout: float, report: Report) 
     return assigned
 
 
-def train_round(grid: Grid, assigned: dict[int, int], cfg, dataset, init, timeout: float, report: Report
+def train_round(grid: Grid, assigned: dict[int, int], cfg, dataset, init, *, timeout: float, report: Report
                 ) -> dict[int, tuple[Message, Any]]:
     """The one round: returns {partition-id: (reply, rebuilt model)} of the clients that replied."""
     from fedmitr.errors import excerpt
@@ -263,8 +249,9 @@ def federation(cfg, dataset, replies: dict[int, tuple[Message, Any]], seconds: d
     """A ``fedmitr.pipeline.Federation`` of the clients that replied (the server never sees their data)."""
     import numpy as np
 
-    from fedmitr.clients import ClientResult, evaluate
+    from fedmitr.clients import ClientResult
     from fedmitr.data import Partition
+    from fedmitr.ensemble import Ensemble
     from fedmitr.pipeline import Federation
     from fedmitr.runtime import describe_device, make_accelerator
 
@@ -274,10 +261,11 @@ def federation(cfg, dataset, replies: dict[int, tuple[Message, Any]], seconds: d
         reply, model = replies[k]
         m = reply.content[task.METRICS]
         clients.append(ClientResult(k, model.to(accelerator.device).eval(), int(m["num-samples"]),
-                                    float(m["train-seconds"]), [float(v) for v in m["losses"]]))
+                                    seconds=float(m["train-seconds"]), losses=[float(v) for v in m["losses"]]))
         counts.append([int(c) for c in m["class-counts"]])
-    accuracy = [evaluate(c.model, dataset.test) for c in clients]
+    accuracy = [Ensemble([c.model]).evaluate(dataset.test) for c in clients]
     # Only the class counts travel; the shards' sample indices stay on the nodes.
     part = Partition(tuple(np.zeros(0, dtype=np.int64) for _ in clients), np.array(counts, dtype=np.int64),
                      cfg.data.alpha)
-    return Federation(dataset, part, clients, accuracy, accelerator, describe_device(accelerator), seconds)
+    return Federation(dataset, part, clients, client_accuracy=accuracy, accelerator=accelerator,
+                      device=describe_device(accelerator), seconds=seconds)

@@ -42,39 +42,28 @@ INFO = "info"  # ConfigRecord: {"device": where the client trained} (client -> s
 
 # --- run config (pyproject.toml [tool.flwr.app.config], `flwr run --run-config`) ------------------
 
-RUN_CONFIG_KEYS = ("preset", "dataset", "num-clients", "alpha", "seed", "methods", "epochs", "out-dir",
-                   "connect-timeout", "reply-timeout", "min-replies")
+NETWORK_KEYS = ("out-dir", "connect-timeout", "reply-timeout", "min-replies")  # see RunSettings
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
-    """The fedmitr config of a Flower run: the preset, then the run config's fields; validated.
+    """The fedmitr config of a Flower run: the preset, then the run config's knobs, parsed by the
+    library exactly as ``fedmitr run`` parses its flags (:mod:`fedmitr.knobs`); validated.
 
+    A knob's key is its name (``num-clients`` for ``clients``); ``epochs = 0`` keeps the preset's.
     Raises ``fedmitr.errors.ConfigError`` (one clear line) for a bad value.
     """
-    from fedmitr.config import apply_overrides, parse_alpha, preset_config
     from fedmitr.errors import ConfigError
-    from fedmitr.methods import parse_methods
+    from fedmitr.knobs import KNOBS, config_from_knobs
 
-    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
+    by_key = {knob.flower or name: name for name, knob in KNOBS.items()}
+    unknown = sorted(set(run_config) - set(by_key) - set(NETWORK_KEYS))
     if unknown:
-        raise ConfigError(f"unknown run config key(s) {', '.join(unknown)}; known: {', '.join(RUN_CONFIG_KEYS)}")
-    cfg = preset_config(str(run_config.get("preset", "cpu")))
-    data: dict[str, Any] = {}
-    if "dataset" in run_config:
-        data["dataset"] = run_config["dataset"]
-    if "num-clients" in run_config:
-        data["num_clients"] = _int("num-clients", run_config["num-clients"])
-    if "alpha" in run_config:
-        data["alpha"] = parse_alpha(run_config["alpha"])
-    over: dict[str, Any] = {"data": data}
-    if "seed" in run_config:
-        over["seed"] = _int("seed", run_config["seed"])
-    if "methods" in run_config:
-        over["methods"] = parse_methods(str(run_config["methods"]))
-    epochs = _int("epochs", run_config.get("epochs", 0))
-    if epochs > 0:
-        over["clients"] = {"epochs": epochs}
-    return apply_overrides(cfg, over).validate()
+        raise ConfigError(f"unknown run config key(s) {', '.join(unknown)}; known: "
+                          f"{', '.join([*by_key, *NETWORK_KEYS])}")
+    values = {by_key[key]: value for key, value in run_config.items() if key in by_key}
+    if values.get("epochs") == 0:  # the pyproject's placeholder: the preset's epochs
+        del values["epochs"]
+    return config_from_knobs(values)
 
 
 @dataclass(frozen=True)
@@ -194,7 +183,8 @@ def train_shard(cfg: RunConfig, partition_id: int, init_state: Mapping[str, torc
     accelerator = make_accelerator()
     # The weights come from the server, so a pretrained architecture needs no download here.
     model_cfg = dataclasses.replace(cfg.model, pretrained=False)
-    result = train_one(partition_id, dataset, part, model_cfg, cfg.clients, accelerator, cfg.seed, dict(init_state))
+    result = train_one(partition_id, dataset, part, model_cfg, cfg.clients, accelerator=accelerator, seed=cfg.seed,
+                       init_state=dict(init_state))
     return result, part.class_counts[partition_id], str(describe_device(accelerator))
 
 
