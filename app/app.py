@@ -20,25 +20,30 @@ if __package__ in (None, ""):  # `python app/app.py`: make the repository root i
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from app import zerogpu  # noqa: E402, F401 - first: it imports `spaces` (ZeroGPU) before anything imports torch
+
+import copy  # noqa: E402
+import html  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from fedmitr.errors import ConfigError, excerpt, redact  # noqa: E402
+from fedmitr import hub  # noqa: E402
+from fedmitr.errors import USER_ERRORS, ConfigError, excerpt, redact  # noqa: E402
 from fedmitr.catalog import BUNDLED, is_hub_dataset  # noqa: E402
 from fedmitr.methods import with_role  # noqa: E402
 
-from app import form, jobs, stream  # noqa: E402
-from app.layout import CSS, Page, build_page, gallery_hint  # noqa: E402
+from app import form, jobs, replay, stream  # noqa: E402
+from app.layout import CSS, JS, Page, build_page, gallery_hint  # noqa: E402
 from app.runview import RunView  # noqa: E402
 
 __all__ = ["Page", "build_demo", "create_app", "launch_kwargs", "main", "training_threads"]
 
 log = logging.getLogger("fedmitr.app")
 
-PRESET_KNOBS = ("epochs", "iterations", "images", "keep", "relabel", "rounds", "seed")  # follow the preset
+PRESET_KNOBS = ("epochs", "iterations", "images", "keep", "relabel", "rounds", "seed", "init")  # follow the preset
 HIGH_TOKEN_PRESET = "cpu-49"
 
 
@@ -46,6 +51,36 @@ def build_demo() -> gr.Blocks:
     with gr.Blocks(title="FedMITR: one-shot federated learning", analytics_enabled=False,
                    delete_cache=(1800, 3600)) as demo:
         page, controls = build_page(stream.startup_device_label())
+        example = replay.example_view()  # the recorded run every visitor sees first
+
+        def show_example():
+            """On arrival: every panel shows the recorded example (a copy: a visitor's clicks change it)."""
+            return replay.page_update(page, copy.deepcopy(example)) if example is not None else {}
+
+        demo.load(show_example, None, page.outputs(), api_visibility="private", show_progress="hidden")
+
+        reference = example.metrics if example is not None else None  # a run recorded on this kind of machine
+
+        def estimate(*values):
+            return stream.estimate_text(values, reference)
+
+        for component in controls.form_inputs():
+            component.change(estimate, controls.form_inputs(), [controls.estimate], queue=False,
+                             api_visibility="private", show_progress="hidden")
+        demo.load(estimate, controls.form_inputs(), [controls.estimate], queue=False, api_visibility="private",
+                  show_progress="hidden")
+
+        def replay_shared(ref: str):
+            """A shared checkpoint's whole run, replayed on the Run tab."""
+            try:
+                view = replay.replay(hub.load_run(ref), note=f"Replay of the run that made <code>"
+                                                            f"{html.escape(ref)}</code>, from its recorded events.")
+            except USER_ERRORS as err:
+                raise stream.refuse(str(err), title="Cannot replay") from None
+            return {**replay.page_update(page, view), controls.tabs: gr.Tabs(selected="run")}
+
+        controls.try_tab.replay.click(replay_shared, [controls.try_tab.replay_ref], [*page.outputs(), controls.tabs],
+                                      api_visibility="private", show_progress="minimal")
 
         @form.with_form_parameters
         def run(request: gr.Request, progress=gr.Progress(), *values):
@@ -69,7 +104,8 @@ def build_demo() -> gr.Blocks:
                                          [controls.inputs[name] for name in PRESET_KNOBS], **quiet)
         controls.inputs["dataset"].input(dataset_note, [controls.inputs["dataset"]], None, **quiet)
         page.gallery_method.input(show_method, [page.view_state, page.gallery_method],
-                                  [page.gallery, page.legend, page.relabel_plot, page.gallery_index], **quiet)
+                                  [page.gallery, page.legend, page.relabel_plot, page.relabel_summary,
+                                   page.gallery_index], **quiet)
         page.gallery.select(select_image, [page.view_state, page.gallery_index],
                             [page.relabel_plot, page.privacy_pair, page.privacy_text], **quiet)
         controls.tint.change(set_tint, [page.view_state, page.gallery_method, controls.tint],
@@ -105,9 +141,9 @@ def dataset_note(dataset: str) -> None:
 
 def show_method(view: RunView | None, method: str | None):
     if view is None or method is None:
-        return [], gallery_hint(), gr.update(), []
+        return [], gallery_hint(), gr.update(), "", []
     items, index = view.gallery_items(method)
-    return items, view.legend_html(method), view.relabel_figure(method), index
+    return items, view.legend_html(method), view.relabel_figure(method), view.relabel_summary(method), index
 
 
 def set_tint(view: RunView | None, method: str | None, tint: bool):
@@ -163,7 +199,8 @@ def create_app() -> gr.Blocks:
 def launch_kwargs() -> dict[str, Any]:
     """Arguments for ``demo.launch``. Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
     (Gradio reads them itself; the default port is 7860)."""
-    return dict(theme=theme(), css=CSS, allowed_paths=[str(jobs.runs_root())], show_error=True)
+    return dict(theme=theme(), css=CSS, js=JS, allowed_paths=[str(jobs.runs_root()), str(replay.EXAMPLE)],
+                show_error=True)
 
 
 def training_threads(cores: int | None = None) -> int:

@@ -7,23 +7,21 @@ exactly as the command line and the Flower app parse it, with the same messages.
 the app's caps (a shared machine must stay stoppable within seconds); its defaults are the cpu
 preset's.
 
-Everything here is plain Python (no Gradio). Only :func:`hub_reachable` touches the network, and
-only for a run that needs the Hub. Errors are :class:`fedmitr.errors.ConfigError`.
+Everything here is plain Python (no Gradio). Only :func:`fedmitr.hub.hub_reachable` touches the
+network, and only for a run that needs the Hub. Errors are :class:`fedmitr.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
-import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
-from urllib.parse import urlparse
 
 from fedmitr.catalog import BUNDLED, HUB_DATASETS, is_hub_dataset
 from fedmitr.config import RunConfig, preset_config
 from fedmitr.errors import ConfigError, excerpt
+from fedmitr.hub import hub_offline, hub_reachable
 from fedmitr.knobs import KNOBS, config_from_knobs, knob_values
 
 __all__ = ["FormValues", "APP_CAPS", "SKEW_CHOICES", "RELABEL_HELP", "with_form_parameters", "check_hub",
@@ -40,6 +38,7 @@ RELABEL_HELP = {
     "image": "image: the ensemble's soft label of the whole image",
     "neighbourhood": "neighbourhood: the ensemble's prediction on the patch's 3x3 neighbourhood",
 }
+INIT_CHOICES = [("from scratch", "scratch"), ("pretrained on drawn fractals (offline)", "fractal")]
 SKEW_CHOICES = [
     ("iid: no skew", "iid"),
     ("10: mild skew", "10"),
@@ -67,6 +66,7 @@ class FormValues:
     relabel: Any  # low-density relabel mode
     rounds: Any  # synthesis + distillation rounds
     seed: Any
+    init: Any  # where the clients start: "scratch" or "fractal" (a backbone pretrained on drawn fractals)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -119,26 +119,6 @@ def with_form_parameters(fn: Callable) -> Callable:
 
 
 # --- the Hub ---------------------------------------------------------------------------------------
-
-def hub_offline() -> bool:
-    """True when the environment forbids the Hugging Face Hub (checked without touching the network)."""
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
-    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connection within ``timeout_s``.
-
-    Called only when a run needs the Hub, never at startup: without it an offline machine spends
-    ~25 s in the Hub client's retries before it says so.
-    """
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        with socket.create_connection((host.hostname, host.port or 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
 
 def needs_hub(cfg: RunConfig) -> list[str]:
     """What of ``cfg`` must come from the Hugging Face Hub (empty for the bundled, offline setups)."""

@@ -5,7 +5,7 @@ What the app guarantees, and how:
 * **One job on the device at a time**, first come first served (:class:`DeviceQueue`). A waiting
   job knows its place in the line, and leaves the line the moment it is cancelled.
 * **Stop never blocks.** :meth:`Job.cancel` sets a flag and returns. The pipeline reports at every
-  optimiser step, inversion iteration and relabel chunk (:func:`app.zerogpu.run_events` streams
+  optimiser step, inversion iteration and relabel chunk (:data:`app.zerogpu.gpu_run_events` streams
   those reports); the worker checks the flag at each one, stops the pipeline, releases the device
   itself and unregisters itself. Nothing on Gradio's event loop ever waits for a worker.
 * Each browser session has its own run directories under :func:`runs_root`; old ones are deleted.
@@ -143,7 +143,7 @@ class Job:
             try:
                 self.started_on_device.set()
                 # The pipeline reports at every step; between two reports is where a run stops.
-                stream = zerogpu.on_gpu(zerogpu.run_events, self.cfg)(self.cfg, self.out_dir, self.dataset)
+                stream = zerogpu.gpu_run_events(self.cfg, self.out_dir, self.dataset)
                 try:
                     for event in stream:
                         if self.stop.is_set():

@@ -41,8 +41,11 @@ TEXT = {
                "(tinted: the colour says when) and spends the work on the rest: cheaper, and background noise "
                "stays out. One row per round. **Click an image** to see its relabel map.",
     "relabel": "**Information density** is each patch's share of the ensemble's attention (class token to patch, "
-               "last block). The densest patches (outlined) are trained on the class the image was made for; the "
-               "others get the ensemble's own soft label instead, so no patch is taught a class it does not show.",
+               "last block), measured on the patches sparse inversion kept (a stopped patch, ×, has none). The "
+               "densest patches (outlined) are trained on the class the image was made for; the other kept "
+               "patches get the ensemble's own soft label instead, so no patch is taught a class it does not "
+               "show. Stopped patches (hatched) still hold noise: they teach nothing, or a background target. "
+               "Hover a patch to see what it was taught and why.",
     "curves": "After every round the global model is tested on real images it never trained on. Above FedAvg "
               "(dashed) means one model learned from the clients without any data; the ensemble (dotted) is "
               "the teacher and usually the ceiling.",
@@ -76,8 +79,21 @@ CSS = """
 .fm-chip {display: inline-flex; align-items: center; gap: 6px;}
 .fm-swatch {display: inline-block; width: 14px; height: 14px; border-radius: 3px;}
 #run-btn, #stop-btn {min-height: 44px; font-size: 16px;}
+/* Captions are drawn under each thumbnail; Gradio's own caption strip would cover a patch. */
+#gallery .caption-label, #try-gallery .caption-label {display: none;}
 /* The gallery grows with its rounds (one row each) instead of a fixed, scrolling box. */
 #gallery .grid-wrap {min-height: 120px !important; max-height: none !important; overflow-y: visible !important;}
+"""
+
+# Gradio gives gallery thumbnails an empty alt and the caption as their title: copy it over.
+JS = """
+() => {
+  const label = () => document.querySelectorAll('.thumbnail-item img[title], .thumbnail-item img').forEach(img => {
+    const title = img.getAttribute('title') || img.closest('[title]')?.getAttribute('title');
+    if (title && img.alt !== title) img.alt = title;
+  });
+  new MutationObserver(label).observe(document.body, {subtree: true, childList: true, attributes: true});
+}
 """
 
 RELABEL_PLACEHOLDER = "The relabel map appears with the first synthetic round."
@@ -96,6 +112,7 @@ class Page:
     gallery_method: Any
     legend: Any
     relabel_plot: Any
+    relabel_summary: Any
     curves_plot: Any
     bench_note: Any
     results: Any
@@ -121,6 +138,9 @@ class Controls:
     stop_btn: Any
     high_token: Any
     tint: Any
+    estimate: Any = None  # how long a run with the form's settings takes here
+    try_tab: Any = None  # app.share.TryTab
+    tabs: Any = None  # the page's tabs ("run", "try")
 
     def form_inputs(self) -> list:
         """The inputs in :class:`app.form.FormValues` order (what the run event takes)."""
@@ -153,11 +173,12 @@ def _controls_column(knobs: form.FormValues) -> Controls:
                         info="Smaller α: fewer classes per client. Any number > 0, or iid.")
     methods = gr.CheckboxGroup(label="Methods", choices=list(METHODS), value=list(knobs.methods),
                                elem_id="methods", info=methods_info())
-    high_token = gr.Button("Where FedMITR's premise holds: 49 tokens per image", size="sm",
-                           elem_id="high-token-btn")
+    high_token = gr.Button("Switch to 49 tokens per image (where FedMITR's premise holds)", size="sm",
+                           variant="secondary", elem_id="high-token-btn")
     with gr.Row():
         run_btn = gr.Button("Run", variant="primary", elem_id="run-btn", scale=2, min_width=80)
         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1, min_width=80)
+    estimate = gr.Markdown("", elem_id="estimate", elem_classes="fm-explain")
     with gr.Accordion("What the methods are", open=False):
         gr.Markdown("\n".join(f"- **{n}** ({m.role}): {m.summary}" for n, m in METHODS.items()))
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
@@ -179,10 +200,14 @@ def _controls_column(knobs: form.FormValues) -> Controls:
                            choices=[(form.RELABEL_HELP.get(m, m), m) for m in RELABEL_MODES], value=knobs.relabel,
                            elem_id="relabel")
         seed = gr.Number(label="Seed", value=knobs.seed, step=1, minimum=0, elem_id="seed")
+        init = gr.Radio(label="Clients start", choices=form.INIT_CHOICES, value=knobs.init, elem_id="init",
+                        info="Pretrained: a backbone trained on fractals a program draws (no download), so the "
+                             "clients' patch tokens already mean something. Bundled for the cpu and cpu-49 models.")
     inputs = {"dataset": dataset, "clients": clients, "alpha": alpha, "methods": methods, "preset": preset,
               "epochs": epochs, "iterations": iterations, "images": images, "keep": keep, "relabel": relabel,
-              "rounds": rounds, "seed": seed}
-    return Controls(inputs=inputs, run_btn=run_btn, stop_btn=stop_btn, high_token=high_token, tint=None)
+              "rounds": rounds, "seed": seed, "init": init}
+    return Controls(inputs=inputs, run_btn=run_btn, stop_btn=stop_btn, high_token=high_token, tint=None,
+                    estimate=estimate)
 
 
 def build_page(device: str) -> tuple[Page, Controls]:
@@ -192,7 +217,7 @@ def build_page(device: str) -> tuple[Page, Controls]:
     gallery_index = gr.State([])  # gallery position -> (method, round position, image)
 
     gr.Markdown(INTRO, elem_id="intro")
-    with gr.Tabs():
+    with gr.Tabs() as tabs:
         with gr.Tab("Run FedMITR", id="run"):
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1, min_width=320, elem_id="controls"):
@@ -238,6 +263,7 @@ def build_page(device: str) -> tuple[Page, Controls]:
                         gr.Markdown(TEXT["relabel"], elem_classes="fm-explain")
                         relabel_plot = gr.Plot(views.placeholder_figure(RELABEL_PLACEHOLDER, height=420),
                                                show_label=False, elem_id="relabel-plot")
+                        relabel_summary = gr.Markdown("", elem_id="relabel-summary", elem_classes="fm-explain")
 
                     with gr.Row(equal_height=False):
                         with gr.Column(scale=1, elem_classes="fm-section"):
@@ -262,11 +288,13 @@ def build_page(device: str) -> tuple[Page, Controls]:
                         log_box = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False,
                                              autoscroll=True, elem_id="log")
 
-        try_method = share.build_try_tab(view_state)
+        try_tab = share.build_try_tab(view_state)
 
     page = Page(status=status, partition_plot=partition_plot, clients_plot=clients_plot, gallery=gallery,
-                gallery_method=gallery_method, legend=legend, relabel_plot=relabel_plot, curves_plot=curves_plot,
+                gallery_method=gallery_method, legend=legend, relabel_plot=relabel_plot,
+                relabel_summary=relabel_summary, curves_plot=curves_plot,
                 bench_note=bench_note, results=results, files=files, privacy_pair=privacy_pair,
-                privacy_text=privacy_text, share_method=share_method, try_method=try_method, log_box=log_box,
+                privacy_text=privacy_text, share_method=share_method, try_method=try_tab.own, log_box=log_box,
                 view_state=view_state, gallery_index=gallery_index)
+    controls.try_tab, controls.tabs = try_tab, tabs
     return page, controls

@@ -69,6 +69,8 @@ class RunView:
     privacy: dict[str, PrivacyChecked] = field(default_factory=dict)  # method -> its privacy check
     # The training split's pixels in [0, 1] [M, C, H, W] and labels, to show a nearest real image.
     train_images: tuple[np.ndarray, np.ndarray] | None = None
+    seconds: float | None = None  # how long the run took, once it ended
+    recorded: str = ""  # for a replayed run: what it is (shown instead of "Finished"), HTML
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -143,20 +145,25 @@ class RunView:
         """The run ended: its metrics, and (for a run with a directory) the downloads and the
         methods whose global model was saved."""
         self.state, self.metrics, self.queue_position = "done", metrics, 0
+        self.seconds = float(metrics.get("seconds", {}).get("total", time.time() - self.started))
         self.out_dir = out_dir
         self.files = list(files or [])
         self.models = list(models or [])
 
     def fail(self, message: str) -> None:
-        self.state = "failed"
+        self.state, self.seconds = "failed", time.time() - self.started
         self._log(f"failed: {message}")
 
     def cancel(self) -> bool:
         """Mark a running view stopped; False if it had already ended."""
         if self.state != "running":
             return False
-        self.state = "cancelled"
+        self.state, self.seconds = "cancelled", time.time() - self.started
         return True
+
+    def mark_recorded(self, note: str) -> None:
+        """This finished view is a replay of a recorded run; ``note`` (HTML) says which."""
+        self.recorded = note
 
     def set_tint(self, tint: bool) -> None:
         self.tint = bool(tint)
@@ -203,7 +210,9 @@ class RunView:
         items, index = [], []
         for r, event in enumerate(self.rounds[method]):
             for i, img in enumerate(views.mask_overlay(event, tint=self.tint, class_names=self.class_names or None)):
-                items.append((img, None))  # the caption is drawn under the image, not over a patch
+                # The caption is drawn under the image (not over a patch); the text is the image's
+                # alt text (the page hides Gradio's own caption strip).
+                items.append((img, views.alt_text(event, i, self.class_names or None)))
                 index.append((method, r, i))
         return items, index
 
@@ -215,6 +224,11 @@ class RunView:
         spec = METHODS.get(method)
         return views.relabel_map(event, image, self.class_names or None, relabel_used=bool(spec and spec.relabel),
                                  tint=self.tint)
+
+    def relabel_summary(self, method: str | None) -> str:
+        """The finished run's relabel diagnostics of ``method`` (empty while it runs)."""
+        entry = ((self.metrics or {}).get("methods") or {}).get(method or "", {})
+        return views.relabel_summary(entry.get("relabel"), self.class_names or None)
 
     def shown_method(self) -> str | None:
         """The method the gallery follows: the latest to synthesise, and at the end the headline
@@ -261,7 +275,7 @@ class RunView:
 
     # --- status ------------------------------------------------------------------------------------
     def status_html(self) -> str:
-        elapsed = time.time() - self.started
+        elapsed = self.seconds if self.seconds is not None else time.time() - self.started
         chips = []
         for s in self.stages:
             if s in self.finished:
@@ -280,6 +294,8 @@ class RunView:
             head = f"Running: {html.escape(self.stage or 'starting')}"
             if self.message:
                 head += f" · {html.escape(self.message)}"
+        elif self.recorded:
+            head = self.recorded
         else:
             head = {"done": "Finished", "cancelled": "Stopped", "failed": "Failed"}[self.state]
         device = html.escape(self.device) if self.device else "not yet chosen"

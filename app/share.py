@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +98,23 @@ def build_share_panel(view_state: gr.State) -> gr.Dropdown:
                     "privacy check, the run's config and metrics, and the accuracy curve: one commit.",
                     elem_classes="fm-explain")
     handler = push_with_login if on_space() else push
-    button.click(handler, [view_state, method, repo, private, token], [result, token], api_name="push",
-                 concurrency_limit=2, api_description="Push a global model of this session's finished run to the Hub.")
+    # The result of an earlier push goes before this one starts, and the token box is emptied after
+    # every push, failed ones too (.then runs whatever the push's outcome).
+    button.click(lambda: "", None, [result], queue=False, api_visibility="private", show_progress="hidden") \
+        .then(handler, [view_state, method, repo, private, token], [result, token], api_name="push",
+              concurrency_limit=2, show_progress="minimal",
+              api_description="Push a global model of this session's finished run to the Hub.") \
+        .then(lambda: "", None, [token], queue=False, api_visibility="private", show_progress="hidden")
     return method
 
 
 # --- try a checkpoint --------------------------------------------------------------------------------
 
 def try_checkpoint(view: RunView | None, source: str, own_method: str | None, hub_id: str, dataset: str,
-                   count: int = 8) -> tuple[str, list]:
+                   count: int = 8) -> tuple[str, list, Any, str]:
     """Load a checkpoint, test it on a bundled dataset, and show test images with its prediction and
-    its class token's attention on each patch."""
+    its class token's attention on each patch. Also returns the Replay button's update and the
+    model reference it replays (a shared checkpoint that carries its run's events)."""
     from fedmitr import hub
     from fedmitr.data import open_dataset
     from fedmitr.models import patch_grid, sparse_forward
@@ -120,7 +127,8 @@ def try_checkpoint(view: RunView | None, source: str, own_method: str | None, hu
                 raise _refuse("Give a model id on the Hub, USER/NAME.", title="Cannot load")
             hub.check_repo_id(hub_id.strip())
             _hub_ready()
-            model, info = hub.load(f"hf-hub:{hub_id.strip()}")
+            ref = f"hf-hub:{hub_id.strip()}"
+            model, info = hub.load(ref)
             where = hub_id.strip()
         else:
             run = _finished_run(view)
@@ -130,7 +138,7 @@ def try_checkpoint(view: RunView | None, source: str, own_method: str | None, hu
             with tempfile.TemporaryDirectory(prefix="fedmitr-try-") as tmp:
                 folder = hub.export(run.out_dir, Path(tmp) / "model", method=own_method)
                 model, info = hub.load(f"local-dir:{folder}")  # the same path a shared checkpoint takes
-            where = f"this run's {own_method}"
+            where, ref = f"this run's {own_method}", ""  # its run is already on the Run tab
         result = hub.evaluate_checkpoint(model, dataset)
     except USER_ERRORS as err:
         raise _refuse(str(err), title="Cannot load") from None
@@ -147,13 +155,23 @@ def try_checkpoint(view: RunView | None, source: str, own_method: str | None, hu
         items.append((views.attention_overlay(images[k], out.cls_attention[k].numpy(), grid, caption), None))
     trained_on = info.get("dataset", {}).get("name")
     note = f" (trained on {trained_on})" if trained_on and trained_on != dataset else ""
+    replayable = bool(ref) and info.get("has_events", False)
     return (f"**{where}** on {result['dataset']}{note}: test accuracy **{result['accuracy']:.1%}** over "
             f"{result['num_test']} images. The tint is the class token's attention on each patch (bright: most "
-            f"attended).", items)
+            f"attended)." + (" It carries its whole run: **Replay it** to see every stage on the Run tab."
+                             if replayable else ""),
+            items, gr.update(visible=replayable), ref if replayable else "")
 
 
-def build_try_tab(view_state: gr.State) -> gr.Dropdown:
-    """The "Try a checkpoint" tab; returns its own-run dropdown, which a run fills."""
+@dataclass(kw_only=True)
+class TryTab:
+    own: Any  # the dropdown of this session's global models (a run fills it)
+    replay: Any  # "Replay this run" (shown for a shared checkpoint that carries its events)
+    replay_ref: Any  # gr.State: the model reference to replay
+
+
+def build_try_tab(view_state: gr.State) -> TryTab:
+    """The "Try a checkpoint" tab."""
     with gr.Tab("Try a checkpoint", id="try"):
         gr.Markdown("Load a global model, from this tab's last run or from the Hub, test it on a bundled dataset "
                     "and see what it looks at.", elem_classes="fm-explain")
@@ -162,14 +180,22 @@ def build_try_tab(view_state: gr.State) -> gr.Dropdown:
                 source = gr.Radio(label="Model", choices=[OWN, HUB], value=OWN, elem_id="try-source")
                 own = gr.Dropdown(label="Global model of this session's run", choices=[], value=None,
                                   elem_id="try-own")
-                hub_id = gr.Textbox(label="Model on the Hub", placeholder="USER/NAME", elem_id="try-hub")
+                hub_id = gr.Textbox(label="Model on the Hub", placeholder="USER/NAME", elem_id="try-hub", visible=False)
                 dataset = gr.Dropdown(label="Test on", choices=list(BUNDLED), value="mnist5k", elem_id="try-dataset")
                 button = gr.Button("Load and evaluate", variant="primary", elem_id="try-btn")
             with gr.Column(scale=3):
                 summary = gr.Markdown(elem_id="try-summary")
+                replay = gr.Button("Replay this run on the Run tab", visible=False, elem_id="try-replay")
                 samples = gr.Gallery(show_label=False, columns=8, height="auto", object_fit="contain",
                                      allow_preview=False, elem_id="try-gallery")
-        button.click(try_checkpoint, [view_state, source, own, hub_id, dataset], [summary, samples],
-                     api_name="try", concurrency_limit=2,
-                     api_description="Evaluate a checkpoint (this session's run, or a Hub model) on a bundled dataset.")
-    return own
+        replay_ref = gr.State("")
+        # One box at a time: the session's models, or a Hub id.
+        source.change(lambda s: (gr.update(visible=s == OWN), gr.update(visible=s == HUB)), [source], [own, hub_id],
+                      queue=False, api_visibility="private", show_progress="hidden")
+        # The last result goes before the next load starts, so no old sentence sits under a new error.
+        button.click(lambda: ("", [], gr.update(visible=False), ""), None, [summary, samples, replay, replay_ref],
+                     queue=False, api_visibility="private", show_progress="hidden") \
+            .then(try_checkpoint, [view_state, source, own, hub_id, dataset], [summary, samples, replay, replay_ref],
+                  api_name="try", concurrency_limit=2, show_progress="minimal",
+                  api_description="Evaluate a checkpoint (this session's run, or a Hub model) on a bundled dataset.")
+    return TryTab(own=own, replay=replay, replay_ref=replay_ref)

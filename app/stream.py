@@ -122,7 +122,7 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, progress):
             page.partition_plot: views.placeholder_figure("Splitting the data…"),
             page.clients_plot: views.placeholder_figure("Client accuracies appear after local training."),
             page.gallery: [], page.gallery_method: gr.update(choices=[], value=None), page.legend: gallery_hint(),
-            page.relabel_plot: views.placeholder_figure(RELABEL_PLACEHOLDER, height=420),
+            page.relabel_plot: views.placeholder_figure(RELABEL_PLACEHOLDER, height=420), page.relabel_summary: "",
             page.curves_plot: view.curves_chart(), page.results: pd.DataFrame(columns=views.RESULT_HEADERS),
             page.files: None, page.log_box: "", page.view_state: view, page.gallery_index: index,
         }
@@ -198,6 +198,7 @@ def render(page: Page, view: RunView, dirty: set[str], index: list) -> tuple[dic
         update[page.gallery_method] = gr.update(choices=view.gallery_methods(), value=shown)
         update[page.legend] = view.legend_html(shown)
         update[page.relabel_plot] = view.relabel_figure(shown)
+        update[page.relabel_summary] = view.relabel_summary(shown)
         update[page.gallery_index] = index
     if "final" in dirty and view.metrics is not None:
         update[page.results] = pd.DataFrame(views.results_rows(view.metrics), columns=views.RESULT_HEADERS)
@@ -233,3 +234,67 @@ def bench_note(cfg: RunConfig) -> str:
 def train_images(dataset: Any) -> tuple[Any, Any]:
     """The training split's pixels in [0, 1] and labels, for the privacy view."""
     return dataset.to_unit(dataset.train.images).numpy(), dataset.train.labels.numpy()
+
+
+# --- how long a run will take ---------------------------------------------------------------------------
+
+def estimate_seconds(cfg: RunConfig, reference: dict[str, Any] | None) -> float | None:
+    """A rough wall-clock estimate of a run of ``cfg`` on this machine, from ``reference``: the
+    ``metrics.json`` of a run recorded here (the example). Each stage's seconds per unit of work
+    (client steps, inversion image-iterations, distillation steps) scale with the work ``cfg`` asks
+    for and with the tokens per image; None when there is nothing to scale from."""
+    from fedmitr.clients import client_steps
+    from fedmitr.methods import METHODS
+
+    if not reference or "seconds" not in reference:
+        return None
+    ref_cfg = reference["config"]
+    ref_tokens = ref_cfg["model"]["patch_grid"] ** 2 + 1
+    tokens = cfg.model.patch_grid ** 2 + 1 if cfg.model.arch == "scratch" else 197
+    width = (cfg.model.embed_dim / ref_cfg["model"]["embed_dim"]) ** 2 * cfg.model.depth / ref_cfg["model"]["depth"]
+    scale = width * tokens / ref_tokens
+    n = reference["dataset"]["num_train"]
+    ref_steps = sum(client_steps(c["num_samples"], _clients_cfg(ref_cfg)) for c in reference["clients"])
+    steps = client_steps(n // cfg.data.num_clients, cfg.clients) * cfg.data.num_clients
+    seconds = reference["seconds"]["clients"] * steps / max(1, ref_steps) * scale
+    per_method = {name: m for name, m in reference["methods"].items() if "stage_seconds" in m}
+    for name in cfg.methods:
+        spec = METHODS.get(name)
+        if spec is None or not spec.synthesises:  # an average or an evaluation: about what it took there
+            seconds += reference["methods"].get(name, {}).get("seconds", 0.5)
+            continue
+        like = next((m for n_, m in per_method.items() if METHODS.get(n_) and METHODS[n_].sparse == spec.sparse), None)
+        like = like or next(iter(per_method.values()), None)
+        if like is None:
+            return None
+        ref_rounds = len(like["curve"])
+        inv = ref_cfg["inversion"]
+        work = cfg.distill.rounds * cfg.inversion.images_per_round * cfg.inversion.iterations
+        ref_work = ref_rounds * inv["images_per_round"] * inv["iterations"]
+        st = like["stage_seconds"]
+        seconds += st["inversion"] * work / ref_work * scale
+        seconds += st["distill"] * (cfg.distill.rounds * cfg.distill.steps_per_round) / max(
+            1, ref_rounds * ref_cfg["distill"]["steps_per_round"]) * scale
+        seconds += (st["relabel"] + st["evaluate"]) * cfg.distill.rounds / ref_rounds * scale
+    return seconds
+
+
+def _clients_cfg(recorded: dict[str, Any]):
+    from fedmitr.config import ClientTrainConfig
+
+    return ClientTrainConfig(**recorded["clients"])
+
+
+def estimate_text(values: tuple, reference: dict[str, Any] | None) -> str:
+    """The line under Run: about how long these settings take here (or nothing, for bad settings)."""
+    try:
+        cfg = form.FormValues.from_inputs(values).to_config()
+    except ConfigError:
+        return ""
+    seconds = estimate_seconds(cfg, reference)
+    if seconds is None:
+        return ""
+    minutes, rest = divmod(int(round(seconds / 10) * 10), 60)
+    when = f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+    return (f"About **{when}** on this machine (scaled from the recorded run; "
+            f"{'the gpu preset needs a GPU, ' if cfg.preset == 'gpu' else ''}a rough estimate).")

@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 
 from fedmitr.events import SyntheticRound
 from fedmitr.methods import METHODS
+from fedmitr.relabel import diagnostics_text
 
 # --- shared look ----------------------------------------------------------------------------------
 
@@ -113,7 +114,9 @@ def client_accuracy_chart(client_accuracy: Sequence[float | None], client_sizes:
              for i in range(k)]
     fig = go.Figure(go.Bar(
         x=names, y=acc, marker_color=CLIENT_COLOUR, name="one client alone",
-        text=[("" if np.isnan(a) else f"{a:.0%}") for a in acc], textposition="outside",
+        # Inside the bar, at its top: a label above it would cross the reference lines.
+        text=[("" if np.isnan(a) else f"{a:.0%}") for a in acc], textposition="inside", insidetextanchor="end",
+        textfont=dict(color="#1f2937"),
         customdata=hover, hovertemplate="%{customdata}<br>test accuracy %{y:.1%}<extra></extra>",
     ))
     for name, value in (references or {}).items():
@@ -212,9 +215,12 @@ def mask_overlay(event: SyntheticRound, max_images: int | None = None, *, displa
 
 
 def _with_caption(img: Image.Image, text: str) -> Image.Image:
-    """``img`` with a white strip underneath holding ``text``."""
-    # Thumbnails are shown at about half size: the font is large enough to read there.
+    """``img`` with a white strip underneath holding ``text``, in a font small enough to fit it whole."""
+    # Thumbnails are shown at about half size: the font is as large as fits, and readable there.
     font_size = max(12, img.width // 8)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    while font_size > 8 and measure.textlength(text, font_size=font_size) > img.width - 6:
+        font_size -= 1
     strip = font_size + 10
     out = Image.new("RGB", (img.width, img.height + strip), (255, 255, 255))
     out.paste(img, (0, 0))
@@ -241,6 +247,14 @@ def stop_legend_html(event: SyntheticRound | None, shown: int | None = None, tot
     return '<div class="fm-legend">' + "".join(parts) + "</div>"
 
 
+def alt_text(event: SyntheticRound, i: int, class_names: Sequence[str] | None = None) -> str:
+    """What a synthetic thumbnail shows, in words (its alt text)."""
+    stopped = int((np.asarray(event.stop_step[i]) >= 0).sum())
+    return (f"Synthetic image {i + 1} of round {event.round} ({method_label(event.method)}), made for "
+            f"{gallery_caption(event, i, class_names).split(' · ')[1]}; {stopped} of {event.stop_step.shape[1]} "
+            f"patches stopped early")
+
+
 def gallery_caption(event: SyntheticRound, i: int, class_names: Sequence[str] | None = None) -> str:
     """Short, as it is drawn under the thumbnail: round, image and class, e.g. ``r2 #3 · class 7``."""
     label = int(event.labels[i])
@@ -250,11 +264,32 @@ def gallery_caption(event: SyntheticRound, i: int, class_names: Sequence[str] | 
 
 # --- information density and token relabel --------------------------------------------------------
 
+# What each patch was taught (fedmitr.relabel.SOURCES, in order), its colour and its explanation.
+TAUGHT = (
+    ("label", GENERATED_COLOUR, "the generated label y (high information)"),
+    ("relabel", RELABEL_COLOUR, "the ensemble's relabel (kept, low information)"),
+    ("gated", "#f9d7b5", "nothing: the clients disagreed or the ensemble was unsure (gated)"),
+    ("background", "#7b8794", "a background target (stopped patch)"),
+    ("nothing", "#e5e7eb", "nothing (stopped patch: left out of the token loss)"),
+)
+
+
+def _sources(event: SyntheticRound, i: int, relabel_used: bool) -> np.ndarray:
+    """What each patch of image ``i`` was taught, as indices into :data:`TAUGHT`."""
+    n = event.stop_step.shape[1]
+    if event.token_source is not None:
+        return np.asarray(event.token_source[i], dtype=int)
+    if not relabel_used:  # the class token only: no patch target at all
+        return np.full(n, 4)
+    # Recorded before the token sources were: the generated label or the relabel.
+    return np.where(np.asarray(event.token_relabelled[i], dtype=bool), 1, 0)
+
+
 def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None = None,
                 relabel_used: bool = True, tint: bool = True) -> go.Figure:
     """Three panels for synthetic image ``i`` of ``event``: the image, each patch's information
-    density (share of the ensemble's CLS attention, high-information set outlined), and the label
-    each patch token was trained on (generated label vs. ensemble relabel).
+    density (share of the ensemble's CLS attention on the kept view; stopped patches crossed out,
+    the high-information set outlined), and what each patch token was taught and why.
 
     ``relabel_used`` is False for methods that train the class token only (patch targets unused).
     """
@@ -269,52 +304,65 @@ def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None
     label = int(event.labels[i])
     density = np.asarray(event.density[i], dtype=float).reshape(g, g)
     high = np.asarray(event.high_mask[i], dtype=bool).reshape(g, g)
+    stops = np.asarray(event.stop_step[i]).reshape(g, g)
+    stopped = stops >= 0
     token_labels = np.asarray(event.token_labels[i]).reshape(g, g)
-    relabelled = np.asarray(event.token_relabelled[i], dtype=bool).reshape(g, g)
+    sources = _sources(event, i, relabel_used).reshape(g, g)
+    weights = (np.asarray(event.token_weight[i], dtype=float).reshape(g, g) if event.token_weight is not None
+               else np.where(sources <= 1, 1.0, 0.0))
 
-    same = bool((token_labels == label).all())
-    if not relabel_used:
-        label_title = "patch labels (unused: class token only)"
-    elif same:
-        label_title = f"every patch was taught class {name_of(label)}"
-    else:
-        label_title = "label each patch was trained on"
+    label_title = ("patch targets (unused: class token only)" if not relabel_used
+                   else "what each patch token was taught")
     fig = make_subplots(
         rows=1, cols=3, horizontal_spacing=0.07,
-        subplot_titles=(f"synthetic image (class {name_of(label)})", "information density per patch", label_title),
+        subplot_titles=(f"synthetic image (class {name_of(label)})", "information density (kept view)", label_title),
     )
     # The same picture as the gallery's thumbnail (tinted or not), which already draws the patch grid.
     fig.add_trace(go.Image(z=np.asarray(mask_overlay(event, max_images=i + 1, tint=tint)[i]), hoverinfo="skip"),
                   row=1, col=1)
 
     small = g <= 8
+    state = np.where(stopped, np.vectorize(lambda t: f"stopped at iteration {t}")(stops), "kept to the end")
     fig.add_trace(go.Heatmap(
         z=density, colorscale="Viridis", zmin=0, showscale=True,
         colorbar=dict(thickness=10, len=0.8, x=0.635, tickformat=".0%", title=dict(text="")),
-        text=np.vectorize(lambda v: f"{v:.0%}")(density) if small else None,
-        texttemplate="%{text}" if small else None, textfont=dict(size=10, color="white"),
-        hovertemplate="patch row %{y}, col %{x}<br>density %{z:.1%}<extra></extra>", xgap=1, ygap=1,
+        text=np.where(stopped, "×", np.vectorize(lambda v: f"{v:.0%}")(density)) if small else None,
+        texttemplate="%{text}" if small else None, textfont=dict(size=10, color="white"), customdata=state,
+        hovertemplate="patch row %{y}, col %{x}<br>density %{z:.1%}<br>%{customdata}<extra></extra>", xgap=1, ygap=1,
     ), row=1, col=2)
     for r, c in zip(*np.nonzero(high)):  # outline the high-information set H
         fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5,
                       line=dict(color="#ff5d8f", width=3), row=1, col=2)
 
+    # A stepped colour scale: source k fills [k, k+1) of the z range.
+    colourscale = [p for k, (_, colour, _) in enumerate(TAUGHT)
+                   for p in ([k / len(TAUGHT), colour], [(k + 1) / len(TAUGHT), colour])]
+    why = np.vectorize(lambda k: TAUGHT[k][2])(sources)
+    why = np.where(stopped, np.char.add(why, np.vectorize(lambda t: f"; stopped at iteration {t}")(stops)), why)
+    text = np.where(sources <= 1, np.vectorize(name_of)(token_labels),
+                    np.where(sources == 3, "bg", "–")) if small else None
     fig.add_trace(go.Heatmap(
-        z=relabelled.astype(float), zmin=0, zmax=1, showscale=False,
-        colorscale=[[0, GENERATED_COLOUR], [0.5, GENERATED_COLOUR], [0.5, RELABEL_COLOUR], [1, RELABEL_COLOUR]],
-        text=np.vectorize(name_of)(token_labels) if small else None,
-        texttemplate="%{text}" if small else None, textfont=dict(size=12, color="white"),
-        customdata=np.where(relabelled, "ensemble relabel", "generated label"),
-        hovertemplate="patch row %{y}, col %{x}<br>%{customdata}<extra></extra>", xgap=1, ygap=1,
+        z=sources + 0.5, zmin=0, zmax=len(TAUGHT), showscale=False, colorscale=colourscale,
+        text=text, texttemplate="%{text}" if small else None, textfont=dict(size=12, color="#111827"),
+        customdata=np.stack([why, np.vectorize(lambda w: f"{w:.2f}")(weights)], -1),
+        hovertemplate="patch row %{y}, col %{x}<br>taught %{customdata[0]}<br>weight in the token loss "
+                      "%{customdata[1]}<extra></extra>", xgap=1, ygap=1,
     ), row=1, col=3)
-    # Legend entries for the two kinds of patch target, and for the outline of H.
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="generated label y (high density)",
-                             marker=dict(symbol="square", size=12, color=GENERATED_COLOUR)), row=1, col=3)
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="ensemble relabel (low density)",
-                             marker=dict(symbol="square", size=12, color=RELABEL_COLOUR)), row=1, col=3)
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="high-information patch",
+    for r, c in zip(*np.nonzero(stopped)):  # stopped patches: hatched, whatever they taught
+        fig.add_shape(type="line", x0=c - 0.5, x1=c + 0.5, y0=r + 0.5, y1=r - 0.5,
+                      line=dict(color="#6b7280", width=1), row=1, col=3)
+    # Legend entries: one per kind of target that occurs, the outline of H, and the stopped mark.
+    for k in sorted(set(sources.flatten().tolist())):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=TAUGHT[k][2],
+                                 marker=dict(symbol="square", size=12, color=TAUGHT[k][1],
+                                             line=dict(width=1, color="#9ca3af"))), row=1, col=3)
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="high-information patch (H)",
                              marker=dict(symbol="square-open", size=12, color="#ff5d8f", line=dict(width=3))),
                   row=1, col=2)
+    if stopped.any():
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="stopped patch (×, hatched)",
+                                 marker=dict(symbol="x-thin-open", size=12, color="#6b7280", line=dict(width=2))),
+                      row=1, col=2)
     for col in (2, 3):
         fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain", row=1, col=col)
         fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed",
@@ -323,9 +371,14 @@ def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None
     fig.update_yaxes(showticklabels=False, showgrid=False, row=1, col=1)
     method = method_label(event.method)
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.04, x=0.5, xanchor="center"))
-    fig = _base_layout(fig, f"{method} · round {event.round} · #{i + 1} · class {name_of(label)}", height=440)
-    fig.update_layout(margin=dict(t=85))
+    fig = _base_layout(fig, f"{method} · round {event.round} · #{i + 1} · class {name_of(label)}", height=470)
+    fig.update_layout(margin=dict(t=85, b=90))
     return fig
+
+
+def relabel_summary(diagnostics: Mapping | None, class_names: Sequence[str] | None = None) -> str:
+    """The run's relabel diagnostics in a few lines (``metrics.json``'s ``relabel`` of a method)."""
+    return diagnostics_text(diagnostics, class_names)
 
 
 # --- accuracy curves ------------------------------------------------------------------------------

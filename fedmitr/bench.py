@@ -47,8 +47,9 @@ def bench_cell(cfg: RunConfig, equal_time: bool | tuple[str, ...], on_event: Eve
     fed = train(cfg, on_event)
     server = ServerContext(cfg, fed.dataset, fed.ensemble, fed.accelerator.device, on_event=on_event,
                            workers=Workers.of(fed.accelerator))
-    base = {"setting": setting_name(cfg), "alpha": alpha_name(cfg.data.alpha), "seed": cfg.seed, "client_seconds": fed.seconds["clients"],
-            "client_accuracy": fed.client_accuracy, "device": str(fed.device)}
+    base = {"setting": setting_name(cfg), "client_init": client_init(cfg), "alpha": alpha_name(cfg.data.alpha),
+            "seed": cfg.seed, "client_seconds": fed.seconds["clients"], "client_accuracy": fed.client_accuracy,
+            "client_patch_accuracy": fed.patch_accuracy, "device": str(fed.device)}
     records = []
     inversion_seconds: dict[str, float] = {}
 
@@ -82,10 +83,17 @@ def _speedup(inversion_seconds: dict[str, float]) -> float | None:
     return statistics.mean(dense) / statistics.mean(sparse)
 
 
+def client_init(cfg: RunConfig) -> str:
+    """Where the clients started: "scratch", or the backbone's name (a file's name without its folder)."""
+    return Path(cfg.model.init).name.removesuffix(".safetensors")
+
+
 def setting_name(cfg: RunConfig) -> str:
-    """What a benchmark row was measured on: the preset, or the preset and a dataset it was given."""
+    """What a benchmark row was measured on: the preset, with the dataset when it is not the
+    preset's, and the clients' start when it is not from scratch (e.g. ``cpu-49 · fractal``)."""
     default = preset_config(cfg.preset).data.dataset
-    return cfg.preset if cfg.data.dataset == default else f"{cfg.preset}/{cfg.data.dataset}"
+    name = cfg.preset if cfg.data.dataset == default else f"{cfg.preset}/{cfg.data.dataset}"
+    return name if cfg.model.init == "scratch" else f"{name} · {client_init(cfg)}"
 
 
 def run_bench(base: RunConfig, alphas: list[float | None], seeds: list[int], out: str | Path, *,

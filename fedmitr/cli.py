@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Writes bench.json, bench.md and frontier-<setting>.html.")
     add_run_flags(bench)
     _add_share_commands(sub)
+    _add_pretrain_command(sub)
     bench.add_argument("--alphas", default="0.1,0.3,0.5,iid", help="comma-separated skews (default: 0.1,0.3,0.5,iid)")
     bench.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (default: 0,1)")
     bench.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock reruns")
@@ -109,6 +110,20 @@ def _add_share_commands(sub) -> None:
     evaluate.add_argument("--model", required=True, metavar="REF", help="hf-hub:USER/NAME or local-dir:PATH")
     evaluate.add_argument("--dataset", default=None,
                           help=f"dataset to test on (default: the one the model was trained on): {', '.join(DATASETS)}")
+
+
+def _add_pretrain_command(sub) -> None:
+    pre = sub.add_parser("pretrain", help="pretrain a client backbone on drawn fractals (offline)",
+                         description="Draw fractals of random iterated function systems and train the preset's "
+                                     "scratch ViT on them (class token and every patch token), then write its "
+                                     "backbone: the start `--init fractal` or `--init PATH` gives the clients.")
+    pre.add_argument("--preset", default="cpu", help=f"whose model architecture: {', '.join(PRESETS)} (default: cpu)")
+    pre.add_argument("--out", default="pretrained",
+                     help="a .safetensors path, or a folder for fractal-<architecture>.safetensors (default: "
+                          "pretrained/; fedmitr/bundled/pretrained/ refreshes the bundled ones)")
+    for name, default, what in (("classes", 100, "fractal classes"), ("instances", 60, "images per class"),
+                                ("epochs", 30, "training epochs"), ("seed", 0, "seed of the fractals and the training")):
+        pre.add_argument(f"--{name}", default=str(default), help=f"{what} (default: {default})")
 
 
 def _add_share_flags(p: argparse.ArgumentParser) -> None:
@@ -335,12 +350,40 @@ def cmd_share(args: argparse.Namespace) -> int:
         print(f"wrote {where}")
     else:
         model, info = hub.load(args.model)
-        dataset = args.dataset or info.get("dataset", {}).get("name")
+        trained_on = info.get("dataset", {}).get("name")
+        dataset = args.dataset or trained_on
         if not dataset:
             raise ConfigError("this checkpoint does not say which dataset it was trained on; pass --dataset")
+        if trained_on and dataset != trained_on:
+            print(f"fedmitr: warning: this model was trained on {trained_on}; its accuracy on {dataset} says little "
+                  f"about it (other images, other classes)", file=sys.stderr)
         result = hub.evaluate_checkpoint(model, dataset)
         print(f"{result['dataset']}: test accuracy {result['accuracy']:.4f} on {result['num_test']} images\n")
         print(confusion_table(result["confusion"], result["class_names"]))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = preset_config(args.preset)
+    recipe = {name: _int(f"--{name}", getattr(args, name), minimum=0 if name == "seed" else 1)
+              for name in ("classes", "instances", "epochs", "seed")}
+    from fedmitr.pretrain import PretrainConfig, pretrain, save_backbone
+
+    if cfg.model.arch != "scratch":
+        raise ConfigError(f"the {args.preset} preset uses timm's {cfg.model.arch}, which has its own weights; "
+                          f"pretrain a scratch preset (tiny, cpu, cpu-49)")
+    from fedmitr.data import open_dataset
+
+    ds = open_dataset(cfg.data.dataset, 10, 10)  # only its image size and channels
+    started = time.perf_counter()
+    backbone = pretrain(cfg.model, PretrainConfig(**recipe).validate(), image_size=ds.image_size, channels=ds.channels,
+                        on_progress=lambda stage, i, n: print(f"  {stage} {i}/{n}", file=sys.stderr, flush=True)
+                        if i == n or stage == "train" else None)
+    path = save_backbone(backbone, args.out)
+    r = backbone.record
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - started:.0f} s "
+          f"(drawing {r['draw_seconds']} s, training {r['train_seconds']} s, {r['threads']} threads); held-out fractals: "
+          f"image accuracy {r['held_out_image_accuracy']:.1%}, patch accuracy {r['held_out_patch_accuracy']:.1%}")
     return 0
 
 
@@ -359,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "pretrain":
+            return cmd_pretrain(args)
         if args.command in ("export", "push", "export-synthetic", "eval"):
             return cmd_share(args)
         return cmd_bench(args, command="fedmitr " + shlex.join(argv))

@@ -22,7 +22,8 @@ from timm.scheduler import CosineLRScheduler
 from fedmitr.config import ClientTrainConfig, ModelConfig
 from fedmitr.data import ImageDataset, Partition, Split
 from fedmitr.events import EventHandler, Progress, ignore
-from fedmitr.models import build_model, fit_input, model_input_size, random_shift
+from fedmitr.models import build_model, fit_input, model_input_size, patch_grid, random_shift, sparse_forward, token_logits
+from fedmitr.pretrain import foreground
 
 
 @dataclass
@@ -45,25 +46,47 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
 
 
 def train_step(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor,
-               optimizer: torch.optim.Optimizer, *, accelerator: Accelerator, label_smoothing: float = 0.0
-               ) -> dict[str, float]:
-    """One supervised step; returns the named losses (timm's training-task convention)."""
+               optimizer: torch.optim.Optimizer, *, accelerator: Accelerator, label_smoothing: float = 0.0,
+               token_weight: float = 0.0, foreground: torch.Tensor | None = None) -> dict[str, float]:
+    """One supervised step; returns the named losses (timm's training-task convention).
+
+    With ``token_weight`` > 0, the class head on each patch token also learns the image's class
+    where ``foreground`` ([B, N] bool) says the patch shows something (LV-ViT's token labeling,
+    with the image's own label as every showing patch's target).
+    """
     with accelerator.autocast():
-        logits = model(images)
+        if token_weight > 0:
+            out = sparse_forward(model, images)
+            logits = out.logits
+            per_token = F.cross_entropy(token_logits(model, out.tokens).flatten(0, 1).float(),
+                                        labels.repeat_interleave(out.tokens.shape[1]), reduction="none")
+            mask = foreground.flatten().float()
+            token_loss = (per_token * mask).sum() / mask.sum().clamp_min(1)
+        else:
+            logits = model(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        losses = {"class": loss}
+        if token_weight > 0:
+            losses["token"] = token_loss
+            loss = loss + token_weight * token_loss
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     optimizer.step()
-    return {"loss": float(loss.detach())}
+    return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
 
 def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientTrainConfig, *,
                  accelerator: Accelerator, generator: torch.Generator, allow_flip: bool = False,
+                 unit_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
                  on_step: Callable[[int, float], None] | None = None) -> ClientResult:
     """Train ``model`` on one client's data with cross-entropy, AdamW and shift (+flip) augmentation.
 
-    ``on_step(epoch, mean_loss_so_far)`` is called after every optimiser step (epochs 1-based).
+    ``unit_stats`` (the data's per-channel mean and std) let the token loss find the patches that
+    show something. ``on_step(epoch, mean_loss_so_far)`` is called after every optimiser step
+    (epochs 1-based).
     """
+    if cfg.token_weight > 0 and unit_stats is None:
+        raise ValueError("the clients' token loss needs the data's mean and std (unit_stats)")
     start = time.perf_counter()
     device = accelerator.device
     size = model_input_size(model)
@@ -75,6 +98,7 @@ def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientT
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_frac)
+    patch = size // patch_grid(model)
     model.train()
     losses = []
     for epoch in range(cfg.epochs):
@@ -82,9 +106,10 @@ def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientT
         total = 0.0
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            x = random_shift(images[idx], cfg.shift_px, generator, flip=allow_flip)
-            step = train_step(model, fit_input(x, size), labels[idx], optimizer, accelerator=accelerator,
-                              label_smoothing=cfg.label_smoothing)
+            x = fit_input(random_shift(images[idx], cfg.shift_px, generator, flip=allow_flip), size)
+            fg = foreground(to_unit(x, unit_stats), patch) if cfg.token_weight > 0 else None
+            step = train_step(model, x, labels[idx], optimizer, accelerator=accelerator,
+                              label_smoothing=cfg.label_smoothing, token_weight=cfg.token_weight, foreground=fg)
             scheduler.step_update(epoch * steps_per_epoch + s + 1)
             total += step["loss"]
             if on_step is not None:
@@ -101,9 +126,15 @@ def client_steps(num_samples: int, cfg: ClientTrainConfig) -> int:
 
 def initial_model(model_cfg: ModelConfig, dataset: ImageDataset, seed: int) -> VisionTransformer:
     """The weights the server sends every client before local training (as in FedAvg): the same
-    for all clients, so only the data and the order of the batches differ between them."""
+    for all clients, so only the data and the order of the batches differ between them. With
+    ``model.init`` a pretrained backbone (fedmitr.pretrain), everything but the head comes from it."""
     torch.manual_seed(seed)
-    return build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
+    model = build_model(model_cfg, dataset.num_classes, dataset.channels, dataset.image_size)
+    if model_cfg.init != "scratch":
+        from fedmitr.pretrain import load_backbone
+
+        load_backbone(model, model_cfg.init, model_cfg, image_size=dataset.image_size, channels=dataset.channels)
+    return model
 
 
 def train_one(k: int, dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig, *,
@@ -121,16 +152,19 @@ def train_one(k: int, dataset: ImageDataset, part: Partition, model_cfg: ModelCo
     idx = torch.from_numpy(part.client_indices[k])
     split = Split(dataset.train.images[idx], dataset.train.labels[idx])
     return train_client(k, split, model, cfg, accelerator=accelerator, generator=generator,
-                        allow_flip=dataset.allow_flip, on_step=on_step)
+                        allow_flip=dataset.allow_flip, unit_stats=(dataset.mean, dataset.std), on_step=on_step)
 
 
 def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig, *,
                   accelerator: Accelerator, seed: int, on_event: EventHandler = ignore,
-                  init: VisionTransformer | None = None) -> list[ClientResult]:
+                  init: VisionTransformer | None = None,
+                  on_trained: Callable[[ClientResult], None] | None = None) -> list[ClientResult]:
     """Train every client of ``part`` independently from ``init`` (default :func:`initial_model`).
 
     Emits one :class:`Progress` per optimiser step (so a consumer can stop a run between any two),
     counting the steps of all clients; the last step of an epoch carries that epoch's mean loss.
+    ``on_trained(client)`` is called as soon as each client of this process is trained (so a
+    client's result can be shown before the next one trains).
     """
     k_total = part.num_clients
     total = sum(client_steps(len(idx), cfg) for idx in part.client_indices)
@@ -150,6 +184,8 @@ def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig
 
         mine.append(train_one(k, dataset, part, model_cfg, cfg, accelerator=accelerator, seed=seed,
                               init_state=init_state, on_step=on_step))
+        if on_trained is not None:
+            on_trained(mine[-1])
     if accelerator.num_processes == 1:
         return mine
     return _share_clients(mine, dataset, model_cfg, accelerator)
@@ -167,3 +203,31 @@ def _share_clients(mine: list[ClientResult], dataset: ImageDataset, model_cfg: M
         results.append(ClientResult(index, model.to(accelerator.device).eval(), num_samples, seconds=seconds,
                                     losses=losses))
     return results
+
+
+def to_unit(images: torch.Tensor, unit_stats: tuple[tuple[float, ...], tuple[float, ...]]) -> torch.Tensor:
+    """Normalised ``[B, C, H, W]`` back to pixels in [0, 1], with the data's per-channel mean and std."""
+    mean, std = (torch.tensor(v, device=images.device).view(1, -1, 1, 1) for v in unit_stats)
+    return (images * std + mean).clamp(0, 1)
+
+
+@torch.no_grad()
+def patch_accuracy(model: VisionTransformer, data: Split, unit_stats: tuple[tuple[float, ...], tuple[float, ...]],
+                   batch_size: int = 500) -> float | None:
+    """Do the model's patch tokens mean something? The share of the patches that show something
+    (:func:`fedmitr.pretrain.foreground`) on which the class head, applied to the patch's own final
+    token, names the image's class. None when no patch shows anything."""
+    device, size = next(model.parameters()).device, model_input_size(model)
+    patch = size // patch_grid(model)
+    training = model.training
+    model.eval()
+    hits = count = 0
+    for start in range(0, len(data), batch_size):
+        x = fit_input(data.images[start:start + batch_size].to(device), size)
+        y = data.labels[start:start + batch_size].to(device)
+        fg = foreground(to_unit(x, unit_stats), patch)
+        pred = token_logits(model, sparse_forward(model, x).tokens).argmax(-1)  # [B, N]
+        hits += int(((pred == y.unsqueeze(1)) & fg).sum())
+        count += int(fg.sum())
+    model.train(training)
+    return hits / count if count else None

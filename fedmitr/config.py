@@ -40,6 +40,7 @@ __all__ = [
 
 RELABEL_MODES = ("token", "image", "neighbourhood")  # see fedmitr.relabel for what each one is
 RELABEL_WEIGHTINGS = ("uniform", "confidence")
+STOPPED_TARGETS = ("ignore", "uniform", "blank")  # what a stopped patch teaches (fedmitr.relabel)
 DISTILL_INITS = ("fresh", "fedavg")
 TOKEN_VIEWS = ("full", "same")
 # Beyond this the Dirichlet draw is an IID split in all but name (and near 1e308 it overflows).
@@ -67,6 +68,9 @@ class ModelConfig:
     depth: int = 3  # scratch only: transformer blocks
     num_heads: int = 4  # scratch only: attention heads
     mlp_ratio: float = 2.0  # scratch only: MLP hidden width / embed_dim
+    # Where the clients start: "scratch" (random), "fractal" (the bundled backbone pretrained on drawn
+    # fractals for this architecture, fedmitr.pretrain), or the path of a `fedmitr pretrain` checkpoint.
+    init: str = "scratch"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +84,9 @@ class ClientTrainConfig:
     warmup_frac: float = 0.1  # fraction of steps with linear warm-up, then cosine decay
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     shift_px: int = 1  # random translation augmentation, in pixels (0 = off)
+    # LV-ViT-style token loss: the class head on each patch token learns the image's class where the
+    # patch shows something (the clients' own data), so the patch tokens carry meaning. 0 = off.
+    token_weight: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +118,10 @@ class RelabelConfig:
     temperature: float = 1.0  # softmax temperature of the ensemble relabel
     label_smoothing: float = 0.0  # smoothing of the generated label on high-density patches
     weighting: str = "uniform"  # token-loss weight of a relabelled patch: "uniform" (1) or "confidence" (max q_i)
+    stopped: str = "ignore"  # what a stopped patch teaches, one of STOPPED_TARGETS ("ignore": nothing)
+    gating: bool = False  # relabel a patch only where the clients agree and the ensemble is sure
+    min_agreement: float = 0.6  # gating: share of clients whose class must be the ensemble's
+    min_confidence: float = 0.5  # gating: the ensemble's smallest max probability
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +134,9 @@ class DistillConfig:
     temperature: float = 4.0  # T of the class-token KD
     token_weight: float = 0.5  # beta, weight of the per-patch token loss
     token_view: str = "full"  # sparse methods: token loss on "full" (every patch) or "same" (the KD's kept patches)
-    shift_px: int = 1  # random shift of synthetic images during distillation
+    shift_px: int = 1  # random shift of synthetic images during distillation (targets and kept patches move with it)
+    flip: bool = False  # random horizontal flips during distillation (only where the dataset allows flips)
+    teacher_cache: bool = True  # compute the ensemble's logits of each pool image's views once (same numbers)
     # Starting from the FedAvg average (as FedDF does) beat a fresh init by ~10 points (README).
     init: str = "fedavg"  # global model start: "fresh" (random init) or "fedavg" (the client average)
 
@@ -175,6 +188,10 @@ class RunConfig:
         _check(not unknown, f"unknown method(s) {', '.join(excerpt(m) for m in unknown[:3])}; "
                             f"known: {', '.join(METHODS)}")
         m = self.model
+        _check(m.init in ("scratch", "fractal") or m.init.endswith(".safetensors"),
+               f"model init must be 'scratch', 'fractal' or the path of a .safetensors backbone made by "
+               f"`fedmitr pretrain` (got {excerpt(m.init)})")
+        _check(self.clients.token_weight >= 0, f"clients token_weight must be >= 0 (got {self.clients.token_weight})")
         _check(m.patch_grid >= 1 and m.depth >= 1 and m.embed_dim % m.num_heads == 0,
                f"model needs patch_grid >= 1, depth >= 1 and embed_dim divisible by num_heads "
                f"(got patch_grid={m.patch_grid}, depth={m.depth}, embed_dim={m.embed_dim}, "
@@ -197,6 +214,11 @@ class RunConfig:
                f"relabel high_ratio must be in (0, 1] or null (got {r.high_ratio})")
         _check(r.weighting in RELABEL_WEIGHTINGS,
                f"relabel weighting must be one of {', '.join(RELABEL_WEIGHTINGS)} (got {excerpt(r.weighting)})")
+        _check(r.stopped in STOPPED_TARGETS,
+               f"relabel stopped must be one of {', '.join(STOPPED_TARGETS)} (got {excerpt(r.stopped)})")
+        _check(0 <= r.min_agreement <= 1 and 0 <= r.min_confidence <= 1,
+               f"relabel min_agreement and min_confidence must be in [0, 1] (got {r.min_agreement}, "
+               f"{r.min_confidence})")
         k = self.distill
         _check(k.token_view in TOKEN_VIEWS,
                f"distill token_view must be one of {', '.join(TOKEN_VIEWS)} (got {excerpt(k.token_view)})")

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.data import Split
-from fedmitr.models import fit_input, gather_tokens, model_input_size, patch_grid, patchify, sparse_forward, token_logits
+from fedmitr.models import (SparseOutput, fit_input, gather_tokens, model_input_size, patch_grid, patchify,
+                            sparse_forward, token_logits)
 
 
 @dataclass
@@ -93,6 +94,12 @@ class Ensemble:
         return EnsembleOutput(logits / len(self.models), attention / len(self.models))
 
     __call__ = forward
+
+    def client_outputs(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> list[SparseOutput]:
+        """Each client's own output on the view (logits, attention, final patch tokens): where the
+        clients' agreement matters, not only their mean."""
+        patches = None if keep_idx is None else gather_tokens(patchify(self.models[0], images), keep_idx)
+        return [sparse_forward(m, images, keep_idx, patches) for m in self.models]
 
     @torch.no_grad()
     def token_probs(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None,

@@ -24,11 +24,13 @@ class DeviceInfo:
     name: str  # e.g. "NVIDIA H100 80GB HBM3"; the device type for CPUs
     processes: int  # processes of the run (accelerate / torchrun)
     threads: int  # torch intra-op threads of this process
+    precision: str = "no"  # accelerate's mixed precision of client training: "no" (fp32) or "bf16"
 
     def __str__(self) -> str:
+        mixed = f", {self.precision} autocast" if self.precision not in ("no", "") else ""
         if self.type == "cuda":
-            return f"{self.name} (cuda, {self.processes} process(es))"
-        return f"{self.type} ({self.threads} threads, {self.processes} process(es))"
+            return f"{self.name} (cuda, {self.processes} process(es){mixed})"
+        return f"{self.type} ({self.threads} threads, {self.processes} process(es){mixed})"
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class SyntheticRound:
     grid: int  # patches per side
     iterations: int  # inversion iterations of this batch
     token_weight: np.ndarray | None = None  # [B, N] weight of each patch in the token loss (None: no token loss)
+    token_source: np.ndarray | None = None  # [B, N] what each patch was taught (fedmitr.relabel.SOURCES)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,11 @@ A token is never printed, logged, written to a file or put in an error message.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import tempfile
+from urllib.parse import urlparse
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,8 @@ from timm.models.vision_transformer import VisionTransformer
 from fedmitr.config import ModelConfig
 from fedmitr.errors import ConfigError, HubError, excerpt, redact
 from fedmitr.methods import METHODS, headline
-from fedmitr.rundir import RunDir
+from fedmitr.relabel import diagnostics_text
+from fedmitr.rundir import EXPORTED, RunDir
 
 # timm's registered ViT whose builder a scratch ViT's ``model_args`` override entirely: the Hub
 # config names it as the architecture, so timm.create_model can rebuild the model from the args.
@@ -108,6 +112,7 @@ def load(model_ref: str) -> tuple[VisionTransformer, dict[str, Any]]:
     where = model_ref.split(":", 1)[1]
     if model_ref.startswith("hf-hub:"):
         check_repo_id(where)
+        require_hub()
     elif not (Path(where) / "config.json").is_file():
         raise ConfigError(f"{excerpt(where, 80)} holds no exported model (no config.json); make one with "
                           f"`fedmitr export`")
@@ -124,16 +129,74 @@ def load(model_ref: str) -> tuple[VisionTransformer, dict[str, Any]]:
 
 
 def _run_info(model_ref: str) -> dict[str, Any]:
+    """The run record a shared checkpoint carries (empty for a timm checkpoint from elsewhere), with
+    ``has_events``: whether its whole run can be replayed."""
+    folder = _shared_folder(model_ref, ("fedmitr_metrics.json",))
+    path = folder / EXPORTED["metrics"] if folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    return {**json.loads(path.read_text()), "has_events": _shared_folder(model_ref, (EXPORTED["events"],)) is not None}
+
+
+def _shared_folder(model_ref: str, files: tuple[str, ...]) -> Path | None:
+    """The local folder holding ``files`` of a shared checkpoint (downloaded from the Hub into its
+    cache for ``hf-hub:``), or None when it does not have them."""
     where = model_ref.split(":", 1)[1]
     if model_ref.startswith("local-dir:"):
-        path = Path(where) / "fedmitr_metrics.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return Path(where) if all((Path(where) / f).is_file() for f in files) else None
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(Path(hf_hub_download(where, "fedmitr_metrics.json")).read_text())
-    except Exception:  # noqa: BLE001 - a timm checkpoint from elsewhere has no run record
-        return {}
+        return Path([hf_hub_download(where, f) for f in files][-1]).parent
+    except Exception:  # noqa: BLE001 - a checkpoint from elsewhere has no run record
+        return None
+
+
+def load_run(model_ref: str) -> RunDir:
+    """The whole run a shared checkpoint (``hf-hub:ID`` or ``local-dir:PATH``) carries: its
+    metrics and event stream, for a replay."""
+    if not isinstance(model_ref, str) or not model_ref.startswith(("hf-hub:", "local-dir:")):
+        raise ConfigError(f"a model is hf-hub:USER/NAME or local-dir:PATH (got {excerpt(model_ref)})")
+    if model_ref.startswith("hf-hub:"):
+        check_repo_id(model_ref.split(":", 1)[1])
+        require_hub()
+    folder = _shared_folder(model_ref, (EXPORTED["metrics"], EXPORTED["events"]))
+    if folder is None:
+        raise ConfigError(f"{excerpt(model_ref, 80)} carries no recorded run (fedmitr_metrics.json and "
+                          f"fedmitr_events.jsonl); a checkpoint exported by fedmitr carries both")
+    return RunDir.exported(folder)
+
+
+# --- is the Hub there? -------------------------------------------------------------------------------
+
+def hub_offline() -> bool:
+    """True when the environment forbids the Hugging Face Hub (checked without touching the network)."""
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within ``timeout_s``.
+
+    Asked before any Hub call that may wait: without it an offline machine spends ~25 s in the Hub
+    client's retries before it says so.
+    """
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((host.hostname, host.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def require_hub() -> None:
+    """Fail at once, in one line, when the Hub cannot be reached."""
+    if hub_offline():
+        raise HubError("the Hugging Face Hub is off for this machine (HF_HUB_OFFLINE is set); local-dir:PATH "
+                       "works without it")
+    if not hub_reachable():
+        raise HubError("the Hugging Face Hub does not answer from this machine (no network?); local-dir:PATH "
+                       "works without it")
 
 
 # --- pushing -----------------------------------------------------------------------------------------
@@ -304,6 +367,7 @@ def model_card(run: RunDir, method: str, arch: str):
         seconds=m["methods"][method]["seconds"], results=m["methods"],
         clients=", ".join(f"{c['accuracy']:.1%}" for c in m["clients"]),
         privacy=_privacy_text(m, method),
+        relabel=diagnostics_text(m["methods"][method].get("relabel"), ds.get("class_names")),
     )
 
 

@@ -69,6 +69,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("keep", "inversion.keep_per_stop", "float", "share of still-active patches kept at each stop (0, 1]"),
     Knob("relabel", "relabel.mode", "str", "relabel of low-information patches: token, image or neighbourhood"),
     Knob("rounds", "distill.rounds", "int", "synthesis + distillation rounds", minimum=1),
+    Knob("init", "model.init", "str", "where the clients start: scratch, fractal (a backbone pretrained on drawn "
+                                      "fractals, bundled for the cpu and cpu-49 models) or a `fedmitr pretrain` file"),
 )}
 
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # only for type checkers: importing these would import torch
     import torch
 
     from fedmitr.config import InversionConfig, RunConfig
-    from fedmitr.distill import GlobalModel
+    from fedmitr.distill import GlobalModel, PoolTensors, TeacherCache
     from fedmitr.ensemble import Ensemble
     from fedmitr.inversion import SyntheticBatch
     from fedmitr.relabel import PatchScores, TokenTargets
@@ -206,6 +206,7 @@ class ClassTargets:
     relabel: ClassVar[bool] = False
 
     def __call__(self, ensemble: Ensemble, batch: SyntheticBatch, cfg: RunConfig, *, num_classes: int,
+                 pixel_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
                  on_chunk: Callable[[int, int], None] | None = None) -> tuple[PatchScores, TokenTargets | None]:
         from fedmitr.relabel import high_set_size, score_patches
 
@@ -221,28 +222,30 @@ class TokenRelabel:
     relabel: ClassVar[bool] = True
 
     def __call__(self, ensemble: Ensemble, batch: SyntheticBatch, cfg: RunConfig, *, num_classes: int,
+                 pixel_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
                  on_chunk: Callable[[int, int], None] | None = None) -> tuple[PatchScores, TokenTargets | None]:
         from fedmitr.relabel import high_set_size, relabel, score_patches
 
         relabel_cfg = cfg.relabel if self.mode is None else dataclasses.replace(cfg.relabel, mode=self.mode)
         scores = score_patches(ensemble, batch, high_set_size(batch.stop_step.shape[1], relabel_cfg, cfg.inversion))
-        return scores, relabel(ensemble, batch, scores, relabel_cfg, num_classes=num_classes, on_chunk=on_chunk)
+        return scores, relabel(ensemble, batch, scores, relabel_cfg, num_classes=num_classes,
+                               pixel_bounds=pixel_bounds, on_chunk=on_chunk)
 
 
 @dataclass(frozen=True)
 class Distillation:
-    """Stage 4: one distillation step (:func:`fedmitr.distill.distill_step`): T^2-KL of the class
-    token from the ensemble on the same view, plus beta times the token loss where there are token
-    targets. Returns the named losses."""
+    """Stage 4: one distillation step (:func:`fedmitr.distill.distill_step`) on the pool images
+    ``idx``: T^2-KL of the class token from the ensemble on the same view, plus beta times the token
+    loss where there are token targets. Returns the named losses."""
 
-    def __call__(self, student: GlobalModel, ensemble: Ensemble, images: torch.Tensor, *,
-                 keep_idx: torch.Tensor | None, targets: torch.Tensor | None, optimizer: torch.optim.Optimizer,
-                 cfg: RunConfig, generator: torch.Generator,
+    def __call__(self, student: GlobalModel, ensemble: Ensemble, pool: PoolTensors, idx: torch.Tensor, *,
+                 optimizer: torch.optim.Optimizer, cfg: RunConfig, generator: torch.Generator,
+                 allow_flip: bool = False, cache: TeacherCache | None = None,
                  before_step: Callable[[], None] | None = None) -> dict[str, float]:
         from fedmitr.distill import distill_step
 
-        return distill_step(student, ensemble, images, keep_idx=keep_idx, targets=targets, optimizer=optimizer,
-                            cfg=cfg, generator=generator, before_step=before_step)
+        return distill_step(student, ensemble, pool, idx, optimizer=optimizer, cfg=cfg, generator=generator,
+                            allow_flip=allow_flip, cache=cache, before_step=before_step)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -174,27 +174,79 @@ def token_logits(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor
     return model.head(model.fc_norm(tokens))
 
 
-# --- augmentation on batches -------------------------------------------------------------------------
+# --- augmentation on batches, and patch maps that move with it -------------------------------------
+
+@dataclass
+class Shifts:
+    """One random translation (and flip) per image: ``dy``/``dx`` in 0..2*max_shift (an offset of
+    ``d - max_shift`` px), ``flip`` [B] bool or None. The same draw moves images and patch maps."""
+
+    dy: torch.Tensor | None  # [B] long, or None when there is no shift
+    dx: torch.Tensor | None  # [B] long
+    flip: torch.Tensor | None  # [B] bool, or None when there is no flip
+    max_shift: int
+
+
+def sample_shifts(b: int, max_shift: int, generator: torch.Generator | None = None, flip: bool = False,
+                  device: torch.device | str = "cpu") -> Shifts:
+    """Draw ``b`` shifts of up to ``max_shift`` px (and flips): dy, then dx, then the flips."""
+    dy = dx = flips = None
+    if max_shift > 0:
+        dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(device)
+        dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(device)
+    if flip:
+        flips = (torch.rand(b, generator=generator) < 0.5).to(device)
+    return Shifts(dy, dx, flips, max_shift)
+
+
+def apply_shifts(images: torch.Tensor, shifts: Shifts) -> torch.Tensor:
+    """Translate each ``[B, C, H, W]`` image by its shift (edge-replicated), then flip it if drawn.
+
+    One gather, no Python loop over the batch.
+    """
+    b, _, h, w = images.shape
+    dev = images.device
+    s = shifts.max_shift
+    if shifts.dy is not None:
+        padded = F.pad(images, (s,) * 4, mode="replicate")
+        rows = (torch.arange(h, device=dev).unsqueeze(0) + shifts.dy.to(dev).unsqueeze(1))  # [B, H]
+        cols = (torch.arange(w, device=dev).unsqueeze(0) + shifts.dx.to(dev).unsqueeze(1))  # [B, W]
+        batch = torch.arange(b, device=dev).view(b, 1, 1)
+        images = padded.permute(0, 2, 3, 1)[batch, rows.unsqueeze(2), cols.unsqueeze(1)].permute(0, 3, 1, 2)
+    if shifts.flip is not None:
+        images = torch.where(shifts.flip.to(dev).view(b, 1, 1, 1), images.flip(-1), images)
+    return images.contiguous()
+
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None,
                  flip: bool = False) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` px (edge-replicated), optionally flip it.
-
-    ``images`` [B, C, H, W]; returns the same shape. One gather, no Python loop over the batch.
-    """
+    """Translate each image by up to ``max_shift`` px (edge-replicated), optionally flip it."""
     if max_shift <= 0 and not flip:
         return images
-    b, _, h, w = images.shape
-    dev = images.device
-    if max_shift > 0:
-        padded = F.pad(images, (max_shift,) * 4, mode="replicate")
-        dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(dev)
-        dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(dev)
-        rows = (torch.arange(h, device=dev).unsqueeze(0) + dy.unsqueeze(1))  # [B, H]
-        cols = (torch.arange(w, device=dev).unsqueeze(0) + dx.unsqueeze(1))  # [B, W]
-        batch = torch.arange(b, device=dev).view(b, 1, 1)
-        images = padded.permute(0, 2, 3, 1)[batch, rows.unsqueeze(2), cols.unsqueeze(1)].permute(0, 3, 1, 2)
-    if flip:
-        do_flip = (torch.rand(b, generator=generator) < 0.5).to(dev).view(b, 1, 1, 1)
-        images = torch.where(do_flip, images.flip(-1), images)
-    return images.contiguous()
+    return apply_shifts(images, sample_shifts(images.shape[0], max_shift, generator, flip=flip))
+
+
+def shift_patch_maps(maps: torch.Tensor, shifts: Shifts, patch: int) -> torch.Tensor:
+    """Move per-patch values ``[B, K, N]`` (N = G*G patches) with the images' shifts and flips.
+
+    Each patch's value is spread over its pixels, the pixels move exactly as :func:`apply_shifts`
+    moves the image, and each patch of the view averages what landed on it: a view patch made of
+    70% of patch a and 30% of patch b gets 0.7 a + 0.3 b (Token Labeling moves its label maps with
+    the crop in the same way). With no shift and no flip the maps come back unchanged.
+    """
+    if shifts.dy is None and shifts.flip is None:
+        return maps
+    b, k, n = maps.shape
+    g = int(round(n ** 0.5))
+    pixels = maps.view(b, k, g, g).repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
+    moved = apply_shifts(pixels, shifts)
+    return F.avg_pool2d(moved, patch).view(b, k, n)
+
+
+def view_keep_idx(keep_mask: torch.Tensor, shifts: Shifts, patch: int, kept: int) -> torch.Tensor:
+    """The ``kept`` patches of each shifted view that hold the most of the kept patches' pixels
+    (``keep_mask`` [B, N] bool: the patches inversion kept), sorted: ``[B, kept]``."""
+    share = shift_patch_maps(keep_mask.float().unsqueeze(1), shifts, patch)[:, 0]  # [B, N] in [0, 1]
+    # Ties (equal shares) go to the lower index, so an unshifted view keeps exactly the same patches.
+    order = torch.argsort(-share, dim=1, stable=True)
+    return order[:, :kept].sort(dim=1).values

@@ -23,9 +23,9 @@ import torch
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 
-from fedmitr.clients import ClientResult, client_steps, initial_model, train_clients
+from fedmitr.clients import ClientResult, client_steps, initial_model, patch_accuracy, train_clients
 from fedmitr.config import RunConfig
-from fedmitr.data import ImageDataset, Partition, label_entropy, open_dataset, partition, validation_view
+from fedmitr.data import ImageDataset, Partition, Split, label_entropy, open_dataset, partition, validation_view
 from fedmitr.ensemble import Ensemble
 from fedmitr.errors import ConfigError
 from fedmitr.events import (EventHandler, Metric, PartitionReady, PrivacyChecked, Progress, RunFinished, StageFinished,
@@ -56,6 +56,9 @@ class Federation:
     clients: list[ClientResult]
     _: KW_ONLY
     client_accuracy: list[float]  # test accuracy of each client's own model
+    # per client: on its own data's patches that show something, how often its head on the patch's
+    # token names the image's class (do the patch tokens mean something?); None where not measured
+    patch_accuracy: list[float | None] | None = None
     accelerator: Accelerator
     device: DeviceInfo
     seconds: dict[str, float]  # "data" and "clients", wall-clock
@@ -121,15 +124,25 @@ def train(cfg: RunConfig, on_event: EventHandler = ignore, dataset: ImageDataset
     steps = sum(client_steps(len(idx), cfg.clients) for idx in part.client_indices)
     on_event(StageStarted("clients", total=steps, info=str(device), device=device))
     t0 = time.perf_counter()
+    measured: dict[int, float] = {}
+
+    def evaluated(client: ClientResult) -> None:  # each client's bar appears as soon as it is trained
+        measured[client.index] = Ensemble([client.model]).evaluate(dataset.test)
+        on_event(Metric("accuracy", measured[client.index], f"client {client.index + 1}", client=client.index))
+
     clients = train_clients(dataset, part, cfg.model, cfg.clients, accelerator=accelerator, seed=cfg.seed,
-                            on_event=on_event, init=prepared.init)
-    client_accuracy = [Ensemble([c.model]).evaluate(dataset.test) for c in clients]
-    for c, acc in zip(clients, client_accuracy):
-        on_event(Metric("accuracy", acc, f"client {c.index + 1}", client=c.index))
+                            on_event=on_event, init=prepared.init, on_trained=evaluated)
+    for c in clients:  # the clients of the other processes (torchrun / accelerate launch)
+        if c.index not in measured:
+            evaluated(c)
+    client_accuracy = [measured[c.index] for c in clients]
+    patch = [patch_accuracy(c.model, Split(dataset.train.images[torch.from_numpy(part.client_indices[c.index])],
+                                           dataset.train.labels[torch.from_numpy(part.client_indices[c.index])]),
+                            (dataset.mean, dataset.std)) for c in clients]
     seconds["clients"] = time.perf_counter() - t0
     on_event(StageFinished("clients", seconds["clients"]))
-    return Federation(dataset, part, clients, client_accuracy=client_accuracy, accelerator=accelerator, device=device,
-                      seconds=seconds)
+    return Federation(dataset, part, clients, client_accuracy=client_accuracy, patch_accuracy=patch,
+                      accelerator=accelerator, device=device, seconds=seconds)
 
 
 def run(cfg: RunConfig, out_dir: str | Path | RunDir | None = None, on_event: EventHandler = ignore,
@@ -243,8 +256,9 @@ def run_metrics(cfg: RunConfig, fed: Federation, methods: dict[str, MethodResult
         },
         "clients": [
             {"index": c.index, "accuracy": acc, "num_samples": c.num_samples, "seconds": c.seconds,
-             "final_loss": c.losses[-1] if c.losses else None}
-            for c, acc in zip(fed.clients, fed.client_accuracy)
+             "final_loss": c.losses[-1] if c.losses else None, "patch_accuracy": patch}
+            for c, acc, patch in zip(fed.clients, fed.client_accuracy,
+                                     fed.patch_accuracy or [None] * len(fed.clients))
         ],
         "methods": {name: r.to_dict() for name, r in methods.items()},
         "seconds": seconds,

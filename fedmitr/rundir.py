@@ -36,6 +36,8 @@ from fedmitr.events import EVENT_TYPES, DeviceInfo, Event, Progress
 from fedmitr.synthetic import SyntheticSet
 
 CONFIG, METRICS, EVENTS = "config.json", "metrics.json", "events.jsonl"
+# The same files in an exported or pushed checkpoint folder (fedmitr.hub.export), beside timm's own.
+EXPORTED = {"config": "fedmitr_config.json", "metrics": "fedmitr_metrics.json", "events": "fedmitr_events.jsonl"}
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -56,8 +58,12 @@ class RunDir:
     """One run directory (see the module docstring). ``RunDir(path)`` to write, :meth:`open` to read
     a finished one."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, names: dict[str, str] | None = None):
         self.path = Path(path)
+        names = names or {}
+        self.config_name = names.get("config", CONFIG)
+        self.metrics_name = names.get("metrics", METRICS)
+        self.events_name = names.get("events", EVENTS)
         self._started = time.perf_counter()
         self._last_percent: dict[str, int] = {}
         self._pending: list[str] = []  # recorded events, written with the rest of the directory
@@ -80,7 +86,7 @@ class RunDir:
 
     @property
     def events_file(self) -> Path:
-        return self.path / EVENTS
+        return self.path / self.events_name
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -118,11 +124,11 @@ class RunDir:
         synthetic.save(self.synthetic_file(method), extra)
 
     def write_config(self, cfg: RunConfig) -> None:
-        _atomic_write(self.path / CONFIG, cfg.to_json() + "\n")
+        _atomic_write(self.path / self.config_name, cfg.to_json() + "\n")
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """Write ``metrics.json``; write it last, as its presence means the directory is complete."""
-        _atomic_write(self.path / METRICS, json.dumps(metrics, indent=2) + "\n")
+        _atomic_write(self.path / self.metrics_name, json.dumps(metrics, indent=2) + "\n")
         self._metrics = metrics
 
     # --- reading ---------------------------------------------------------------------------------
@@ -137,11 +143,21 @@ class RunDir:
         run.metrics  # noqa: B018 - read and check it now
         return run
 
+    @classmethod
+    def exported(cls, path: str | Path) -> "RunDir":
+        """The run recorded in an exported or pushed checkpoint folder (its fedmitr_*.json files and
+        events), for a replay; it holds the shared model, not the run's models directory."""
+        run = cls(path, names=EXPORTED)
+        if not (run.path / run.metrics_name).is_file():
+            raise ConfigError(f"{excerpt(str(run.path), 80)} holds no fedmitr run record (fedmitr_metrics.json)")
+        run.metrics  # noqa: B018
+        return run
+
     @property
     def metrics(self) -> dict[str, Any]:
         if self._metrics is None:
             try:
-                self._metrics = json.loads((self.path / METRICS).read_text())
+                self._metrics = json.loads((self.path / self.metrics_name).read_text())
                 if not isinstance(self._metrics.get("methods"), dict):
                     raise KeyError("methods")
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -190,8 +206,8 @@ class RunDir:
 
         first = headline().name
         models = sorted(self.global_models(), key=lambda m: (m != first, m))
-        return [self.model_file(m) for m in models] + [p for p in (self.path / CONFIG, self.path / METRICS)
-                                                        if p.is_file()]
+        extra = (self.path / self.config_name, self.path / self.metrics_name)
+        return [self.model_file(m) for m in models] + [p for p in extra if p.is_file()]
 
     def events(self) -> Iterator[tuple[float, Event]]:
         """``(t, event)`` for every recorded event, in order (``t``: seconds since the run started)."""

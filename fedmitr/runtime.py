@@ -92,4 +92,5 @@ class Workers:
 def describe_device(accelerator: Accelerator) -> DeviceInfo:
     dev = accelerator.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    return DeviceInfo(dev.type, name, accelerator.num_processes, torch.get_num_threads())
+    return DeviceInfo(dev.type, name, accelerator.num_processes, torch.get_num_threads(),
+                      precision=str(accelerator.mixed_precision))

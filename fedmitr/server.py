@@ -24,12 +24,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset
-from fedmitr.distill import Pool, new_student
+from fedmitr.distill import Pool, TeacherCache, new_student
 from fedmitr.ensemble import Ensemble
 from fedmitr.events import EventHandler, Metric, Progress, SyntheticRound, ignore
 from fedmitr.inversion import SyntheticBatch
 from fedmitr.methods import Rounds, get_method
-from fedmitr.relabel import PatchScores, TokenTargets
+from fedmitr.relabel import PatchScores, TokenTargets, add_counts, diagnostic_counts, diagnostics, keep_mask
 from fedmitr.runtime import Workers
 from fedmitr.synthetic import SyntheticSet
 
@@ -68,6 +68,7 @@ class MethodResult:
     active_patches: int = 0  # patches still optimised at the end of the last batch's inversion
     patches: int = 0  # patches per image
     final_losses: dict[str, float] = field(default_factory=dict)  # named losses of the last distillation step
+    relabel: dict[str, Any] = field(default_factory=dict)  # what the patches were taught (fedmitr.relabel.diagnostics)
     synthetic: SyntheticSet | None = None  # every synthetic image, for the run directory (not in metrics.json)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,7 +77,7 @@ class MethodResult:
         if self.curve:
             out.update(curve=self.curve, stage_seconds=self.stage_seconds, synthetic_images=self.synthetic_images,
                        inversion_iterations=self.inversion_iterations, active_patches=self.active_patches,
-                       patches=self.patches, final_losses=self.final_losses)
+                       patches=self.patches, final_losses=self.final_losses, relabel=self.relabel)
         return out
 
 
@@ -100,6 +101,10 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
     student = new_student(cfg, dataset, ensemble, device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
     pool = Pool()
+    patch = ensemble.input_size // ensemble.grid
+    cache = TeacherCache(ensemble, shift_px=cfg.distill.shift_px, flip=cfg.distill.flip and dataset.allow_flip) \
+        if cfg.distill.teacher_cache else None
+    counts: dict[str, Any] | None = None
     curve: list[float] = []
     seconds = {"inversion": 0.0, "relabel": 0.0, "distill": 0.0, "evaluate": 0.0}
     progress = _progress(method.name, rounds * (inv.iterations + steps), ctx.on_event)
@@ -119,10 +124,11 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
         # 2. Targets: information density of every patch, H, and (relabel methods) per-patch targets.
         t0 = time.perf_counter()
         scores, targets = method.targets(
-            ensemble, batch, cfg, num_classes=dataset.num_classes,
+            ensemble, batch, cfg, num_classes=dataset.num_classes, pixel_bounds=dataset.pixel_bounds(),
             on_chunk=lambda i, n: progress(f"round {r}/{rounds}: relabel {i}/{n}", {}, advance=False))
         if w.size > 1:  # every process gets the whole round: the same pool everywhere
             batch, scores, targets = _gather_round(w, batch, scores, targets, device)
+        counts = add_counts(counts, diagnostic_counts(batch, scores, targets, dataset.num_classes))
         seconds["relabel"] += time.perf_counter() - t0
         made = round_event(method.name, r, batch, scores, targets, dataset=dataset)
         rounds_made.append(made)
@@ -131,16 +137,19 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
         # 3. Distil over the whole pool so far.
         t0 = time.perf_counter()
         pool.add(batch, targets)
-        images, keep_idx, token_targets = pool.tensors()
+        tensors = pool.tensors()
+        if cache is not None:
+            sparse = batch.keep_idx.shape[1] < batch.stop_step.shape[1]
+            cache.add(batch.images, keep_mask(batch, batch.stop_step.shape[1]) if sparse else None,
+                      kept=batch.keep_idx.shape[1], patch=patch)
         student.train()
         # Each process a share of every batch; averaged gradients keep the students identical.
-        per_process = -(-min(cfg.distill.batch_size, images.shape[0]) // w.size)
+        per_process = -(-min(cfg.distill.batch_size, len(pool)) // w.size)
         for step in range(1, steps + 1):
-            idx = torch.randint(0, images.shape[0], (per_process,), generator=generator).to(device)
+            idx = torch.randint(0, len(pool), (per_process,), generator=generator).to(device)
             losses = method.distillation(
-                student, ensemble, images[idx], keep_idx=keep_idx[idx],
-                targets=token_targets[idx] if token_targets is not None else None, optimizer=optimizer, cfg=cfg,
-                generator=generator, before_step=lambda: w.average_gradients(student))
+                student, ensemble, tensors, idx, optimizer=optimizer, cfg=cfg, generator=generator,
+                allow_flip=dataset.allow_flip, cache=cache, before_step=lambda: w.average_gradients(student))
             progress(f"round {r}/{rounds}: distillation {step}/{steps}", losses)
         seconds["distill"] += time.perf_counter() - t0
 
@@ -154,7 +163,7 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
         method.name, curve[-1], model=student.vit.eval(), curve=curve, stage_seconds=seconds,
         synthetic_images=len(pool), inversion_iterations=inv.iterations,
         active_patches=int(pool.keep_idx[-1].shape[1]), patches=int(batch.stop_step.shape[1]), final_losses=losses,
-        synthetic=SyntheticSet.from_rounds(rounds_made),
+        relabel=diagnostics(counts), synthetic=SyntheticSet.from_rounds(rounds_made),
     )
 
 
@@ -162,7 +171,7 @@ def _gather_round(w: Workers, batch: SyntheticBatch, scores: PatchScores, target
                   device: torch.device) -> tuple[SyntheticBatch, PatchScores, TokenTargets | None]:
     """Every process's share of a round, concatenated in rank order, on every process."""
     mine = (batch.images, batch.labels, batch.keep_idx, batch.stop_step, scores.density, scores.high_mask,
-            None if targets is None else (targets.targets, targets.relabelled, targets.weights))
+            None if targets is None else targets.tensors())
     parts = w.gather(_to_cpu(mine))
 
     def cat(i: int) -> torch.Tensor:
@@ -172,7 +181,8 @@ def _gather_round(w: Workers, batch: SyntheticBatch, scores: PatchScores, target
                            iterations=batch.iterations, seconds=batch.seconds)
     scores = PatchScores(density=cat(4), high_mask=cat(5))
     if targets is not None:
-        targets = TokenTargets(*(torch.cat([p[6][j] for p in parts]).to(device) for j in range(3)))
+        names = [f.name for f in dataclasses.fields(TokenTargets)]
+        targets = TokenTargets(**{name: torch.cat([p[6][j] for p in parts]).to(device) for j, name in enumerate(names)})
     return batch, scores, targets
 
 
@@ -205,9 +215,12 @@ def round_event(method: str, r: int, batch: SyntheticBatch, scores: PatchScores,
     if targets is None:
         token_labels = batch.labels.unsqueeze(1).expand(-1, n)
         relabelled = torch.zeros_like(scores.high_mask)
+        token_weight = token_source = None
     else:
         token_labels = targets.targets.argmax(-1)
         relabelled = targets.relabelled
+        token_weight = targets.weights.cpu().numpy().astype(np.float16)
+        token_source = targets.source.cpu().numpy()
     unit = dataset.to_unit(batch.images).cpu().numpy()
     return SyntheticRound(
         method=method, round=r,
@@ -220,4 +233,6 @@ def round_event(method: str, r: int, batch: SyntheticBatch, scores: PatchScores,
         token_relabelled=relabelled.cpu().numpy(),
         grid=int(round(n ** 0.5)),
         iterations=batch.iterations,
+        token_weight=token_weight,
+        token_source=token_source,
     )

@@ -27,7 +27,8 @@ OUT = {f.name: i for i, f in enumerate(dataclasses.fields(Page))}
 
 # A few seconds on 2 CPU cores.
 TINY = FormValues(dataset="mnist5k", clients=3, alpha="0.5", methods=["fedavg", "ensemble", "fedmitr"],
-                  preset="tiny", epochs=2, iterations=8, images=8, keep=0.7, relabel="token", rounds=2, seed=0)
+                  preset="tiny", epochs=2, iterations=8, images=8, keep=0.7, relabel="token", rounds=2, seed=0,
+                  init="scratch")
 
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}

@@ -13,7 +13,7 @@ from fedmitr.methods import METHODS
 
 
 GOOD = form.FormValues(dataset="mnist5k", clients=5, alpha="0.5", methods=["fedavg", "ensemble"], preset="tiny",
-                       epochs=2, iterations=10, images=8, keep=0.7, relabel="token", rounds=2, seed=3)
+                       epochs=2, iterations=10, images=8, keep=0.7, relabel="token", rounds=2, seed=3, init="scratch")
 
 
 def config(**changes):
@@ -31,9 +31,9 @@ def test_form_values_override_the_preset():
 def test_the_fields_are_defined_once_in_input_order():
     names = form.FormValues.names()
     assert names == ["dataset", "clients", "alpha", "methods", "preset", "epochs", "iterations", "images", "keep",
-                     "relabel", "rounds", "seed"]
+                     "relabel", "rounds", "seed", "init"]
     assert form.FormValues.from_inputs(GOOD.inputs()) == GOOD
-    with pytest.raises(ConfigError, match="12 inputs"):
+    with pytest.raises(ConfigError, match="13 inputs"):
         form.FormValues.from_inputs(GOOD.inputs()[:-1])
 
 

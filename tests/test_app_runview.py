@@ -51,7 +51,7 @@ def test_run_view_keeps_rounds_small_and_bounded():
     assert kept[0].images.dtype == np.uint8 and len(kept[0].images) == GALLERY_PER_ROUND
     items, index = view.gallery_items("fedmitr")
     assert len(items) == len(index) == MAX_ROUNDS_KEPT * GALLERY_PER_ROUND
-    assert items[0][1] is None  # the caption is drawn under the image
+    assert items[0][1].startswith("Synthetic image 1 of round 1 (FedMITR), made for class")  # its alt text
     assert "showing 8 of the 13 images" in view.legend_html("fedmitr")
     method, round_pos, image = index[GALLERY_PER_ROUND + 2]
     assert (method, round_pos, image) == ("fedmitr", 1, 2)

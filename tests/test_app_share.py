@@ -13,7 +13,7 @@ from app_server import serving_app
 
 TOKEN = "hf_" + "AppFakeToken0123456789abcdefghijklm"
 TINY = FormValues(dataset="mnist5k", clients=3, alpha="0.5", methods=["fedavg", "ensemble", "fedmitr"],
-                  preset="tiny", epochs=2, iterations=8, images=8, keep=0.8, relabel="token", rounds=2, seed=0)
+                  preset="tiny", epochs=2, iterations=8, images=8, keep=0.8, relabel="token", rounds=2, seed=0, init="scratch")
 
 
 @pytest.fixture(scope="module")

@@ -102,14 +102,18 @@ def test_relabel_map_shows_density_and_token_targets():
     heatmaps = [t for t in fig.data if t.type == "heatmap"]
     density, targets = heatmaps
     np.testing.assert_allclose(np.asarray(density.z).ravel(), event.density[1])
-    # Relabelled patches are the low-density ones, and their text is the relabel's class.
-    np.testing.assert_array_equal(np.asarray(targets.z).ravel().astype(bool), event.token_relabelled[1])
+    # What each patch was taught: the label (0) or the relabel (1), here recorded as token_relabelled.
+    np.testing.assert_array_equal(np.floor(np.asarray(targets.z).ravel()), event.token_relabelled[1].astype(int))
     assert np.asarray(targets.text).ravel()[event.high_mask[1]].tolist() == ["c1"] * 5
-    # The high-information set is outlined: one rectangle per high patch.
+    # The high-information set is outlined: one rectangle per high patch; stopped patches are hatched.
     rects = [s for s in fig.layout.shapes if s.type == "rect"]
     assert len(rects) == int(event.high_mask[1].sum())
+    lines = [s for s in fig.layout.shapes if s.type == "line"]
+    assert len(lines) == int((event.stop_step[1] >= 0).sum()) == 7
+    assert (np.asarray(density.text).ravel()[event.stop_step[1] >= 0] == "×").all()  # stopped: no density
     legend = {t.name for t in fig.data if t.name}
-    assert {"generated label y (high density)", "ensemble relabel (low density)"} <= legend
+    assert {"the generated label y (high information)", "the ensemble's relabel (kept, low information)",
+            "high-information patch (H)", "stopped patch (×, hatched)"} <= legend
 
 
 def test_relabel_map_for_a_method_without_relabel_says_so():
@@ -164,10 +168,25 @@ def test_legend_says_how_many_images_the_gallery_shows():
     assert "showing 8 of the 100 images of each round" in views.stop_legend_html(make_round(), shown=8, total=100)
 
 
-def test_relabel_map_says_when_every_patch_has_the_same_label():
+def test_relabel_map_says_what_each_patch_taught_and_why():
+    import dataclasses
+
+    from fedmitr.relabel import BACKGROUND, GATED, LABEL, NOTHING, RELABEL
+
     event = make_round(batch=1)
-    event.token_labels[:] = event.labels[0]
+    source = np.full((1, 16), NOTHING, dtype=np.int8)  # patches 0-6 are stopped (make_round)
+    source[0, 7:12], source[0, 12], source[0, 13], source[0, 14:] = LABEL, RELABEL, GATED, LABEL
+    source[0, 3] = BACKGROUND
+    weight = np.where((source == NOTHING) | (source == GATED), 0.0, 1.0).astype(np.float16)
+    event = dataclasses.replace(event, token_source=source, token_weight=weight)
     fig = views.relabel_map(event, 0)
-    assert any("every patch was taught class 0" in a.text for a in fig.layout.annotations)
+    targets = [t for t in fig.data if t.type == "heatmap"][1]
+    np.testing.assert_array_equal(np.floor(np.asarray(targets.z).ravel()), source[0])
+    why = np.asarray(targets.customdata).reshape(16, 2)
+    assert why[0, 0].startswith("nothing (stopped patch") and "stopped at iteration 2" in why[0, 0]
+    assert why[3, 0].startswith("a background target") and why[13, 0].startswith("nothing: the clients disagreed")
+    assert why[0, 1] == "0.00" and why[12, 1] == "1.00"
+    text = np.asarray(targets.text).ravel()
+    assert text[0] == "–" and text[3] == "bg" and text[7] == str(event.token_labels[0][7])
     assert "#1 · class 0" in fig.layout.title.text
 

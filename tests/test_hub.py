@@ -118,7 +118,20 @@ def test_offline_push_and_load_fail_at_once(run_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError, match="OfflineModeIsEnabled"):
         hub.push(run_dir, "someone/x", token=TOKEN)
-    with pytest.raises(HubError, match="Offline"):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
+        hub.load("hf-hub:someone/not-cached")
+    assert time.monotonic() - t0 < 2  # no retries: it took 27 s before
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    import socket
+
+    with socket.socket() as s:  # a Hub that does not answer: a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    with pytest.raises(HubError, match="does not answer"):
         hub.load("hf-hub:someone/not-cached")
 
 
@@ -186,3 +199,20 @@ def test_the_run_records_the_privacy_check(run_dir):
     check = metrics["privacy"]["fedmitr"]
     assert set(check) == {"pixel", "feature"}
     assert 0 <= check["pixel"]["closer_than_reference_p5"] <= 1 and check["pixel"]["median"] > 0
+
+
+def test_eval_offline_is_one_line_at_once(capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    assert main(["eval", "--model", "hf-hub:someone/fedmitr-mnist"]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - t0 < 2 and len(err.splitlines()) == 1 and "HF_HUB_OFFLINE" in err
+
+
+def test_eval_on_another_dataset_warns(run_dir, tmp_path, capsys):
+    out = hub.export(run_dir, tmp_path / "export", method="fedmitr")
+    assert main(["eval", "--model", f"local-dir:{out}", "--dataset", "digits"]) in (0, 2)
+    err = capsys.readouterr().err
+    assert "trained on mnist5k" in err and "says little" in err

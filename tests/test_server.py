@@ -53,13 +53,17 @@ def test_every_method_runs_end_to_end(name, context):
     synthetic = [e for e in events if isinstance(e, SyntheticRound)]
     assert [e.round for e in synthetic] == list(range(1, rounds + 1))
     relabel_steps = [e for e in events if isinstance(e, Progress) and "relabel" in e.message]
-    assert bool(relabel_steps) == (spec.relabel and TINY.relabel.mode == "neighbourhood")
+    relabelled = any(e.token_relabelled.any() for e in synthetic)  # none when H is the whole kept set
+    assert bool(relabel_steps) == (relabelled and TINY.relabel.mode == "neighbourhood")
     curve = [e for e in events if isinstance(e, Metric)]
     assert [(e.source, e.step, e.value) for e in curve] == [(name, r + 1, a) for r, a in enumerate(result.curve)]
     last = synthetic[-1]
     assert last.images.shape == (images, 1, 28, 28) and last.images.dtype == np.uint8
     np.testing.assert_allclose(last.density.sum(1), 1, rtol=1e-5)
-    assert (last.token_relabelled == (~last.high_mask if spec.relabel else False)).all()
+    kept = last.stop_step < 0
+    assert (last.token_relabelled == (kept & ~last.high_mask if spec.relabel else False)).all()
+    assert not (last.high_mask & ~kept).any()  # H never holds a stopped patch
+    assert (last.token_source is not None) == spec.relabel
     assert ((last.stop_step >= 0).any(axis=1)).all() == spec.sparse
 
 
@@ -142,3 +146,27 @@ def test_registration_refuses_a_taken_or_malformed_name(registry):
         register_method(lambda: FedAvg(name="Bad Name", label="x", colour="#000000", role="baseline", summary="x"))
     with pytest.raises(ConfigError, match="role must be one of"):
         register_method(lambda: FedAvg(name="odd", label="x", colour="#000000", role="hero", summary="x"))
+
+
+def test_token_weight_zero_gives_exactly_sparse_kds_global_model(ensemble, tiny_data):
+    """The control: with the token loss weighed 0, FedMITR is sparse-kd, bit for bit. Relabel adds a
+    loss and nothing else (no other draw, no other image, no other step)."""
+    cfg = TINY.__class__(**{**TINY.__dict__, "distill": TINY.distill.__class__(
+        **{**TINY.distill.__dict__, "token_weight": 0.0, "token_view": "full"})})
+    ctx = ServerContext(cfg, tiny_data, ensemble, torch.device("cpu"))
+    sparse, ours = run_method("sparse-kd", ctx), run_method("fedmitr", ctx)
+    assert sparse.curve == ours.curve
+    theirs, mine = sparse.model.state_dict(), ours.model.state_dict()
+    assert all(torch.equal(theirs[k], mine[k]) for k in theirs)
+    assert np.array_equal(sparse.synthetic.images, ours.synthetic.images)
+    assert "token" in ours.final_losses  # the token loss was computed, and weighed 0
+
+
+def test_the_relabel_diagnostics_reach_the_method_result(context):
+    result = run_method("fedmitr", context())
+    d = result.relabel
+    assert d["high_kept_share"] == 1.0 and 0 < d["kept_share"] < 1
+    assert set(d["taught"]) == {"label", "relabel", "gated", "background", "nothing"}
+    assert sum(d["label_histogram"]) == result.synthetic_images
+    assert result.to_dict()["relabel"] == d
+    assert run_method("sparse-kd", context()).relabel.keys() == {"high_kept_share", "kept_share", "label_histogram"}
