@@ -127,6 +127,7 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, progress):
             page.files: None, page.log_box: "", page.view_state: view, page.gallery_index: index,
         }
         dirty: set[str] = set()
+        logged = 0  # log lines already on the page
         last_yield = time.monotonic()
         finished = False
         while not finished:
@@ -148,6 +149,9 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, progress):
             if finished or not (urgent or now - last_yield >= YIELD_EVERY_S):
                 continue
             view.waiting(0 if job.started_on_device.is_set() else job.queue_position())
+            if len(view.log) != logged:
+                dirty.add("log")
+                logged = len(view.log)
             progress(view.fraction(), desc=f"{view.stage or 'waiting for the device'}")
             update, index = render(page, view, dirty | {"status"}, index)
             yield update
@@ -183,6 +187,7 @@ def render(page: Page, view: RunView, dirty: set[str], index: list) -> tuple[dic
     update: dict[Any, Any] = {page.view_state: view}
     if "status" in dirty:
         update[page.status] = view.status_html()
+    if "log" in dirty or "final" in dirty:  # the log only when it grew: a redraw costs the browser too
         update[page.log_box] = "\n".join(view.log[-400:])
     if "partition" in dirty and view.class_counts is not None:
         update[page.partition_plot] = views.partition_heatmap(view.class_counts, view.class_names)

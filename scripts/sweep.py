@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     fed = train(cfg)
-    base = {"preset": args.preset, "alpha": args.alpha, "seed": args.seed, "client_seconds": time.perf_counter() - t0,
-            "client_accuracy": fed.client_accuracy, "device": str(fed.device)}
+    base = {"preset": args.preset, "client_init": cfg.model.init, "alpha": args.alpha, "seed": args.seed,
+            "client_seconds": time.perf_counter() - t0, "client_accuracy": fed.client_accuracy,
+            "ensemble_accuracy": fed.ensemble.evaluate(fed.dataset.test), "patch_accuracy": fed.patch_accuracy,
+            "device": str(fed.device)}
     for name, spec in variants.items():
         variant_cfg = apply_overrides(cfg, spec.get("overrides", {})).validate()
         server = ServerContext(variant_cfg, fed.dataset, fed.ensemble, fed.accelerator.device)

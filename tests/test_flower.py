@@ -102,22 +102,25 @@ class LocalFederation:
         return proc
 
     def start(self) -> None:
-        link = self._spawn("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                         "--port", str(self.port), "--disable-runtime-dependency-installation"])
-        deadline = time.monotonic() + 60
-        while True:
-            assert link.poll() is None, f"the SuperLink exited:\n{_tail(self.logs / 'superlink.log')}"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"the SuperLink did not listen:\n{self.tails()}"
-                time.sleep(0.3)
+        self._wait_listening(self._spawn("superlink", [
+            str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation"]))
         for i, node_config in enumerate(self.node_configs):
             # No --allow-runtime-dependency-installation: a SuperNode never runs `uv sync` then.
             self._spawn(f"supernode-{i}", [str(BIN / "flower-supernode"), "--insecure",
                                            "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
                                            "--port", str(_free_port()), "--node-config", node_config])
+
+    def _wait_listening(self, link: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            assert link.poll() is None, f"the SuperLink exited:\n{_tail(self.logs / 'superlink.log')}"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, f"the SuperLink did not listen:\n{self.tails()}"
+                time.sleep(0.3)
 
     def flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.work, capture_output=True,
@@ -196,13 +199,50 @@ class LocalFederation:
         assert not left, f"processes left running: {left}"
 
 
+class ReadmeFederation(LocalFederation):
+    """The README's steps, literally: ``examples/flower/federation.sh superlink``, ``supernode k n``,
+    ``connect``, ``run``, with the PATH a user has (the venv's bin not on it, nothing activated)."""
+
+    SCRIPT = APP / "federation.sh"
+
+    def __init__(self, base: Path, node_configs: list[str]):
+        super().__init__(base, node_configs)
+        user_path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                    if Path(p).resolve() != BIN.resolve())
+        self.env = {**self.env, "PATH": user_path, "FEDMITR_FLOWER_PORT": str(self.port),
+                    "FEDMITR_VENV": str(BIN.parent)}
+        self.env.pop("PYTHONPATH")
+        (self.home / "config.toml").unlink()  # the connection comes from the README's `connect` step
+
+    def start(self) -> None:
+        self._wait_listening(self._spawn("superlink", ["bash", str(self.SCRIPT), "superlink"]))
+        for k, _ in enumerate(self.node_configs):
+            self._spawn(f"supernode-{k}", ["bash", str(self.SCRIPT), "supernode", str(k), str(len(self.node_configs))])
+        done = subprocess.run(["bash", str(self.SCRIPT), "connect"], env=self.env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and "flwr connection 'fedmitr'" in done.stdout, done.stdout + done.stderr
+
+    def run(self, run_config: dict, timeout: float = 170) -> tuple[str, dict]:
+        overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        try:
+            done = subprocess.run(["bash", str(self.SCRIPT), "run", overrides], env=self.env, cwd=self.work,
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise AssertionError(f"the run did not end within {timeout} s:\n{err.stdout}\n{self.tails()}") from None
+        output = done.stdout + done.stderr
+        found = re.search(r"Successfully started run (\d+)", output)
+        assert done.returncode == 0 and found, f"flwr run failed:\n{output}\n{self.tails()}"
+        listed = self.flwr("ls", "fedmitr", "--run-id", found.group(1), "--format", "json", timeout=60)
+        return output, json.loads(listed.stdout)["runs"][0]
+
+
 @pytest.fixture
 def federation(tmp_path):
-    """Start a federation with ``start(node_configs)``; every one is stopped at the end of the test."""
+    """Start a federation with ``start(node_configs, kind)``; every one is stopped at the end of the test."""
     started: list[LocalFederation] = []
 
-    def start(node_configs: list[str]) -> LocalFederation:
-        fed = LocalFederation(tmp_path / f"federation-{len(started)}", node_configs)
+    def start(node_configs: list[str], kind: type[LocalFederation] = LocalFederation) -> LocalFederation:
+        fed = kind(tmp_path / f"federation-{len(started)}", node_configs)
         started.append(fed)
         fed.start()
         return fed
@@ -225,8 +265,9 @@ def _metrics(out: Path, output: str, fed: LocalFederation) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_three_supernodes_train_the_clients_of_fedmitr_run(federation, tmp_path):
-    fed = federation([f"partition-id={k} num-partitions=3" for k in range(3)])
+def test_the_readme_steps_train_the_clients_of_fedmitr_run(federation, tmp_path):
+    """examples/flower/README.md, followed literally: three SuperNodes train the clients of `fedmitr run`."""
+    fed = federation([f"partition-id={k} num-partitions=3" for k in range(3)], ReadmeFederation)
     out = tmp_path / "run"
     output, status = fed.run({"preset": "tiny", "num-clients": 3, "alpha": 0.5, "seed": 0,
                               "methods": "fedavg,ensemble,fedmitr", "out-dir": str(out),
