@@ -312,7 +312,7 @@ def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None
                else np.where(sources <= 1, 1.0, 0.0))
 
     label_title = ("patch targets (unused: class token only)" if not relabel_used
-                   else "what each patch token was taught")
+                   else "what each patch is taught")
     fig = make_subplots(
         rows=1, cols=3, horizontal_spacing=0.07,
         subplot_titles=(f"synthetic image (class {name_of(label)})", "information density (kept view)", label_title),
@@ -372,7 +372,7 @@ def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None
     method = method_label(event.method)
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.04, x=0.5, xanchor="center"))
     fig = _base_layout(fig, f"{method} · round {event.round} · #{i + 1} · class {name_of(label)}", height=470)
-    fig.update_layout(margin=dict(t=85, b=90))
+    fig.update_layout(margin=dict(t=85, b=90, r=40))
     return fig
 
 

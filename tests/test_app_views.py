@@ -190,3 +190,24 @@ def test_relabel_map_says_what_each_patch_taught_and_why():
     assert text[0] == "–" and text[3] == "bg" and text[7] == str(event.token_labels[0][7])
     assert "#1 · class 0" in fig.layout.title.text
 
+
+
+def test_captions_fit_their_panel():
+    """The privacy check's captions are drawn whole, not cut at both sides."""
+    from PIL import ImageDraw
+
+    real = np.zeros((1, 28, 28), dtype=np.uint8)
+    pair = views.privacy_pair(real, real, "synthetic r5 #8", "nearest real: class 7")
+    assert pair.width >= 2 * 140
+    # The caption strip holds dark text well inside each 140 px panel: its first and last dark
+    # columns are off the panel's edges.
+    strip = np.asarray(pair)[-12:, :140].min(axis=(0, 2))
+    dark = np.nonzero(strip < 128)[0]
+    assert dark.size and dark[0] > 1 and dark[-1] < 138
+    width = ImageDraw.Draw(pair).textlength("nearest real: class 7", font_size=8)
+    assert width < 140
+
+
+def test_client_bar_labels_sit_inside_the_bars():
+    fig = views.client_accuracy_chart([0.85, 0.4], [10, 20], {"ensemble": 0.86})
+    assert fig.data[0].textposition == "inside"

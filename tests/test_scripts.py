@@ -50,3 +50,34 @@ def test_setup_marks_the_venv_after_a_good_install(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (repo / ".venv" / ".installed").exists()
     assert "installing" in out.stdout + out.stderr  # pip's own output is shown, not hidden
+
+
+def test_the_app_script_serves_the_page(tmp_path):
+    """`bash scripts/app.sh`, the README's main command: the page answers, with the recorded example."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
+           "FEDMITR_APP_RUNS": str(tmp_path / "runs")}
+    proc = subprocess.Popen(["bash", "scripts/app.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5) as r:
+                    config = r.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the app did not answer within 120 s"
+                time.sleep(0.5)
+        assert '"run-btn"' in config and '"gallery"' in config
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
