@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PRESET="${1:-gpu}"
 OUT="${OUT:-gpu-check}"
 PY="${PY:-.venv/bin/python}"
-[ -x "$PY" ] || { bash scripts/setup.sh; PY=.venv/bin/python; }
+command -v "$PY" >/dev/null || { bash scripts/setup.sh; PY=.venv/bin/python; }
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 rm -rf "$OUT" && mkdir -p "$OUT"
 
