@@ -119,7 +119,7 @@ class RelabelConfig:
     label_smoothing: float = 0.0  # smoothing of the generated label on high-density patches
     weighting: str = "uniform"  # token-loss weight of a relabelled patch: "uniform" (1) or "confidence" (max q_i)
     # Measured on validation splits (docs/results.md): a background target on the stopped patches
-    # ("uniform", "blank") cost 2.6 to 11 points against teaching nothing; gating did not pay on average.
+    # ("uniform", "blank") lost up to 10 points against teaching nothing; gating did not pay on average.
     stopped: str = "ignore"  # what a stopped patch teaches, one of STOPPED_TARGETS ("ignore": nothing)
     gating: bool = False  # relabel a patch only where the clients agree and the ensemble is sure
     min_agreement: float = 0.6  # gating: share of clients whose class must be the ensemble's

@@ -216,9 +216,11 @@ class ClassTargets:
 @dataclass(frozen=True)
 class TokenRelabel:
     """Stage 3, token relabel: H keeps the generated label, the other patches get an ensemble
-    relabel (:func:`fedmitr.relabel.relabel`). ``mode`` None follows ``cfg.relabel.mode``."""
+    relabel (:func:`fedmitr.relabel.relabel`). ``mode`` and ``high_ratio`` None follow
+    ``cfg.relabel`` (whose own ``high_ratio`` None makes H the kept set)."""
 
     mode: str | None = None
+    high_ratio: float | None = None
     relabel: ClassVar[bool] = True
 
     def __call__(self, ensemble: Ensemble, batch: SyntheticBatch, cfg: RunConfig, *, num_classes: int,
@@ -226,7 +228,11 @@ class TokenRelabel:
                  on_chunk: Callable[[int, int], None] | None = None) -> tuple[PatchScores, TokenTargets | None]:
         from fedmitr.relabel import high_set_size, relabel, score_patches
 
-        relabel_cfg = cfg.relabel if self.mode is None else dataclasses.replace(cfg.relabel, mode=self.mode)
+        relabel_cfg = cfg.relabel
+        if self.mode is not None:
+            relabel_cfg = dataclasses.replace(relabel_cfg, mode=self.mode)
+        if self.high_ratio is not None:
+            relabel_cfg = dataclasses.replace(relabel_cfg, high_ratio=self.high_ratio)
         scores = score_patches(ensemble, batch, high_set_size(batch.stop_step.shape[1], relabel_cfg, cfg.inversion))
         return scores, relabel(ensemble, batch, scores, relabel_cfg, num_classes=num_classes,
                                pixel_bounds=pixel_bounds, on_chunk=on_chunk)
@@ -322,3 +328,13 @@ def fedmitr() -> Method:
                   summary="sparse inversion + token relabel + distillation (the method)",
                   description=FEDMITR_DESCRIPTION,
                   inversion=ModelInversion(sparse=True), targets=TokenRelabel())
+
+
+@register_method
+def fedmitr_h20() -> Method:
+    # With H the kept set (the default), every kept patch keeps the generated label and the stopped
+    # ones teach nothing, so no patch is relabelled. This variant makes H the top 20% of the patches,
+    # so the kept patches outside it are relabelled by the ensemble: the relabel at work.
+    return Rounds(name="fedmitr-h20", label="FedMITR, H = top 20%", colour="#7b2cbf", role="ablation",
+                  summary="FedMITR with H the top 20% of patches: the other kept patches are relabelled by the ensemble",
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(high_ratio=0.2))

@@ -1,27 +1,42 @@
 #!/usr/bin/env bash
-# The benchmark's map: {cpu (16 tokens), cpu-49 (49 tokens)} x clients {from scratch, pretrained on
-# fractals} x alpha {0.1, 0.5} x seeds {0, 1, 2}, every method at equal iterations, the sparse ones
-# also at equal time; then one merge into assets/bench/. Two lanes side by side, one torch thread
-# each (a 2-core machine). Parts land in bench/ and can be merged early:
-#   .venv/bin/fedmitr bench --merge bench/*/bench.json --out bench/map
-# MORE=1 adds alpha 0.3 and IID with seeds 0 and 1.
+# The benchmark's map, cell by cell: {cpu (16 tokens), cpu-49 (49 tokens)} x clients {pretrained on
+# fractals, from scratch} x alpha {0.1, 0.5} x seeds, at equal iterations. Two workers side by side
+# with one torch thread each (a 2-core machine) take cells from one queue, seed by seed, so every
+# setting has seed 0 before any has seed 1. Each cell is one `fedmitr bench` call with its own
+# folder under bench/; a map cut short still leaves whole cells, a rerun skips the finished ones,
+# and the merge at the end takes every finished cell (or run it by hand at any time):
+#   .venv/bin/fedmitr bench --merge bench/*/bench.json --out assets/bench
+# SEEDS (default 0,1,2), METHODS (default: all but dense-relabel, the dense ablation, plus
+# fedmitr-h20, where the relabel is at work) and
+# EQUAL_TIME (default none; e.g. "fedmitr" adds the @time rows) choose the size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-B=".venv/bin/fedmitr bench"
-ALL="fedavg,ensemble,dense-kd,sparse-kd,dense-relabel,fedmitr"
-lane() {  # lane PRESET: both starts, alpha 0.1 and 0.5, three seeds
-  for init in scratch fractal; do
-    $B --preset "$1" --init $init --methods $ALL --alphas 0.1,0.5 --seeds 0,1,2 --out "bench/$1-$init"
-  done
-  if [ "${MORE:-0}" = 1 ]; then
-    for init in scratch fractal; do
-      $B --preset "$1" --init $init --methods $ALL --alphas 0.3,iid --seeds 0,1 --out "bench/$1-$init-more"
+SEEDS="${SEEDS:-0,1,2}"
+METHODS="${METHODS:-fedavg,ensemble,dense-kd,sparse-kd,fedmitr,fedmitr-h20}"
+time_flags=(--no-equal-time); [ -n "${EQUAL_TIME:-}" ] && time_flags=(--equal-time "$EQUAL_TIME")
+mkdir -p bench && rm -rf bench/*.claim  # claims of a map that was stopped
+cells=()
+for seed in ${SEEDS//,/ }; do
+  for init in fractal scratch; do
+    for alpha in 0.1 0.5; do
+      for preset in cpu-49 cpu; do cells+=("$preset $init $alpha $seed"); done
     done
-  fi
+  done
+done
+worker() {
+  for cell in "${cells[@]}"; do
+    read -r preset init alpha seed <<<"$cell"
+    out="bench/$preset-$init-a$alpha-s$seed"
+    [ -f "$out/bench.json" ] && continue
+    mkdir "$out.claim" 2>/dev/null || continue  # the other worker has it
+    .venv/bin/fedmitr bench --preset "$preset" --init "$init" --methods "$METHODS" --alphas "$alpha" \
+      --seeds "$seed" "${time_flags[@]}" --out "$out" || echo "cell $cell failed"
+    rmdir "$out.claim"
+  done
 }
-lane cpu > bench-lane1.log 2>&1 &
-lane cpu-49 > bench-lane2.log 2>&1 &
+worker > bench-lane1.log 2>&1 &
+worker > bench-lane2.log 2>&1 &
 wait
-$B --merge bench/*/bench.json --out assets/bench
+.venv/bin/fedmitr bench --merge bench/*/bench.json --out assets/bench

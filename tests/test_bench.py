@@ -22,6 +22,7 @@ def test_bench_tiny_writes_tables(tmp_path):
     assert methods == {"fedavg", "ensemble", "dense-kd", "fedmitr", "fedmitr@time"}
     assert {r["alpha"] for r in records} == {"0.5", "iid"}
     assert all(r["inversion_speedup"] > 0 for r in records)
+    assert {r["client_init"] for r in records} == {"scratch"} and {r["setting"] for r in records} == {"tiny"}
     table = (out / "bench.md").read_text()
     assert "| fedmitr |" in table and "inversion_speedup" in table and "α=iid" in table
     assert (out / "frontier-tiny.html").exists()
@@ -30,6 +31,15 @@ def test_bench_tiny_writes_tables(tmp_path):
     assert main(["bench", "--merge", str(out / "bench.json"), str(out / "bench.json"), "--out", str(merged)]) == 0
     assert len(json.loads((merged / "bench.json").read_text())["records"]) == 2 * len(records)
     assert main(["bench", "--merge", str(tmp_path / "missing.json"), "--out", str(merged)]) == 2
+
+
+def test_records_name_where_the_clients_started():
+    from fedmitr.config import apply_overrides
+
+    cfg = apply_overrides(preset_config("cpu-49"), {"model": {"init": "fractal"}})
+    assert bench.client_init(cfg) == "fractal" and bench.setting_name(cfg) == "cpu-49 · fractal"
+    cfg = apply_overrides(preset_config("cpu"), {"model": {"init": "/somewhere/my-backbone.safetensors"}})
+    assert bench.client_init(cfg) == "my-backbone" and bench.setting_name(cfg) == "cpu · my-backbone"
 
 
 def test_bench_speed_only_times_dense_and_sparse(tmp_path, capsys):

@@ -170,3 +170,15 @@ def test_the_relabel_diagnostics_reach_the_method_result(context):
     assert sum(d["label_histogram"]) == result.synthetic_images
     assert result.to_dict()["relabel"] == d
     assert run_method("sparse-kd", context()).relabel.keys() == {"high_kept_share", "kept_share", "label_histogram"}
+
+
+def test_with_h_the_kept_set_nothing_is_relabelled_and_fedmitr_h20_relabels(context):
+    """The default H is the kept set, so the kept patches all keep y and the stopped ones teach
+    nothing; fedmitr-h20 makes H smaller, so the kept patches outside it get ensemble relabels."""
+    default = run_method("fedmitr", context()).relabel
+    assert default["taught"]["relabel"] == 0 and default["relabelled_kept_patches"] == 0
+    assert default["taught"]["label"] == pytest.approx(default["kept_share"])
+    h20 = run_method("fedmitr-h20", context()).relabel
+    assert h20["taught"]["relabel"] > 0 and h20["relabelled_kept_patches"] > 0
+    assert h20["taught"]["label"] + h20["taught"]["relabel"] == pytest.approx(h20["kept_share"])
+    assert h20["high_kept_share"] == 1.0
