@@ -99,12 +99,12 @@ def build_share_panel(view_state: gr.State) -> gr.Dropdown:
                     elem_classes="fm-explain")
     handler = push_with_login if on_space() else push
     # The result of an earlier push goes before this one starts, and the token box is emptied after
-    # every push, failed ones too (.then runs whatever the push's outcome).
-    button.click(lambda: "", None, [result], queue=False, api_visibility="private", show_progress="hidden") \
+    # every push: a push that worked returns an empty box, and a refused one empties it by .failure.
+    pushed = button.click(lambda: "", None, [result], queue=False, api_visibility="private", show_progress="hidden") \
         .then(handler, [view_state, method, repo, private, token], [result, token], api_name="push",
               concurrency_limit=2, show_progress="minimal",
-              api_description="Push a global model of this session's finished run to the Hub.") \
-        .then(lambda: "", None, [token], queue=False, api_visibility="private", show_progress="hidden")
+              api_description="Push a global model of this session's finished run to the Hub.")
+    pushed.failure(lambda: "", None, [token], queue=False, api_visibility="private", show_progress="hidden")
     return method
 
 

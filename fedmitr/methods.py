@@ -19,7 +19,8 @@ A new variant is one registration in one file, e.g.::
     def fedmitr_image() -> Rounds:
         return Rounds(name="fedmitr-image", label="FedMITR, image relabel", colour="#b5179e",
                       role="ablation", summary="sparse inversion + image-level relabel",
-                      inversion=ModelInversion(sparse=True), targets=TokenRelabel(mode="image"))
+                      inversion=ModelInversion(sparse=True),
+                      targets=TokenRelabel(mode="image", high_ratio=0.2))
 
 A stage with new behaviour is a small class with the same ``__call__`` (see each stage's docstring).
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark's map, cell by cell: {cpu (16 tokens), cpu-49 (49 tokens)} x clients {pretrained on
 # fractals, from scratch} x alpha {0.1, 0.5} x seeds, at equal iterations. Two workers side by side
-# with one torch thread each (a 2-core machine) take cells from one queue, seed by seed, so every
-# setting has seed 0 before any has seed 1. Each cell is one `fedmitr bench` call with its own
+# with one torch thread each (a 2-core machine) take cells from one queue: the 16-token cells
+# first (about 10 minutes each here), then the 49-token ones (about 25). Each cell is one `fedmitr bench` call with its own
 # folder under bench/; a map cut short still leaves whole cells, a rerun skips the finished ones,
 # and the merge at the end takes every finished cell (or run it by hand at any time):
 #   .venv/bin/fedmitr bench --merge bench/*/bench.json --out assets/bench
@@ -14,14 +14,15 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 SEEDS="${SEEDS:-0,1,2}"
+AFTER="${AFTER:-}"  # pids to wait for before each worker starts (a map resumed beside running cells)
 METHODS="${METHODS:-fedavg,ensemble,dense-kd,sparse-kd,fedmitr,fedmitr-h20}"
 time_flags=(--no-equal-time); [ -n "${EQUAL_TIME:-}" ] && time_flags=(--equal-time "$EQUAL_TIME")
 mkdir -p bench && rm -rf bench/*.claim  # claims of a map that was stopped
-cells=()
-for seed in ${SEEDS//,/ }; do
+cells=()  # 16 tokens first (fast cells), then 49; pretrained before scratch; then seed, then alpha
+for preset in cpu cpu-49; do
   for init in fractal scratch; do
-    for alpha in 0.1 0.5; do
-      for preset in cpu-49 cpu; do cells+=("$preset $init $alpha $seed"); done
+    for seed in ${SEEDS//,/ }; do
+      for alpha in 0.1 0.5; do cells+=("$preset $init $alpha $seed"); done
     done
   done
 done
@@ -36,7 +37,12 @@ worker() {
     rmdir "$out.claim"
   done
 }
-worker > bench-lane1.log 2>&1 &
-worker > bench-lane2.log 2>&1 &
+lane() {  # lane N [PID]: wait for PID (a cell still running), then work
+  [ -n "${2:-}" ] && while kill -0 "$2" 2>/dev/null; do sleep 5; done
+  worker >> "bench-lane$1.log" 2>&1
+}
+read -r -a after <<<"${AFTER//,/ }"
+lane 1 "${after[0]:-}" &
+lane 2 "${after[1]:-}" &
 wait
 .venv/bin/fedmitr bench --merge bench/*/bench.json --out assets/bench

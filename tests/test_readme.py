@@ -2,7 +2,8 @@
 
 Each fenced ``bash`` or ``python`` block of README.md is preceded by a marker saying how it is
 checked: ``<!-- checked: here -->`` (this file runs it, literally, in a scratch folder that sees
-the repository's .venv, bundled data and scripts), or ``<!-- checked: PATH -->`` naming the test or
+the repository's .venv, bundled data and scripts; ``<!-- checked: here (slow) -->`` for a block of
+minutes, run only with ``FEDMITR_SLOW_TESTS=1``, so the suite stays short), or ``<!-- checked: PATH -->`` naming the test or
 script that runs the same lines (this file checks that they are there), or
 ``<!-- not run: REASON -->`` (needs the Hub, a GPU, or hours). So a block cannot drift from what
 is checked without this test noticing.
@@ -52,7 +53,10 @@ def _key_words(command: str) -> list[str]:
     return [w for w in words if w != "bash"][:3]
 
 
-@pytest.mark.parametrize("block", [b for b in blocks() if b["kind"] == "checked" and b["how"] != "here"],
+HERE = ("here", "here (slow)")
+
+
+@pytest.mark.parametrize("block", [b for b in blocks() if b["kind"] == "checked" and b["how"] not in HERE],
                          ids=lambda b: f"line{b['line']}")
 def test_blocks_checked_elsewhere_are_there(block):
     path = ROOT / block["how"].split("::")[0]
@@ -73,9 +77,11 @@ def scratch(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("block", [b for b in blocks() if b["kind"] == "checked" and b["how"] == "here"],
+@pytest.mark.parametrize("block", [b for b in blocks() if b["kind"] == "checked" and b["how"] in HERE],
                          ids=lambda b: f"line{b['line']}")
 def test_blocks_run_as_written(block, scratch):
+    if block["how"] == "here (slow)" and os.environ.get("FEDMITR_SLOW_TESTS") != "1":
+        pytest.skip(f"README line {block['line']} takes minutes: FEDMITR_SLOW_TESTS=1 runs it")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     if block["lang"] == "bash":
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", block["body"]], cwd=scratch, env=env,
