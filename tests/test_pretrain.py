@@ -43,7 +43,7 @@ def test_pretraining_writes_a_backbone_that_loads_into_the_clients_start(tmp_pat
     assert not any(k.startswith("head.") for k in backbone.state)
     rec = backbone.record
     assert rec["architecture"] == architecture(cfg.model, 28, 1) and rec["images"] == 24
-    assert 0 <= rec["held_out_image_accuracy"] <= 1 and rec["train_seconds"] > 0
+    assert 0 <= rec["held_out_image_accuracy"] <= 1 and rec["train_seconds"] >= 0  # rounded: 0.0 on a fast machine
     path = save_backbone(backbone, tmp_path)
     assert path.name == checkpoint_name(rec["architecture"]) and read_backbone(path).record == rec
 
