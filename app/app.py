@@ -45,10 +45,6 @@ log = logging.getLogger("fedmitr.app")
 
 PRESET_KNOBS = ("epochs", "iterations", "images", "keep", "relabel", "rounds", "seed", "init")  # follow the preset
 HIGH_TOKEN_PRESET = "cpu-49"
-# How long a thread may hold the GIL before another may take it. The training thread runs Python
-# between torch calls; the web server's thread waits for the GIL at each of the many steps of a
-# request, so this bounds how long Stop takes to answer (see README).
-SWITCH_INTERVAL_S = float(os.environ.get("FEDMITR_SWITCH_INTERVAL_S", "0.005"))
 
 
 def build_demo() -> gr.Blocks:
@@ -237,7 +233,6 @@ def main() -> None:
     handler.setFormatter(RedactingFormatter("%(asctime)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     torch.set_num_threads(training_threads())
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     log.info("training jobs use %d torch thread(s)", torch.get_num_threads())
     jobs.cleanup_runs()
     create_app().launch(**launch_kwargs())
