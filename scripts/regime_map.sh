@@ -8,7 +8,8 @@
 #   .venv/bin/fedmitr bench --merge bench/*/bench.json --out assets/bench
 # SEEDS (default 0,1,2), METHODS (default: all but dense-relabel, the dense ablation, plus
 # fedmitr-h20, where the relabel is at work) and
-# EQUAL_TIME (default none; e.g. "fedmitr" adds the @time rows) choose the size.
+# EQUAL_TIME (default none; e.g. "fedmitr" adds the @time rows) choose the size. CELLS replaces the
+# queue's order with your own, e.g. CELLS="cpu-49:fractal:0.1:1 cpu:scratch:0.5:2".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -26,6 +27,7 @@ for preset in cpu cpu-49; do
     done
   done
 done
+[ -n "${CELLS:-}" ] && { cells=(); for c in $CELLS; do cells+=("${c//:/ }"); done; }
 worker() {
   for cell in "${cells[@]}"; do
     read -r preset init alpha seed <<<"$cell"
