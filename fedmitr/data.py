@@ -58,6 +58,10 @@ class ImageDataset:
     std: tuple[float, ...]
     allow_flip: bool  # horizontal flips keep the label (not for digits)
     source: str  # where the data came from, for model cards and the UI
+    # What an empty part of an image looks like: "black" for digits drawn on black, "mean" (the
+    # per-channel mean, the neutral choice) for natural images. Sparse inversion fills the patches it
+    # stopped with it (InversionConfig.stopped_fill = "background").
+    background: str = "mean"
 
     @property
     def num_classes(self) -> int:
@@ -76,6 +80,16 @@ class ImageDataset:
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         return (0 - mean) / std, (1 - mean) / std
+
+    def fill_value(self, fill: str) -> torch.Tensor:
+        """``[1, C, 1, 1]`` normalised pixel value of a fill: ``"black"``, ``"mean"`` (0 after the
+        normalisation) or ``"background"`` (this dataset's :attr:`background`)."""
+        kind = self.background if fill == "background" else fill
+        if kind == "black":
+            return self.pixel_bounds()[0]
+        if kind == "mean":
+            return torch.zeros(1, self.channels, 1, 1)
+        raise ValueError(f"a fill is 'background', 'black' or 'mean' (got {fill!r})")
 
     def to_unit(self, images: torch.Tensor) -> torch.Tensor:
         """Undo the normalisation: ``[B, C, H, W]`` to pixels in [0, 1] (for display)."""
@@ -115,7 +129,8 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def _make_dataset(name: str, train: tuple[torch.Tensor, np.ndarray], test: tuple[torch.Tensor, np.ndarray], *,
-                  class_names: tuple[str, ...], allow_flip: bool, source: str) -> ImageDataset:
+                  class_names: tuple[str, ...], allow_flip: bool, source: str,
+                  background: str = "mean") -> ImageDataset:
     """``train`` / ``test``: (pixels in [0, 1] [N, C, H, W], labels [N])."""
     (unit_train, y_train), (unit_test, y_test) = train, test
     # Statistics come from the training split only, as a client-side normaliser would.
@@ -132,6 +147,7 @@ def _make_dataset(name: str, train: tuple[torch.Tensor, np.ndarray], test: tuple
         std=std,
         allow_flip=allow_flip,
         source=source,
+        background=background,
     )
 
 
@@ -151,7 +167,8 @@ def _digits_dataset(name: str, images: np.ndarray, labels: np.ndarray, source: s
     unit = torch.from_numpy(images).float().div_(255).unsqueeze(1)  # [N, 1, H, W]
     train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
     return _make_dataset(name, (unit[train_idx], labels[train_idx]), (unit[test_idx], labels[test_idx]),
-                         class_names=tuple(str(d) for d in range(10)), allow_flip=False, source=source)
+                         class_names=tuple(str(d) for d in range(10)), allow_flip=False, source=source,
+                         background="black")
 
 
 def load_mnist5k() -> ImageDataset:
@@ -192,7 +209,7 @@ def load_digits16() -> ImageDataset:
     return _make_dataset(
         "digits", (unit[train_idx], labels[train_idx]), (unit[test_idx], labels[test_idx]),
         class_names=tuple(str(d) for d in range(10)), allow_flip=False,
-        source="scikit-learn load_digits (8x8 upsampled to 16x16)",
+        source="scikit-learn load_digits (8x8 upsampled to 16x16)", background="black",
     )
 
 
