@@ -41,6 +41,8 @@ __all__ = [
 RELABEL_MODES = ("token", "image", "neighbourhood")  # see fedmitr.relabel for what each one is
 RELABEL_WEIGHTINGS = ("uniform", "confidence")
 STOPPED_TARGETS = ("ignore", "uniform", "blank")  # what a stopped patch teaches (fedmitr.relabel)
+STOPPED_FILLS = ("background", "black", "mean", "noise")  # what a stopped patch's pixels become (fedmitr.inversion)
+DISTILL_VIEWS = ("whole", "kept")  # what the teacher and the student see of a sparse image (fedmitr.distill)
 DISTILL_INITS = ("fresh", "fedavg")
 TOKEN_VIEWS = ("full", "same")
 # Beyond this the Dirichlet draw is an IID split in all but name (and near 1e308 it overflows).
@@ -108,6 +110,10 @@ class InversionConfig:
     keep_per_stop: float = 0.8  # fraction of still-active patches kept at each stop
     # Measured: +10 points for the student on bundled MNIST (README), for dense and sparse alike.
     adv_weight: float = 1.0  # ADI-style competition: reward teacher/student disagreement (0 = off)
+    # After sparse inversion a stopped patch's pixels become the data's background ("background":
+    # black for digits, the mean for natural images), "black", "mean", or keep the noise that only
+    # the TV prior moved ("noise"), as SMI's knowledge transfer zeroes them. Chosen on validation.
+    stopped_fill: str = "background"  # one of STOPPED_FILLS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +145,11 @@ class DistillConfig:
     token_view: str = "same"  # sparse methods: token loss on "same" (the KD's kept patches) or "full" (every patch)
     shift_px: int = 1  # random shift of synthetic images during distillation (targets and kept patches move with it)
     flip: bool = False  # random horizontal flips during distillation (only where the dataset allows flips)
+    # "whole": teacher and student see every patch of the filled image, as a real test image is seen;
+    # "kept": only the patches sparse inversion kept (the earlier default). Chosen on validation.
+    view: str = "whole"  # sparse methods: one of DISTILL_VIEWS
+    # Evaluate and keep an exponential moving average of the student's weights (0 = off).
+    ema: float = 0.0  # decay per distillation step, e.g. 0.99
     teacher_cache: bool = True  # compute the ensemble's logits of each pool image's views once (same numbers)
     # Starting from the FedAvg average (as FedDF does) beat a fresh init by ~10 points (README).
     init: str = "fedavg"  # global model start: "fresh" (random init) or "fedavg" (the client average)
@@ -208,6 +219,8 @@ class RunConfig:
                f"inversion needs iterations >= 1 and images_per_round >= 1 "
                f"(got {inv.iterations}, {inv.images_per_round})")
         _check(0 < inv.keep_per_stop <= 1, f"keep_per_stop must be in (0, 1] (got {inv.keep_per_stop})")
+        _check(inv.stopped_fill in STOPPED_FILLS,
+               f"inversion stopped_fill must be one of {', '.join(STOPPED_FILLS)} (got {excerpt(inv.stopped_fill)})")
         _check(all(0 < s < 1 for s in inv.stop_at),
                f"stop_at fractions must lie in (0, 1) (got {list(inv.stop_at)})")
         r = self.relabel
@@ -225,6 +238,9 @@ class RunConfig:
         k = self.distill
         _check(k.token_view in TOKEN_VIEWS,
                f"distill token_view must be one of {', '.join(TOKEN_VIEWS)} (got {excerpt(k.token_view)})")
+        _check(k.view in DISTILL_VIEWS,
+               f"distill view must be one of {', '.join(DISTILL_VIEWS)} (got {excerpt(k.view)})")
+        _check(0 <= k.ema < 1, f"distill ema must be in [0, 1) (got {k.ema}); 0 = off")
         _check(k.rounds >= 1 and k.steps_per_round >= 0 and k.batch_size >= 1,
                f"distillation needs rounds >= 1, steps_per_round >= 0, batch_size >= 1 "
                f"(got {k.rounds}, {k.steps_per_round}, {k.batch_size})")

@@ -191,7 +191,8 @@ def distill_step(student: GlobalModel, ensemble: Ensemble, pool: PoolTensors, id
     patch = model_input_size(student.vit) // patch_grid(student.vit)
     shifts = sample_shifts(batch.images.shape[0], k.shift_px, generator, flip=k.flip and allow_flip,
                            device=batch.images.device)
-    view, keep_idx = _views(batch.images, batch.keep_mask if pool.sparse else None, shifts, pool.kept, patch)
+    kept_view = pool.sparse and k.view == "kept"  # else teacher and student see every patch
+    view, keep_idx = _views(batch.images, batch.keep_mask if kept_view else None, shifts, pool.kept, patch)
     if cache is not None and cache.enabled:
         teacher_logits = cache.lookup(idx, shifts)
     else:

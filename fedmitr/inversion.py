@@ -6,6 +6,11 @@ the ensemble f_E (mean of client logits) predicts balanced target labels, with a
 ensemble's last-block CLS attention ranks lowest are stopped: they are removed from the token
 sequence of every later forward pass (cheaper), and only the TV prior still moves their pixels.
 Dense inversion is the same function with no stops.
+
+After sparse inversion the stopped patches' pixels become a fill (``stopped_fill``, the data's
+background by default), as SMI's knowledge transfer zeroes them: the synthetic image then looks
+like a real one, the evidence on the kept patches and background elsewhere, and the student can
+learn from whole images. ``stop_step`` still records where and when each patch stopped.
 """
 
 from __future__ import annotations
@@ -76,21 +81,38 @@ def roll_patch_indices(keep_idx: torch.Tensor, grid: int, dy_patches: int, dx_pa
     return rows * grid + cols
 
 
+def fill_stopped(images: torch.Tensor, stop_step: torch.Tensor, fill_value: torch.Tensor) -> torch.Tensor:
+    """``images`` [B, C, H, W] with every pixel of a stopped patch (``stop_step`` [B, N] >= 0) set to
+    ``fill_value`` [1, C, 1, 1]."""
+    b, n = stop_step.shape
+    grid = round(n ** 0.5)
+    patch = images.shape[-1] // grid
+    stopped = (stop_step >= 0).view(b, 1, grid, grid)
+    stopped = stopped.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
+    return torch.where(stopped, fill_value.to(images.device, images.dtype), images)
+
+
 def invert(ensemble: Ensemble, labels: torch.Tensor, cfg: InversionConfig, *,
            pixel_bounds: tuple[torch.Tensor, torch.Tensor], sparse: bool, generator: torch.Generator,
            allow_flip: bool = False, student: VisionTransformer | None = None,
+           fill_value: torch.Tensor | None = None,
            on_step: Callable[[int, dict[str, float]], None] | None = None) -> SyntheticBatch:
     """Synthesise one batch of images for ``labels`` [B] from ``ensemble``.
 
     ``pixel_bounds`` are the normalised values of black and white, each ``[1, C, 1, 1]``.
+    ``fill_value`` ``[1, C, 1, 1]``: what the stopped patches' pixels become at the end (None: they
+    keep their noise).
     ``on_step(iteration, losses)`` is called after every step (losses: ce, tv, total, active).
     ``student`` with ``cfg.adv_weight > 0`` adds Adaptive DeepInversion's competition term,
     ``adv_weight * (1 - JS(teacher || student))``: images on which the current global model still
     disagrees with the ensemble are favoured, the ones distillation learns most from.
     """
     with ensemble.frozen(*([student] if student is not None and cfg.adv_weight > 0 else [])):
-        return _invert(ensemble, labels, cfg, pixel_bounds=pixel_bounds, sparse=sparse, generator=generator,
-                       allow_flip=allow_flip, student=student if cfg.adv_weight > 0 else None, on_step=on_step)
+        batch = _invert(ensemble, labels, cfg, pixel_bounds=pixel_bounds, sparse=sparse, generator=generator,
+                        allow_flip=allow_flip, student=student if cfg.adv_weight > 0 else None, on_step=on_step)
+    if fill_value is not None and sparse:
+        batch.images = fill_stopped(batch.images, batch.stop_step, fill_value)
+    return batch
 
 
 def _invert(ensemble: Ensemble, labels: torch.Tensor, cfg: InversionConfig, *,

@@ -184,19 +184,22 @@ class ModelInversion:
     """Stage 2: synthesise a batch of images from the ensemble (:func:`fedmitr.inversion.invert`).
 
     ``sparse``: stop the least-attended patches at ``cfg.stop_at`` and drop them from every later
-    forward. A custom inversion stage takes the same arguments and returns a ``SyntheticBatch``.
+    forward. ``fill``: what the stopped patches' pixels become (None: ``cfg.stopped_fill``; the
+    run passes its value as ``fill_value``). A custom inversion stage takes the same arguments and
+    returns a ``SyntheticBatch``.
     """
 
     sparse: bool
+    fill: str | None = None
 
     def __call__(self, ensemble: Ensemble, labels: torch.Tensor, cfg: InversionConfig, *,
                  pixel_bounds: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
-                 allow_flip: bool = False, student: Any = None,
+                 allow_flip: bool = False, student: Any = None, fill_value: torch.Tensor | None = None,
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> SyntheticBatch:
         from fedmitr.inversion import invert
 
         return invert(ensemble, labels, cfg, pixel_bounds=pixel_bounds, sparse=self.sparse, generator=generator,
-                      allow_flip=allow_flip, student=student, on_step=on_step)
+                      allow_flip=allow_flip, student=student, fill_value=fill_value, on_step=on_step)
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,7 @@ class ClassTargets:
     relabel: ClassVar[bool] = False
 
     def __call__(self, ensemble: Ensemble, batch: SyntheticBatch, cfg: RunConfig, *, num_classes: int,
-                 pixel_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 background: torch.Tensor | None = None,
                  on_chunk: Callable[[int, int], None] | None = None) -> tuple[PatchScores, TokenTargets | None]:
         from fedmitr.relabel import high_set_size, score_patches
 
@@ -225,7 +228,7 @@ class TokenRelabel:
     relabel: ClassVar[bool] = True
 
     def __call__(self, ensemble: Ensemble, batch: SyntheticBatch, cfg: RunConfig, *, num_classes: int,
-                 pixel_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 background: torch.Tensor | None = None,
                  on_chunk: Callable[[int, int], None] | None = None) -> tuple[PatchScores, TokenTargets | None]:
         from fedmitr.relabel import high_set_size, relabel, score_patches
 
@@ -236,14 +239,17 @@ class TokenRelabel:
             relabel_cfg = dataclasses.replace(relabel_cfg, high_ratio=self.high_ratio)
         scores = score_patches(ensemble, batch, high_set_size(batch.stop_step.shape[1], relabel_cfg, cfg.inversion))
         return scores, relabel(ensemble, batch, scores, relabel_cfg, num_classes=num_classes,
-                               pixel_bounds=pixel_bounds, on_chunk=on_chunk)
+                               background=background, on_chunk=on_chunk)
 
 
 @dataclass(frozen=True)
 class Distillation:
     """Stage 4: one distillation step (:func:`fedmitr.distill.distill_step`) on the pool images
     ``idx``: T^2-KL of the class token from the ensemble on the same view, plus beta times the token
-    loss where there are token targets. Returns the named losses."""
+    loss where there are token targets. Returns the named losses. ``view``: what teacher and
+    student see of a sparse image (None: ``cfg.distill.view``)."""
+
+    view: str | None = None
 
     def __call__(self, student: GlobalModel, ensemble: Ensemble, pool: PoolTensors, idx: torch.Tensor, *,
                  optimizer: torch.optim.Optimizer, cfg: RunConfig, generator: torch.Generator,
@@ -273,6 +279,14 @@ class Rounds(Method):
     @property
     def relabel(self) -> bool:
         return self.targets.relabel
+
+    def configure(self, cfg: RunConfig) -> RunConfig:
+        """``cfg`` with the settings this method's stages fix (the fill, the view) put in."""
+        if self.inversion.fill is not None:
+            cfg = dataclasses.replace(cfg, inversion=dataclasses.replace(cfg.inversion, stopped_fill=self.inversion.fill))
+        if self.distillation.view is not None:
+            cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, view=self.distillation.view))
+        return cfg
 
     def run(self, ctx: ServerContext) -> MethodResult:
         from fedmitr.server import run_rounds
@@ -333,9 +347,34 @@ def fedmitr() -> Method:
 
 @register_method
 def fedmitr_h20() -> Method:
-    # With H the kept set (the default), every kept patch keeps the generated label and the stopped
-    # ones teach nothing, so no patch is relabelled. This variant makes H the top 20% of the patches,
-    # so the kept patches outside it are relabelled by the ensemble: the relabel at work.
+    # H the top 20% of the patches, whatever the default H: the kept patches outside it are
+    # relabelled by the ensemble (the relabel at work in every setting).
     return Rounds(name="fedmitr-h20", label="FedMITR, H = top 20%", colour="#7b2cbf", role="ablation",
                   summary="FedMITR with H the top 20% of patches: the other kept patches are relabelled by the ensemble",
                   inversion=ModelInversion(sparse=True), targets=TokenRelabel(high_ratio=0.2))
+
+
+@register_method
+def fedmitr_noise() -> Method:
+    # The fill's ablation: the stopped patches keep their noise, and the whole view shows it.
+    return Rounds(name="fedmitr-noise", label="FedMITR, stopped = noise", colour="#f4a259", role="ablation",
+                  summary="FedMITR with the stopped patches left as noise (ablation: no background fill)",
+                  inversion=ModelInversion(sparse=True, fill="noise"), targets=TokenRelabel())
+
+
+@register_method
+def fedmitr_kept() -> Method:
+    # The view's ablation: teacher and student see only the kept patches (the fill is never seen).
+    return Rounds(name="fedmitr-kept", label="FedMITR, kept view", colour="#5b8e7d", role="ablation",
+                  summary="FedMITR distilled on the kept patches only (ablation: no whole-image view)",
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(), distillation=Distillation(view="kept"))
+
+
+@register_method
+def fedmitr_keptview() -> Method:
+    # The earlier default, kept by name: stopped patches left as noise, distillation on the kept
+    # view, H = the kept set (high_ratio 1 caps H at the kept patches), so nothing is relabelled.
+    return Rounds(name="fedmitr-keptview", label="FedMITR (earlier default)", colour="#9e2a2b", role="ablation",
+                  summary="the earlier default: noise in stopped patches, kept view, H = the kept set (no relabel)",
+                  inversion=ModelInversion(sparse=True, fill="noise"), targets=TokenRelabel(high_ratio=1.0),
+                  distillation=Distillation(view="kept"))

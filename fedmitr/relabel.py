@@ -24,7 +24,7 @@ Each patch is then taught one of (:data:`SOURCES`):
   otherwise its weight is 0;
 * stopped patches teach what ``relabel.stopped`` says: ``"ignore"`` (nothing: weight 0, left out
   of the token loss), ``"uniform"`` (every class alike) or ``"blank"`` (the ensemble's soft label
-  of an empty image, measured once per run: what the clients say about background).
+  of an image of the background, the fill of stopped patches: what the clients say about background).
 
 The token loss is the weighted mean of the soft cross-entropy over the patches with a weight.
 """
@@ -192,18 +192,16 @@ def neighbourhoods(grid: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def blank_target(ensemble: Ensemble, pixel_bounds: tuple[torch.Tensor, torch.Tensor], temperature: float,
-                 channels: int) -> torch.Tensor:
-    """``[L]``: the ensemble's soft label of an empty image (every pixel at the lower bound, black):
-    what the clients say about background, measured once per run."""
+def blank_target(ensemble: Ensemble, background: torch.Tensor, temperature: float, channels: int) -> torch.Tensor:
+    """``[L]``: the ensemble's soft label of an empty image (every pixel the ``background`` value
+    ``[1, C, 1, 1]``, the fill of stopped patches): what the clients say about background."""
     size = ensemble.input_size
-    low = pixel_bounds[0].to(ensemble.device)
-    image = low.expand(1, channels, size, size).contiguous()
+    image = background.to(ensemble.device).expand(1, channels, size, size).contiguous()
     return F.softmax(ensemble(image).logits[0] / temperature, dim=-1)
 
 
 def relabel(ensemble: Ensemble, batch: SyntheticBatch, scores: PatchScores, cfg: RelabelConfig, *,
-            num_classes: int, pixel_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+            num_classes: int, background: torch.Tensor | None = None,
             on_chunk: Callable[[int, int], None] | None = None) -> TokenTargets:
     """Per-patch targets for ``batch`` (see the module docstring)."""
     b, n = scores.density.shape
@@ -242,9 +240,9 @@ def relabel(ensemble: Ensemble, batch: SyntheticBatch, scores: PatchScores, cfg:
         if cfg.stopped == "uniform":
             background = torch.full((num_classes,), 1.0 / num_classes, device=device)
         else:
-            if pixel_bounds is None:
-                raise ValueError("relabel.stopped = 'blank' needs the pixel bounds of the data")
-            background = blank_target(ensemble, pixel_bounds, cfg.temperature, batch.images.shape[1])
+            if background is None:
+                raise ValueError("relabel.stopped = 'blank' needs the data's background value")
+            background = blank_target(ensemble, background, cfg.temperature, batch.images.shape[1])
         targets[stopped] = background
         weights[stopped], source[stopped] = 1.0, BACKGROUND
     return TokenTargets(targets=targets, weights=weights, source=source, agreement=agreement)

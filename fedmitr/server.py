@@ -92,14 +92,20 @@ def run_method(name: str, ctx: ServerContext) -> MethodResult:
 
 def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
     """Interleaved synthesis and distillation for an inversion method (see the module docstring)."""
-    cfg, dataset, ensemble, device, w = ctx.cfg, ctx.dataset, ctx.ensemble, ctx.device, ctx.workers
+    cfg, dataset, ensemble, device, w = method.configure(ctx.cfg), ctx.dataset, ctx.ensemble, ctx.device, ctx.workers
     inv = cfg.inversion
+    # Stopped patches become the fill (None: they keep their noise); "blank" token targets are the
+    # ensemble's label of an image of it (of the data's background when there is no fill).
+    fill_value = None if not method.sparse or inv.stopped_fill == "noise" else dataset.fill_value(inv.stopped_fill)
+    background = dataset.fill_value("background") if fill_value is None else fill_value
+    kept_view = method.sparse and cfg.distill.view == "kept"  # teacher and student see the kept patches only
     rounds, steps = cfg.distill.rounds, cfg.distill.steps_per_round
     # Process 0 draws exactly what a single process draws; the others their own streams.
     generator = torch.Generator().manual_seed(cfg.seed + 17 + 7919 * w.rank)
     torch.manual_seed(cfg.seed + 17)  # the student's aux head: the same on every process
     student = new_student(cfg, dataset, ensemble, device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
+    average = student_average(student.vit, cfg.distill.ema)
     pool = Pool()
     patch = ensemble.input_size // ensemble.grid
     cache = TeacherCache(ensemble, shift_px=cfg.distill.shift_px, flip=cfg.distill.flip and dataset.allow_flip) \
@@ -117,14 +123,14 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
         labels = (torch.arange(inv.images_per_round) + (r - 1) * inv.images_per_round) % dataset.num_classes
         batch = method.inversion(
             ensemble, labels[w.share(len(labels))], inv, pixel_bounds=dataset.pixel_bounds(), generator=generator,
-            allow_flip=dataset.allow_flip, student=student.vit,
+            allow_flip=dataset.allow_flip, student=student.vit, fill_value=fill_value,
             on_step=lambda it, values: progress(f"round {r}/{rounds}: inversion {it}/{inv.iterations}", values))
         seconds["inversion"] += batch.seconds
 
         # 2. Targets: information density of every patch, H, and (relabel methods) per-patch targets.
         t0 = time.perf_counter()
         scores, targets = method.targets(
-            ensemble, batch, cfg, num_classes=dataset.num_classes, pixel_bounds=dataset.pixel_bounds(),
+            ensemble, batch, cfg, num_classes=dataset.num_classes, background=background,
             on_chunk=lambda i, n: progress(f"round {r}/{rounds}: relabel {i}/{n}", {}, advance=False))
         if w.size > 1:  # every process gets the whole round: the same pool everywhere
             batch, scores, targets = _gather_round(w, batch, scores, targets, device)
@@ -139,8 +145,7 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
         pool.add(batch, targets)
         tensors = pool.tensors()
         if cache is not None:
-            sparse = batch.keep_idx.shape[1] < batch.stop_step.shape[1]
-            cache.add(batch.images, keep_mask(batch, batch.stop_step.shape[1]) if sparse else None,
+            cache.add(batch.images, keep_mask(batch, batch.stop_step.shape[1]) if kept_view else None,
                       kept=batch.keep_idx.shape[1], patch=patch)
         student.train()
         # Each process a share of every batch; averaged gradients keep the students identical.
@@ -150,21 +155,34 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
             losses = method.distillation(
                 student, ensemble, tensors, idx, optimizer=optimizer, cfg=cfg, generator=generator,
                 allow_flip=dataset.allow_flip, cache=cache, before_step=lambda: w.average_gradients(student))
+            if average is not None:
+                average.update_parameters(student.vit)
             progress(f"round {r}/{rounds}: distillation {step}/{steps}", losses)
         seconds["distill"] += time.perf_counter() - t0
 
         # 4. Evaluate: one point of the accuracy curve.
         t0 = time.perf_counter()
-        curve.append(Ensemble([student.vit]).evaluate(dataset.test))
+        curve.append(Ensemble([student.vit if average is None else average.module]).evaluate(dataset.test))
         seconds["evaluate"] += time.perf_counter() - t0
         ctx.on_event(Metric("accuracy", curve[-1], method.name, step=r))
 
     return MethodResult(
-        method.name, curve[-1], model=student.vit.eval(), curve=curve, stage_seconds=seconds,
+        method.name, curve[-1], model=(student.vit if average is None else average.module).eval(), curve=curve, stage_seconds=seconds,
         synthetic_images=len(pool), inversion_iterations=inv.iterations,
         active_patches=int(pool.keep_idx[-1].shape[1]), patches=int(batch.stop_step.shape[1]), final_losses=losses,
         relabel=diagnostics(counts), synthetic=SyntheticSet.from_rounds(rounds_made),
     )
+
+
+def student_average(vit: VisionTransformer, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the student's weights, updated after every distillation
+    step (``decay`` 0: none). It is what each round evaluates and what the method returns: the
+    student's last steps on a small synthetic pool swing, and the average steadies them."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(vit, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _gather_round(w: Workers, batch: SyntheticBatch, scores: PatchScores, targets: TokenTargets | None,

@@ -219,3 +219,14 @@ def test_configs_are_frozen(section, field):
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(target, field, 99)
     assert getattr(target, field) != 99
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"inversion": {"stopped_fill": "grey"}}, "stopped_fill must be one of background, black, mean, noise"),
+    ({"distill": {"view": "half"}}, "distill view must be one of whole, kept"),
+    ({"distill": {"ema": 1.0}}, r"distill ema must be in \[0, 1\)"),
+    ({"distill": {"ema": -0.1}}, r"distill ema must be in \[0, 1\)"),
+])
+def test_fill_view_and_average_are_checked_with_the_allowed_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(preset_config("tiny"), overrides).validate()

@@ -108,3 +108,34 @@ def test_pool_concatenates_rounds():
     assert len(pool) == 8 and tensors.images.shape == (8, 1, 28, 28) and tensors.keep_mask.shape == (8, 16)
     assert tensors.kept == 4 and tensors.sparse and tensors.targets is None
     assert tensors.keep_mask.sum(1).tolist() == [4] * 8 and tensors.keep_mask[:, :4].all()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("view", ["whole", "kept"])
+def test_the_view_decides_which_patches_teacher_and_student_see(ensemble, monkeypatch, view):
+    """``distill.view = whole``: the teacher's and the student's inputs hold every patch of a sparse
+    image; ``kept``: only its kept patches (5 of 16 here), for both."""
+    import fedmitr.distill
+    import fedmitr.ensemble
+
+    seen = {"teacher": [], "student": []}
+
+    def spy(who, original):
+        def forward(model, images, keep_idx=None, *rest):
+            seen[who].append(16 if keep_idx is None else keep_idx.shape[1])
+            return original(model, images, keep_idx, *rest)
+        return forward
+
+    monkeypatch.setattr(fedmitr.ensemble, "sparse_forward", spy("teacher", fedmitr.ensemble.sparse_forward))
+    monkeypatch.setattr(fedmitr.distill, "sparse_forward", spy("student", fedmitr.distill.sparse_forward))
+    cfg = apply_overrides(TINY, {"distill": {"view": view, "teacher_cache": False}})
+    torch.manual_seed(0)
+    student = GlobalModel(build_model(TINY.model, 10, 1, 28), 10)
+    pool = _pool(kept=5)
+    distill_step(student, ensemble, pool, torch.arange(8), optimizer=torch.optim.AdamW(student.parameters()),
+                 cfg=cfg, generator=torch.Generator().manual_seed(0))
+    expected = 16 if view == "whole" else 5
+    assert seen["teacher"] and seen["student"]
+    assert set(seen["teacher"]) == {expected} and set(seen["student"]) == {expected}

@@ -72,3 +72,27 @@ def test_total_variation_is_zero_for_flat_images_and_grows_with_edges():
     edge[1, :, :, 4:] = 0
     tv = total_variation(torch.cat([flat, edge]))
     assert tv[0] == 0 and tv[1] == 0 and tv[3] > 0
+
+
+@pytest.mark.parametrize("fill", ["black", "mean"])
+def test_stopped_patches_hold_exactly_the_fill_and_kept_patches_are_untouched(ensemble, bounds, tiny_data, fill):
+    cfg = replace(TINY.inversion, iterations=20)
+    labels = torch.arange(6)
+    plain = invert(ensemble, labels, cfg, pixel_bounds=bounds, sparse=True, generator=torch.Generator().manual_seed(3))
+    value = tiny_data.fill_value(fill)
+    filled = invert(ensemble, labels, cfg, pixel_bounds=bounds, sparse=True, generator=torch.Generator().manual_seed(3),
+                    fill_value=value)
+    stopped = (filled.stop_step >= 0).view(6, 1, 4, 4).repeat_interleave(7, 2).repeat_interleave(7, 3)
+    assert stopped.any() and (~stopped).any()
+    assert (filled.images[stopped] == value.flatten()[0]).all()
+    assert torch.equal(filled.images[~stopped], plain.images[~stopped])
+    assert not (plain.images[stopped] == value.flatten()[0]).all()  # without a fill: the noise stays
+
+
+def test_dense_inversion_has_nothing_to_fill(ensemble, bounds, tiny_data):
+    cfg = replace(TINY.inversion, iterations=5)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = invert(ensemble, torch.arange(4), cfg, pixel_bounds=bounds, sparse=False, generator=gen())
+    b = invert(ensemble, torch.arange(4), cfg, pixel_bounds=bounds, sparse=False, generator=gen(),
+               fill_value=tiny_data.fill_value("black"))
+    assert torch.equal(a.images, b.images)

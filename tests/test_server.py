@@ -182,3 +182,49 @@ def test_with_h_the_kept_set_nothing_is_relabelled_and_fedmitr_h20_relabels(cont
     assert h20["taught"]["relabel"] > 0 and h20["relabelled_kept_patches"] > 0
     assert h20["taught"]["label"] + h20["taught"]["relabel"] == pytest.approx(h20["kept_share"])
     assert h20["high_kept_share"] == 1.0
+
+
+# The earlier default (noise in stopped patches, kept view, H = the kept set) on the tiny preset's
+# clients, as measured before the whole-image default (1 torch thread, conftest).
+EARLIER_DEFAULT = {"curve": [0.1899999976158142, 0.17499999701976776],
+                   "losses": {"kd": 0.029399534687399864, "token": 1.8821300268173218, "total": 0.9704645276069641}}
+
+
+def test_the_earlier_default_is_reachable_by_name_and_gives_its_numbers(context, ensemble, tiny_data):
+    old = run_method("fedmitr-keptview", context())
+    assert old.curve == pytest.approx(EARLIER_DEFAULT["curve"], abs=1e-6)
+    assert old.final_losses == pytest.approx(EARLIER_DEFAULT["losses"], rel=1e-4)
+    # ... and it is exactly fedmitr run with the earlier settings.
+    from fedmitr.config import apply_overrides
+
+    cfg = apply_overrides(TINY, {"inversion": {"stopped_fill": "noise"}, "distill": {"view": "kept"},
+                                 "relabel": {"high_ratio": 1.0}})
+    same = run_method("fedmitr", ServerContext(cfg, tiny_data, ensemble, torch.device("cpu")))
+    assert same.curve == old.curve and same.final_losses == old.final_losses
+
+
+@pytest.mark.parametrize("fill, stored", [("black", 0), ("mean", None)])
+def test_a_stored_synthetic_image_holds_the_fill_in_its_stopped_patches(ensemble, tiny_data, fill, stored):
+    from fedmitr.config import apply_overrides
+
+    cfg = apply_overrides(TINY, {"inversion": {"stopped_fill": fill}})
+    result = run_method("fedmitr", ServerContext(cfg, tiny_data, ensemble, torch.device("cpu")))
+    images, stop_step = result.synthetic.images, result.synthetic.stop_step  # uint8 [P, 1, 28, 28], [P, 16]
+    stopped = np.repeat(np.repeat((stop_step >= 0).reshape(-1, 1, 4, 4), 7, 2), 7, 3)
+    if stored is None:  # the data's mean pixel, as the run directory stores it
+        stored = int(np.clip(tiny_data.mean[0], 0, 1) * 255 + 0.5)
+    assert stopped.any() and (images[stopped] == stored).all()
+    assert (images[~stopped] != stored).any()
+
+
+def test_the_student_average_is_what_a_run_evaluates_and_returns(context, tiny_data):
+    from fedmitr.config import apply_overrides
+    from fedmitr.ensemble import Ensemble
+
+    plain = run_method("sparse-kd", context())
+    nearly_none = run_method("sparse-kd", context(cfg=apply_overrides(TINY, {"distill": {"ema": 1e-9}})))
+    assert nearly_none.curve == plain.curve  # an average that forgets at once is the student itself
+    averaged = run_method("sparse-kd", context(cfg=apply_overrides(TINY, {"distill": {"ema": 0.9}})))
+    assert Ensemble([averaged.model]).evaluate(tiny_data.test) == averaged.accuracy
+    a, b = averaged.model.state_dict(), plain.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in b)
