@@ -293,15 +293,45 @@ class Rounds(Method):
 
         return run_rounds(self, ctx)
 
+    def describe(self, cfg: RunConfig, relabel: dict[str, Any] | None = None) -> str:
+        """What this method did, in a few sentences, from the run's config and its relabel
+        diagnostics (``metrics.json``'s ``relabel``): never a relabel the run did not make."""
+        cfg = self.configure(cfg)
+        if not self.sparse:
+            made = "dense model inversion of the client ensemble (synthetic images optimised on every patch)"
+        else:
+            fill = cfg.inversion.stopped_fill
+            named = {"background": "the data's background", "black": "black", "mean": "the data's mean pixel"}
+            after = "then keep the noise they started from" if fill == "noise" else f"then are filled with {named[fill]}"
+            made = (f"sparse model inversion of the client ensemble (synthetic images whose uninformative patches stop "
+                    f"being optimised early and {after})")
+        taught = (relabel or {}).get("taught") or {}
+        high_ratio = getattr(self.targets, "high_ratio", None) or cfg.relabel.high_ratio
+        if not self.relabel:
+            targets = "the class token alone is taught (no patch targets)"
+        elif relabel is None:  # before a run: what the settings ask for
+            targets = ("a token loss that teaches every kept patch the generated label (H is the kept set: nothing is "
+                       "relabelled)" if high_ratio is None or high_ratio >= 1 else
+                       f"token relabel: the high-information patches (the top {high_ratio:.0%}) keep the generated "
+                       f"label and the other kept patches are relabelled by the ensemble")
+        elif taught.get("relabel", 0) > 0:
+            targets = (f"token relabel: the high-information patches keep the generated label ({taught['label']:.0%} of "
+                       f"all patches) and the other kept patches are relabelled by the ensemble "
+                       f"({taught['relabel']:.0%})")
+        else:
+            targets = ("a token loss that teaches every kept patch the generated label: no patch was relabelled in this "
+                       "run, because the high-information set H held every kept patch")
+        taught_background = taught.get("background", 0) > 0 if relabel is not None else cfg.relabel.stopped != "ignore"
+        if self.relabel and self.sparse and taught_background:
+            targets += "; the stopped patches are taught the ensemble's label of the background"
+        elif self.relabel and self.sparse:
+            targets += "; the stopped patches teach nothing"
+        sees = ("whole images, every patch, as a real test image is seen"
+                if not self.sparse or cfg.distill.view == "whole" else "only the patches inversion kept")
+        return f"It made this model with **{self.label}**: {made}; {targets}; and distillation into one ViT that sees {sees}."
+
 
 # --- the built-in methods --------------------------------------------------------------------------
-
-FEDMITR_DESCRIPTION = (
-    "It made this model with **FedMITR**: sparse model inversion of the client ensemble (synthetic images whose "
-    "uninformative patches stop being optimised early), token relabel (high-information patches keep the "
-    "generated label, the others are relabelled by the ensemble), and distillation into one ViT that uses every "
-    "patch.")
-
 
 @register_method
 def fedavg() -> Method:
@@ -341,7 +371,6 @@ def dense_relabel() -> Method:
 def fedmitr() -> Method:
     return Rounds(name="fedmitr", label="FedMITR", colour="#d1495b", role="method",
                   summary="sparse inversion + token relabel + distillation (the method)",
-                  description=FEDMITR_DESCRIPTION,
                   inversion=ModelInversion(sparse=True), targets=TokenRelabel())
 
 
