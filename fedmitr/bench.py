@@ -323,11 +323,12 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     return merge_records([str(path)])[1]
 
 
-def compare_with_benchmark(records: list[dict[str, Any]], setting: str, alpha: float | None) -> str | None:
-    """One sentence on how FedMITR did against dense inversion + KD in the benchmark's cell nearest
-    to a run (same setting; the nearest alpha), or None when the benchmark has no such setting."""
+def benchmark_pair(records: list[dict[str, Any]], setting: str, alpha: float | None) -> dict[str, Any] | None:
+    """FedMITR beside dense inversion + KD in the benchmark's cell nearest to a run (same setting;
+    the nearest alpha): mean accuracy and server seconds of both over the seeds they share, and the
+    paired difference per seed. None when the benchmark has no such setting."""
     ours, dense_name, _ = comparison_names()
-    rows = [r for r in records if _setting(r) == setting]
+    rows = [r for r in records if _setting(r) == setting and r.get("budget", "iterations") == "iterations"]
     alphas = [a for a in _cells(rows, "alpha") if _values(rows, setting, ours, a) and
               _values(rows, setting, dense_name, a)]
     if not alphas:
@@ -341,15 +342,34 @@ def compare_with_benchmark(records: list[dict[str, Any]], setting: str, alpha: f
     nearest = min(alphas, key=distance)
     if distance(nearest) == math.inf:
         return None
-    dense = statistics.mean(_values(rows, setting, dense_name, nearest))
-    parts = []
-    for name, budget in ((ours, "equal iterations"), (f"{ours}@time", "equal time")):
-        values = _values(rows, setting, name, nearest)
-        if values:
-            parts.append(f"{100 * (statistics.mean(values) - dense):+.1f} points at {budget}")
-    seeds = len(_values(rows, setting, ours, nearest))
-    return (f"In the benchmark ({setting}, α={nearest}, mean of {seeds} seed(s), 1 thread), {METHODS[ours].label} "
-            f"was {' and '.join(parts)} against {METHODS[dense_name].label} (`assets/bench/bench.md`).")
+    by_seed = {name: {r["seed"]: r for r in rows if r["method"] == name and r["alpha"] == nearest}
+               for name in (ours, dense_name)}
+    seeds = sorted(set(by_seed[ours]) & set(by_seed[dense_name]))
+    if not seeds:
+        return None
+
+    def mean(name: str, key: str) -> float:
+        return statistics.mean(by_seed[name][s][key] for s in seeds)
+
+    return {"setting": setting, "alpha": nearest, "seeds": seeds, "method": ours, "baseline": dense_name,
+            "accuracy": {ours: mean(ours, "accuracy"), dense_name: mean(dense_name, "accuracy")},
+            "seconds": {ours: mean(ours, "seconds"), dense_name: mean(dense_name, "seconds")},
+            "paired": [by_seed[ours][s]["accuracy"] - by_seed[dense_name][s]["accuracy"] for s in seeds]}
+
+
+def compare_with_benchmark(records: list[dict[str, Any]], setting: str, alpha: float | None) -> str | None:
+    """One sentence on how FedMITR did against dense inversion + KD in the benchmark's cell nearest
+    to a run (:func:`benchmark_pair`), or None when the benchmark has no such setting."""
+    pair = benchmark_pair(records, setting, alpha)
+    if pair is None:
+        return None
+    ours, dense = pair["method"], pair["baseline"]
+    acc, secs = pair["accuracy"], pair["seconds"]
+    per_seed = ", ".join(f"{100 * d:+.1f}" for d in pair["paired"])
+    return (f"In the benchmark ({setting}, α={pair['alpha']}, mean of {len(pair['seeds'])} seed(s), 1 thread), "
+            f"{METHODS[ours].label} reached {100 * acc[ours]:.1f}% in {secs[ours]:.0f} s of server time and "
+            f"{METHODS[dense].label} {100 * acc[dense]:.1f}% in {secs[dense]:.0f} s: "
+            f"{100 * (acc[ours] - acc[dense]):+.1f} points (per seed {per_seed}).")
 
 
 # --- the cost of K clients -----------------------------------------------------------------------

@@ -6,8 +6,10 @@
 # folder under bench/; a map cut short still leaves whole cells, a rerun skips the finished ones,
 # and the merge at the end takes every finished cell (or run it by hand at any time):
 #   .venv/bin/fedmitr bench --merge bench/*/bench.json --out assets/bench
-# SEEDS (default 0,1,2), METHODS (default: all but dense-relabel, the dense ablation, plus
-# fedmitr-h20, where the relabel is at work) and
+# The 16-token from-scratch cells also run IID (alpha "iid").
+# SEEDS (default 0,1,2), METHODS (default: the references, dense-kd, sparse-kd, fedmitr and the
+# ablations of its mechanisms: fedmitr-noise (fill), fedmitr-kept (view), fedmitr-keptview (the
+# earlier default); dense-relabel is left out) and
 # EQUAL_TIME (default none; e.g. "fedmitr" adds the @time rows) choose the size. CELLS replaces the
 # queue's order with your own, e.g. CELLS="cpu-49:fractal:0.1:1 cpu:scratch:0.5:2".
 set -euo pipefail
@@ -16,14 +18,15 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 SEEDS="${SEEDS:-0,1,2}"
 AFTER="${AFTER:-}"  # pids to wait for before each worker starts (a map resumed beside running cells)
-METHODS="${METHODS:-fedavg,ensemble,dense-kd,sparse-kd,fedmitr,fedmitr-h20}"
+METHODS="${METHODS:-fedavg,ensemble,dense-kd,sparse-kd,fedmitr,fedmitr-noise,fedmitr-kept,fedmitr-keptview}"
 time_flags=(--no-equal-time); [ -n "${EQUAL_TIME:-}" ] && time_flags=(--equal-time "$EQUAL_TIME")
 mkdir -p bench && rm -rf bench/*.claim  # claims of a map that was stopped
 cells=()  # 16 tokens first (fast cells), then 49; pretrained before scratch; then seed, then alpha
 for preset in cpu cpu-49; do
   for init in fractal scratch; do
     for seed in ${SEEDS//,/ }; do
-      for alpha in 0.1 0.5; do cells+=("$preset $init $alpha $seed"); done
+      alphas="0.1 0.5"; [ "$preset:$init" = cpu:scratch ] && alphas="0.1 0.5 iid"
+      for alpha in $alphas; do cells+=("$preset $init $alpha $seed"); done
     done
   done
 done

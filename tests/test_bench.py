@@ -115,16 +115,26 @@ def test_equal_time_takes_only_sparse_methods_that_run(tmp_path, capsys):
     assert "--equal-time takes sparse methods that run" in capsys.readouterr().err
 
 
-def test_compare_with_benchmark_picks_the_nearest_alpha_of_the_setting():
-    def rec(method, acc, alpha, setting="cpu-49"):
-        return {"setting": setting, "alpha": alpha, "seed": 0, "method": method, "accuracy": acc}
+def test_the_benchmark_pair_is_the_nearest_alpha_of_the_setting_paired_by_seed():
+    def rec(method, acc, alpha, seed=0, seconds=100.0, setting="cpu-49"):
+        return {"setting": setting, "alpha": alpha, "seed": seed, "method": method, "accuracy": acc,
+                "seconds": seconds}
 
-    records = [rec("fedmitr", 0.40, "0.1"), rec("dense-kd", 0.30, "0.1"), rec("fedmitr@time", 0.45, "0.1"),
+    records = [rec("fedmitr", 0.40, "0.1", seconds=60), rec("dense-kd", 0.30, "0.1", seconds=120),
+               rec("fedmitr", 0.50, "0.1", seed=1, seconds=80), rec("dense-kd", 0.46, "0.1", seed=1, seconds=100),
+               rec("fedmitr", 0.99, "0.1", seed=2),  # no dense-kd on seed 2: not paired, left out
+               rec("fedmitr@time", 0.45, "0.1"),
                rec("fedmitr", 0.70, "0.5"), rec("dense-kd", 0.72, "0.5"), rec("fedmitr", 0.9, "iid"),
                rec("dense-kd", 0.9, "iid")]
+    pair = bench.benchmark_pair(records, "cpu-49", 0.2)
+    assert pair["alpha"] == "0.1" and pair["seeds"] == [0, 1]
+    assert pair["accuracy"] == {"fedmitr": pytest.approx(0.45), "dense-kd": pytest.approx(0.38)}
+    assert pair["seconds"] == {"fedmitr": 70, "dense-kd": 110}
+    assert pair["paired"] == pytest.approx([0.10, 0.04])
     line = bench.compare_with_benchmark(records, "cpu-49", 0.2)
-    assert "α=0.1" in line and "+10.0 points at equal iterations and +15.0 points at equal time" in line
-    assert "-2.0 points at equal iterations" in bench.compare_with_benchmark(records, "cpu-49", 1.0)
+    assert "α=0.1" in line and "45.0% in 70 s" in line and "38.0% in 110 s" in line and "+7.0 points" in line
+    assert "(per seed +10.0, +4.0)" in line
+    assert "-2.0 points" in bench.compare_with_benchmark(records, "cpu-49", 1.0)
     assert "α=iid" in bench.compare_with_benchmark(records, "cpu-49", None)
     assert bench.compare_with_benchmark(records, "gpu", 0.1) is None
 
