@@ -17,13 +17,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from timm.models.vision_transformer import VisionTransformer
-from timm.scheduler import CosineLRScheduler
 
 from fedmitr.config import ClientTrainConfig, ModelConfig
 from fedmitr.data import ImageDataset, Partition, Split
 from fedmitr.events import EventHandler, Progress, ignore
 from fedmitr.models import build_model, fit_input, model_input_size, patch_grid, random_shift, sparse_forward, token_logits
-from fedmitr.pretrain import foreground
+from fedmitr.training import foreground, warmup_cosine
 
 
 @dataclass
@@ -34,15 +33,6 @@ class ClientResult:
     _: KW_ONLY
     seconds: float = 0.0  # wall-clock training time
     losses: list[float] = field(default_factory=list)  # mean training loss per epoch
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float) -> CosineLRScheduler:
-    """timm's cosine schedule over ``total_steps`` optimiser steps, after a linear warm-up from
-    lr / warmup over the first ``warmup_frac`` of them. Call ``step_update(step)`` after each step."""
-    warmup = max(1, int(total_steps * warmup_frac))
-    peak = optimizer.param_groups[0]["lr"]
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), warmup_t=warmup,
-                             warmup_lr_init=peak / warmup, warmup_prefix=True, t_in_epochs=False)
 
 
 def train_step(model: VisionTransformer, images: torch.Tensor, labels: torch.Tensor,
@@ -215,7 +205,7 @@ def to_unit(images: torch.Tensor, unit_stats: tuple[tuple[float, ...], tuple[flo
 def patch_accuracy(model: VisionTransformer, data: Split, unit_stats: tuple[tuple[float, ...], tuple[float, ...]],
                    batch_size: int = 500) -> float | None:
     """Do the model's patch tokens mean something? The share of the patches that show something
-    (:func:`fedmitr.pretrain.foreground`) on which the class head, applied to the patch's own final
+    (:func:`fedmitr.training.foreground`) on which the class head, applied to the patch's own final
     token, names the image's class. None when no patch shows anything."""
     device, size = next(model.parameters()).device, model_input_size(model)
     patch = size // patch_grid(model)

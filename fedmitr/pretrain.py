@@ -37,6 +37,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.config import ModelConfig
 from fedmitr.errors import ConfigError, excerpt
+from fedmitr.training import foreground, warmup_cosine
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "bundled" / "pretrained"
 BACKBONE_NAMES = ("fractal",)  # model.init names that mean "the bundled checkpoint of this architecture"
@@ -157,18 +158,9 @@ def architecture(model_cfg: ModelConfig, image_size: int, channels: int) -> dict
             "mlp_ratio": model_cfg.mlp_ratio}
 
 
-def foreground(unit: torch.Tensor, patch: int, threshold: float = 0.1) -> torch.Tensor:
-    """``[B, N]`` bool: the patches of ``unit`` images ([B, C, H, W] in [0, 1]) whose mean distance
-    from the image's median pixel (its background) is at least ``threshold``."""
-    background = unit.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
-    ink = (unit - background).abs().mean(1, keepdim=True)  # [B, 1, H, W]
-    return (F.avg_pool2d(ink, patch) >= threshold).flatten(1)
-
-
 def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, *, image_size: int = 28, channels: int = 1,
              on_progress: Callable[[str, int, int], None] | None = None) -> Backbone:
     """Draw the fractal set, train the scratch ViT of ``model_cfg`` on it, return its backbone."""
-    from fedmitr.clients import warmup_cosine
     from fedmitr.models import apply_shifts, build_model, sample_shifts, shift_patch_maps, sparse_forward
 
     if model_cfg.arch != "scratch":

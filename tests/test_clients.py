@@ -71,7 +71,7 @@ def test_progress_events_count_every_optimiser_step(trained):
 
 
 def test_warmup_cosine_rises_to_the_peak_then_decays_to_zero():
-    from fedmitr.clients import warmup_cosine
+    from fedmitr.training import warmup_cosine
 
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=0.1)

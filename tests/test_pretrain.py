@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import fedmitr
 from fedmitr.config import ModelConfig, apply_overrides, preset_config
 from fedmitr.errors import ConfigError
-from fedmitr.pretrain import (PRETRAINED_DIR, PretrainConfig, architecture, checkpoint_name, foreground, fractal_set,
-                              load_backbone, pretrain, read_backbone, save_backbone)
+from fedmitr.pretrain import (PRETRAINED_DIR, PretrainConfig, architecture, checkpoint_name, fractal_set, load_backbone,
+                              pretrain, read_backbone, save_backbone)
+from fedmitr.training import foreground
 
 SMALL = PretrainConfig(classes=4, instances=6, epochs=2, batch_size=8)
 
@@ -35,6 +39,26 @@ def test_foreground_marks_the_patches_with_ink():
     unit[0, 0, 8:12, 8:12] = 1.0  # ink inside patch (1, 1)
     fg = foreground(unit, 7)
     assert fg.view(4, 4).nonzero().tolist() == [[1, 1]]
+
+
+def _imports(module: str) -> set[str]:
+    """Every fedmitr module that ``fedmitr/<module>.py`` imports, at its top or inside a function."""
+    tree = ast.parse((Path(fedmitr.__file__).parent / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("fedmitr.")}
+
+
+def test_clients_and_pretraining_share_their_pieces_through_one_module_not_each_other():
+    """The clients start from a pretrained backbone, so clients imports pretrain; pretrain must not
+    import clients back (the schedule and the foreground both live in fedmitr.training)."""
+    assert "fedmitr.clients" not in _imports("pretrain")
+    assert "fedmitr.training" in _imports("pretrain") and "fedmitr.training" in _imports("clients")
+    assert "fedmitr.clients" not in _imports("training") and "fedmitr.pretrain" not in _imports("training")
 
 
 def test_pretraining_writes_a_backbone_that_loads_into_the_clients_start(tmp_path, mnist5k):
