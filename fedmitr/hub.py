@@ -340,6 +340,15 @@ def _privacy_text(metrics: dict[str, Any], method: str) -> str:
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
+def card_title(method: str, dataset: str) -> str:
+    """The model card's title, from the method's display label: "FedMITR global model (mnist5k)",
+    "Global model of dense inversion + KD (mnist5k)"."""
+    label = METHODS[method].label if method in METHODS else method
+    if " " in label or "," in label:
+        return f"Global model of {label} ({dataset})"
+    return f"{label} global model ({dataset})"
+
+
 def model_card(run: RunDir, method: str, arch: str):
     """The model card: ``templates/model_card.md`` filled in by ``ModelCard.from_template``, with a
     ``model-index`` carrying the measured test accuracy."""
@@ -352,7 +361,7 @@ def model_card(run: RunDir, method: str, arch: str):
         library_name="timm", license=LICENSE, pipeline_tag="image-classification",
         tags=["federated-learning", "one-shot-federated-learning", "fedmitr", "vision-transformer",
               "model-inversion", "knowledge-distillation", "image-classification"],
-        model_name=f"FedMITR {method} on {ds['name']}",
+        model_name=card_title(method, ds["name"]),
         eval_results=[EvalResult(task_type="image-classification", dataset_type=ds["name"], dataset_name=ds["name"],
                                  dataset_split="test", metric_type="accuracy", metric_value=round(acc, 4),
                                  metric_name="Test accuracy")],
@@ -361,7 +370,7 @@ def model_card(run: RunDir, method: str, arch: str):
     description = (spec.description or f"Method: {spec.summary}.") if spec is not None else f"Method `{method}`."
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATES / "model_card.md"),
-        method=method, ds=ds, cfg=cfg, arch=arch, description=description,
+        title=card_title(method, ds["name"]), method=method, ds=ds, cfg=cfg, arch=arch, description=description,
         alpha="IID" if cfg.data.alpha is None else f"Dirichlet α={cfg.data.alpha:g}",
         patches=m["methods"][method].get("patches", "?"), device=m.get("device", "?"),
         seconds=m["methods"][method]["seconds"], results=m["methods"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from fedmitr import hub
 from fedmitr.cli import main
 from fedmitr.errors import ConfigError, HubError
+from fedmitr.methods import METHODS
 from fedmitr.models import build_model
 from fedmitr.pipeline import run
 
@@ -53,10 +55,20 @@ def test_export_rebuilds_the_same_model_with_timm_and_reports_the_measured_accur
     assert result["metrics"][0]["type"] == "accuracy"
     assert result["metrics"][0]["value"] == pytest.approx(metrics["methods"]["fedmitr"]["accuracy"], abs=1e-4)
     text = (out / "README.md").read_text()
+    assert "# FedMITR global model (mnist5k)" in text.splitlines()  # the method's label, said once
+    assert card["model-index"][0]["name"] == "FedMITR global model (mnist5k)"
     assert "FedAvg" in text or "fedavg" in text
     assert "Privacy check" in text and "Limits" in text
     model, info = hub.load(f"local-dir:{out}")
     assert info["methods"]["fedmitr"]["accuracy"] == metrics["methods"]["fedmitr"]["accuracy"]
+
+
+@pytest.mark.parametrize("method", [name for name, m in METHODS.items() if m.makes_model])
+def test_card_titles_use_the_method_label_once(method):
+    title = hub.card_title(method, "mnist5k")
+    assert METHODS[method].label in title and title.endswith("(mnist5k)")
+    words = re.findall(r"[a-z0-9]+", title.lower())
+    assert len(words) == len(set(words)), title  # not "FedMITR fedmitr global model"
 
 
 def test_export_refuses_what_it_cannot_export_and_writes_nothing(run_dir, tmp_path):
