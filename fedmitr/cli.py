@@ -220,7 +220,7 @@ class ProgressPrinter:
             if self.brief and (event.step is not None or event.client is not None):
                 return
             step = f" round {event.step}" if event.step is not None else ""
-            self.write(f"  {event.source}{step}: {event.name} = {event.value:.4f}")
+            self.write(f"  {event.source}{step}: {event.name} = {_shown(event.name, event.value)}")
         elif isinstance(event, StageFinished):
             self.close()
             if not self.brief:
@@ -244,12 +244,19 @@ class ProgressPrinter:
             self.bar = None
 
 
+def _shown(name: str, value: float) -> str:
+    """A metric as people read it: accuracies in percent, as the app and the README show them
+    (metrics.json keeps the fractions)."""
+    return f"{value:.1%}" if name.endswith("accuracy") else f"{value:.4g}"
+
+
 def results_table(metrics: dict[str, Any]) -> str:
+    """Test accuracy (in percent) and seconds of every client and method, one row each."""
     rows = [("method", "accuracy", "seconds")]
     for c in metrics["clients"]:
-        rows.append((f"client {c['index'] + 1} (n={c['num_samples']})", f"{c['accuracy']:.4f}", f"{c['seconds']:.1f}"))
+        rows.append((f"client {c['index'] + 1} (n={c['num_samples']})", f"{c['accuracy']:.1%}", f"{c['seconds']:.1f}"))
     for name, m in metrics["methods"].items():
-        rows.append((name, f"{m['accuracy']:.4f}", f"{m['seconds']:.1f}"))
+        rows.append((name, f"{m['accuracy']:.1%}", f"{m['seconds']:.1f}"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [" | ".join(r[i].ljust(width[i]) for i in range(3)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in width))
@@ -358,7 +365,7 @@ def cmd_share(args: argparse.Namespace) -> int:
             print(f"fedmitr: warning: this model was trained on {trained_on}; its accuracy on {dataset} says little "
                   f"about it (other images, other classes)", file=sys.stderr)
         result = hub.evaluate_checkpoint(model, dataset)
-        print(f"{result['dataset']}: test accuracy {result['accuracy']:.4f} on {result['num_test']} images\n")
+        print(f"{result['dataset']}: test accuracy {result['accuracy']:.1%} on {result['num_test']} images\n")
         print(confusion_table(result["confusion"], result["class_names"]))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,12 +53,14 @@ def test_installed_script_prints_help():
 
 
 def _table_rows(stdout: str) -> dict[str, float]:
-    """``name | accuracy | seconds`` rows of the results table -> {name: accuracy}."""
+    """``name | accuracy | seconds`` rows of the results table -> {name: accuracy as a fraction}.
+    The table shows percentages, as the app and the README do: "75.9%"."""
     rows = {}
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.split("|")]
         if len(cells) == 3 and cells[0] != "method":
-            rows[cells[0].split(" (n=")[0]] = float(cells[1])
+            assert cells[1].endswith("%"), line
+            rows[cells[0].split(" (n=")[0]] = float(cells[1][:-1]) / 100
     return rows
 
 
@@ -71,9 +74,10 @@ def test_tiny_run_writes_metrics_and_prints_a_table(tmp_path, monkeypatch, capsy
     assert lines[0].split() == ["method", "|", "accuracy", "|", "seconds"]
     assert set(lines[1]) <= {"-", "+"}
     rows = _table_rows(out)
-    expected = {f"client {c['index'] + 1}": round(c["accuracy"], 4) for c in metrics["clients"]}
-    expected.update({name: round(m["accuracy"], 4) for name, m in metrics["methods"].items()})
-    assert rows == pytest.approx(expected, abs=1e-4)
+    expected = {f"client {c['index'] + 1}": c["accuracy"] for c in metrics["clients"]}
+    expected.update({name: m["accuracy"] for name, m in metrics["methods"].items()})
+    assert rows == pytest.approx(expected, abs=5e-4)  # one decimal of a percent; metrics.json keeps fractions
+    assert all(0 <= c["accuracy"] <= 1 for c in metrics["clients"])
     assert list(rows)[-2:] == ["fedavg", "ensemble"]
     assert lines[-1] == f"wrote {out_dir / 'metrics.json'}"
     # Progress goes to stderr, so stdout is only the table.
@@ -214,6 +218,8 @@ def test_progress_in_a_log_file_is_plain_lines(tmp_path):
     lines = text.splitlines()
     assert lines[0].startswith("[data] started") and any(line.startswith("[fedmitr] done in") for line in lines)
     assert lines[-1].startswith("[privacy] done in")  # the privacy check of the synthetic images comes last
+    accuracies = [line for line in lines if ": accuracy = " in line]
+    assert accuracies and all(re.fullmatch(r"  .+: accuracy = \d{1,3}\.\d%", line) for line in accuracies), accuracies
     # A progress line every 10% of a stage at most: a handful per stage, not one per step.
     fedmitr_steps = [line for line in lines if line.startswith("  fedmitr ") and "/" in line.split()[1]]
     assert 1 <= len(fedmitr_steps) <= 11

@@ -169,7 +169,7 @@ def test_eval_prints_accuracy_and_a_confusion_matrix(run_dir, tmp_path, capsys):
     out = hub.export(run_dir, tmp_path / "export")
     assert main(["eval", "--model", f"local-dir:{out}"]) == 0
     text = capsys.readouterr().out
-    assert "mnist5k: test accuracy" in text and "true\\pred" in text
+    assert re.search(r"mnist5k: test accuracy \d{1,3}\.\d% on 1000 images", text) and "true\\pred" in text
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 11]
     assert len(rows) == 10 and sum(int(v) for row in rows for v in row[1:]) == 1000
 
