@@ -18,7 +18,7 @@ from typing import Any, Sequence, TextIO
 
 from fedmitr.catalog import DATASETS
 from fedmitr.config import PRESETS, RunConfig, apply_overrides, load_config_file, parse_alpha, preset_config
-from fedmitr.errors import USER_ERRORS, ConfigError, excerpt, redact
+from fedmitr.errors import USER_ERRORS, ConfigError, SettingError, excerpt, redact
 from fedmitr.events import BenchCell, Event, Metric, Progress, StageFinished, StageStarted
 from fedmitr.knobs import KNOBS, config_from_knobs
 from fedmitr.methods import METHODS, headline, parse_methods
@@ -158,14 +158,19 @@ def _int(flag: str, value: str, minimum: int | None = None) -> int:
 
 
 def config_from_args(args: argparse.Namespace, default_methods: tuple[str, ...] | None = None) -> RunConfig:
-    """The preset, then ``--config``, then the flags; validated."""
+    """The preset, then ``--config``, then the flags; validated. A refused flag is named as it was
+    typed ("--keep must be in (0, 1] (got 1.5)"); a refused value of the --config file keeps the
+    field's name, which is what the file says."""
     cfg = preset_config(args.preset)
     if args.config:
         cfg = apply_overrides(cfg, load_config_file(args.config))
     values = {name: getattr(args, name) for name in KNOBS if name != "preset" and getattr(args, name) is not None}
     if "methods" not in values and default_methods is not None:
         values["methods"] = default_methods
-    return config_from_knobs(values, base=cfg)
+    try:
+        return config_from_knobs(values, base=cfg)
+    except SettingError as err:
+        raise ConfigError(err.named(f"--{err.setting}")) from None
 
 
 def parse_grid(alphas: str, seeds: str) -> tuple[list[float | None], list[int]]:

@@ -13,6 +13,27 @@ class ConfigError(ValueError):
     """An invalid configuration value."""
 
 
+class SettingError(ConfigError):
+    """A refused value of one user setting (a knob of :mod:`fedmitr.knobs`), knowing which one.
+
+    ``str()`` is the library's message; :meth:`named` says it with the setting as a front end's user
+    wrote it: the command line's ``--keep must be in (0, 1] (got 1.5)``, not the config field's name.
+    """
+
+    def __init__(self, setting: str, problem: str | None, message: str):
+        super().__init__(setting, problem, message)  # all in args, so that the error pickles
+        self.setting = setting  # the knob's name, e.g. "keep"
+        self.problem = problem  # what follows the setting's name in the message, None if it does not start with it
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def named(self, spelling: str) -> str:
+        """The message about ``spelling`` (e.g. "--keep"): "--keep must be ...", or "--methods: unknown ..."."""
+        return f"{spelling} {self.problem}" if self.problem else f"{spelling}: {self.message}"
+
+
 class DatasetUnavailable(RuntimeError):
     """A dataset could not be loaded (offline, unknown id, unexpected columns)."""
 

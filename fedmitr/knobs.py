@@ -3,8 +3,10 @@
 The command line (``--clients 5``), the app's form (a slider sends ``5.0``) and the Flower app's
 run config (``num-clients=5``) all turn user values into a :class:`~fedmitr.config.RunConfig`
 through :func:`config_from_knobs`, so they accept the same values and refuse bad ones with the
-same message. :func:`knob_values` reads a config back into knob values (the form's defaults are
-its preset's).
+same message. A refused knob is a :class:`~fedmitr.errors.SettingError` that knows which knob it
+was, also when the config's own check refused it, so each front end can name the knob as its user
+wrote it (the command line: ``--keep must be in (0, 1] (got 1.5)``). :func:`knob_values` reads a
+config back into knob values (the form's defaults are its preset's).
 
 No torch here: the command line checks its arguments without loading it.
 """
@@ -16,7 +18,7 @@ from dataclasses import KW_ONLY, dataclass
 from typing import Any, Mapping
 
 from fedmitr.config import RunConfig, apply_overrides, parse_alpha, preset_config
-from fedmitr.errors import ConfigError, excerpt
+from fedmitr.errors import ConfigError, SettingError, excerpt
 from fedmitr.methods import parse_methods
 
 KINDS = ("int", "float", "alpha", "methods", "str")
@@ -33,27 +35,53 @@ class Knob:
     flower: str | None = None  # the Flower run-config key, when it differs from ``name``
 
     def parse(self, value: Any) -> Any:
-        """``value`` as the config field's type; :class:`ConfigError` naming the knob otherwise."""
+        """``value`` as the config field's type; a :class:`SettingError` naming the knob otherwise."""
         if self.kind == "int":
-            return _whole(self.name, value, self.minimum)
+            return _whole(self, value)
         if self.kind == "float":
-            number = _number(self.name, value)
+            number = _number(self, value)
             if self.minimum is not None and number < self.minimum:
-                raise ConfigError(f"{self.name} must be >= {self.minimum:g} (got {number:g})")
+                raise self.refuse(f"must be >= {self.minimum:g} (got {number:g})")
             return number
         if self.kind == "alpha":
             if value is None:
-                raise ConfigError("alpha is required: a number > 0, or 'iid' for an unskewed split")
-            return parse_alpha(value.strip() if isinstance(value, str) else value)
+                raise self.refuse("is required: a number > 0, or 'iid' for an unskewed split")
+            try:
+                return parse_alpha(value.strip() if isinstance(value, str) else value)
+            except ConfigError as err:
+                raise self.refused_by(str(err)) from None
         if self.kind == "methods":
             if isinstance(value, str):
-                return parse_methods(value)
+                try:
+                    return parse_methods(value)
+                except ConfigError as err:
+                    raise self.refused_by(str(err)) from None
             if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
                 return tuple(dict.fromkeys(v.strip() for v in value if v.strip()))
-            raise ConfigError(f"methods must be a comma-separated list of names (got {excerpt(value)})")
+            raise self.refuse(f"must be a comma-separated list of names (got {excerpt(value)})")
         if not isinstance(value, str):
-            raise ConfigError(f"{self.name} must be text (got {excerpt(value)})")
+            raise self.refuse(f"must be text (got {excerpt(value)})")
         return value.strip()
+
+    def refuse(self, problem: str) -> SettingError:
+        """The error "<knob> <problem>", e.g. refuse("must be >= 1 (got 0)")."""
+        return SettingError(self.name, problem, f"{self.name} {problem}")
+
+    def refused_by(self, message: str) -> SettingError:
+        """The library's ``message`` about this knob's value (from the config's check or a parser,
+        which name the config field: "keep_per_stop must be ...") as an error about the knob."""
+        words = self.field_words() + (self.name,)
+        for said in sorted(words, key=len, reverse=True):  # "relabel mode" before "relabel"
+            if message.startswith(said + " "):
+                return SettingError(self.name, message[len(said) + 1:], message)
+        return SettingError(self.name, None, message)
+
+    def field_words(self) -> tuple[str, ...]:
+        """How the config's messages name this knob's field: "keep_per_stop", "relabel mode"."""
+        if self.field is None:
+            return ()
+        parts = self.field.split(".")
+        return (parts[-1], " ".join(parts)) if len(parts) > 1 else (parts[-1],)
 
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (
@@ -93,7 +121,16 @@ def config_from_knobs(values: Mapping[str, Any], base: RunConfig | None = None) 
             target = target.setdefault(part, {})
         parsed = knob.parse(value)
         target[leaf] = "iid" if knob.kind == "alpha" and parsed is None else parsed
-    return apply_overrides(base, overrides).validate()
+    cfg = apply_overrides(base, overrides)
+    try:
+        return cfg.validate()
+    except ConfigError as err:
+        # The config's check names its fields; a field a knob set is the knob's error.
+        for name in values:
+            knob = KNOBS[name]
+            if any(str(err).startswith(said + " ") for said in knob.field_words()):
+                raise knob.refused_by(str(err)) from None
+        raise
 
 
 def knob_values(cfg: RunConfig) -> dict[str, Any]:
@@ -113,24 +150,25 @@ def knob_values(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def _number(name: str, value: Any) -> float:
+def _number(knob: Knob, value: Any) -> float:
     if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number (got a yes/no value)")
+        raise knob.refuse("must be a number (got a yes/no value)")
     try:
         number = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number (got {excerpt(value)})") from None
+        raise knob.refuse(f"must be a number (got {excerpt(value)})") from None
     if not math.isfinite(number):
-        raise ConfigError(f"{name} must be a finite number (got {excerpt(value)})")
+        raise knob.refuse(f"must be a finite number (got {excerpt(value)})")
     return number
 
 
-def _whole(name: str, value: Any, minimum: float | None) -> int:
+def _whole(knob: Knob, value: Any) -> int:
     """A whole number from an int, a whole float (sliders send floats) or a string of digits."""
-    number = _number(name, value)
+    number = _number(knob, value)
+    minimum = knob.minimum
     at_least = f" >= {minimum:g}" if minimum is not None else ""
     if not number.is_integer():
-        raise ConfigError(f"{name} must be a whole number{at_least} (got {number:g})")
+        raise knob.refuse(f"must be a whole number{at_least} (got {number:g})")
     if minimum is not None and number < minimum:
-        raise ConfigError(f"{name} must be a whole number{at_least} (got {int(number)})")
+        raise knob.refuse(f"must be a whole number{at_least} (got {int(number)})")
     return int(number)

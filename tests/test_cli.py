@@ -134,8 +134,8 @@ BAD_INPUTS = {
     "seed abc": (["--seed", "abc"], ["seed must be a number"]),
     "seed -1": (["--seed", "-1"], ["seed must be a whole number >= 0"]),
     "epochs 0": (["--epochs", "0"], ["epochs must be a whole number >= 1"]),
-    "keep 2": (["--keep", "2"], ["keep_per_stop must be in (0, 1]"]),
-    "relabel nope": (["--relabel", "nope"], ["relabel mode must be one of", "neighbourhood"]),
+    "keep 2": (["--keep", "2"], ["--keep must be in (0, 1] (got 2.0)"]),
+    "relabel nope": (["--relabel", "nope"], ["--relabel must be one of", "neighbourhood"]),
     "unknown flag": (["--bogus", "1"], ["--bogus", "--help"]),
     "config missing": (["--config", "/nonexistent.yaml"], ["cannot read config file", "/nonexistent.yaml"]),
     "config invalid yaml": (["--config", "BAD_YAML"], ["bad.yaml", "not valid YAML"]),
@@ -164,6 +164,45 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(case, tmp_path, 
     for phrase in phrases:
         assert phrase in lines[0]
     assert sorted(tmp_path.rglob("*")) == before
+
+
+FLAG_ERRORS = [
+    (["--keep", "1.5"], "--keep must be in (0, 1] (got 1.5)"),
+    (["--keep", "0"], "--keep must be in (0, 1] (got 0.0)"),
+    (["--relabel", "nope"], "--relabel must be one of token, image, neighbourhood (got 'nope')"),
+    (["--init", "nope"], "--init must be 'scratch', 'fractal' or the path of a .safetensors backbone"),
+    (["--alpha", "1e308"], "--alpha must be <= 10000"),
+    (["--alpha", "abc"], "--alpha must be a number > 0 or 'iid' (got 'abc')"),
+    (["--clients", "2.5"], "--clients must be a whole number >= 2 (got 2.5)"),
+    (["--seed", "-1"], "--seed must be a whole number >= 0 (got -1)"),
+    (["--iterations", "0"], "--iterations must be a whole number >= 1 (got 0)"),
+    (["--images", "x"], "--images must be a number (got 'x')"),
+    (["--rounds", "0"], "--rounds must be a whole number >= 1 (got 0)"),
+]
+
+
+@pytest.mark.parametrize("argv, message", FLAG_ERRORS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_refused_flag_is_named_as_it_was_typed(argv, message, tmp_path, capsys):
+    """The error names the flag the user typed, never the config field behind it (keep_per_stop)."""
+    from fedmitr.knobs import KNOBS
+
+    code, out, err = fedmitr(["run", "--preset", "tiny", "--out", str(tmp_path / "out"), *argv], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"fedmitr: error: {message}"), err
+    knob = KNOBS[argv[0][2:]]
+    assert not any(words in err for words in knob.field_words() if words != knob.name), err
+
+
+def test_a_refused_value_of_the_config_file_keeps_the_field_name_the_file_uses(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("inversion:\n  keep_per_stop: 1.5\n")
+    code, _, err = fedmitr(["run", "--preset", "tiny", "--config", str(config), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "keep_per_stop must be in (0, 1] (got 1.5)" in err and "--keep" not in err
+    # The flag overrides the file, so a good --keep makes the run valid again.
+    from fedmitr.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["run", "--preset", "tiny", "--config", str(config), "--keep", "0.5"])
+    assert config_from_args(args).inversion.keep_per_stop == 0.5
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
