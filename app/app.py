@@ -23,17 +23,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from app import zerogpu  # noqa: E402, F401 - first: it imports `spaces` (ZeroGPU) before anything imports torch
 
 import copy  # noqa: E402
-import html  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from fedmitr import hub  # noqa: E402
 from fedmitr.errors import USER_ERRORS, ConfigError, excerpt, redact  # noqa: E402
 from fedmitr.catalog import BUNDLED, is_hub_dataset  # noqa: E402
-from fedmitr.methods import with_role  # noqa: E402
 
 from app import form, jobs, replay, stream  # noqa: E402
 from app.layout import CSS, JS, Page, build_page, gallery_hint  # noqa: E402
@@ -44,7 +41,6 @@ __all__ = ["Page", "build_demo", "create_app", "launch_kwargs", "main", "trainin
 log = logging.getLogger("fedmitr.app")
 
 PRESET_KNOBS = ("epochs", "iterations", "images", "keep", "relabel", "rounds", "seed", "init")  # follow the preset
-HIGH_TOKEN_PRESET = "cpu-49"
 
 
 def build_demo() -> gr.Blocks:
@@ -54,8 +50,12 @@ def build_demo() -> gr.Blocks:
         example = replay.example_view()  # the recorded run every visitor sees first
 
         def show_example():
-            """On arrival: every panel shows the recorded example (a copy: a visitor's clicks change it)."""
-            return replay.page_update(page, copy.deepcopy(example)) if example is not None else {}
+            """On arrival: every panel shows the recorded example. It is drawn from the one example
+            (whose gallery thumbnails are then made once for everyone); the session keeps a copy,
+            which a visitor's clicks change."""
+            if example is None:
+                return {}
+            return {**replay.page_update(page, example), page.view_state: copy.deepcopy(example)}
 
         demo.load(show_example, None, page.outputs(), api_visibility="private", show_progress="hidden")
 
@@ -71,10 +71,9 @@ def build_demo() -> gr.Blocks:
                   show_progress="hidden")
 
         def replay_shared(ref: str):
-            """A shared checkpoint's whole run, replayed on the Run tab."""
+            """A recorded run's whole page (the example, or a shared checkpoint's run), on the Run tab."""
             try:
-                view = replay.replay(hub.load_run(ref), note=f"Replay of the run that made <code>"
-                                                            f"{html.escape(ref)}</code>, from its recorded events.")
+                view = replay.replay_ref(ref)
             except USER_ERRORS as err:
                 raise stream.refuse(str(err), title="Cannot replay") from None
             return {**replay.page_update(page, view), controls.tabs: gr.Tabs(selected="run")}
@@ -83,25 +82,31 @@ def build_demo() -> gr.Blocks:
                                       api_visibility="private", show_progress="minimal")
 
         @form.with_form_parameters
-        def run(request: gr.Request, progress=gr.Progress(), *values):
-            yield from stream.run_job(page, values, request, progress)
+        def run(request: gr.Request, *values):
+            yield from stream.run_job(page, values, request, reference=reference)
 
         # Run is not queued behind training: it checks the settings at once (a refusal takes well
         # under a second, whatever else runs), then waits for the device in the app's own line,
         # showing its place. preprocess=False hands the raw values to the form, so a bad value is
-        # refused with its field's name rather than Gradio's "could not preprocess input N".
+        # refused with its field's name rather than Gradio's "could not preprocess input N". The
+        # status card is the one progress display: Gradio's own overlay (and the pulsing borders of
+        # every output) would be drawn on top of it, by the browser, for the whole run.
         run_event = controls.run_btn.click(
             run, controls.form_inputs(), page.outputs(), api_name="run", concurrency_limit=None, preprocess=False,
-            show_progress="full", show_progress_on=[page.status], trigger_mode="once",
+            show_progress="hidden", trigger_mode="once",
             api_description="Run the one-shot pipeline with these settings and stream the page. `alpha` is a "
                             "number > 0 or 'iid' (null is refused). Invalid settings are refused at once.",
         )
         quiet: dict[str, Any] = dict(api_visibility="private", show_progress="hidden")
         controls.stop_btn.click(stream.stop_job, [page.view_state], [page.status], cancels=[run_event],
                                 concurrency_limit=None, **quiet)
-        controls.high_token.click(high_token, None, [controls.inputs["preset"], controls.inputs["methods"]], **quiet)
+        # The 49-token switch sets the preset and the methods (turned off: the 16-token defaults);
+        # the preset, however chosen, sets its knobs and the switch.
+        controls.high_token.input(high_token, [controls.high_token],
+                                  [controls.inputs["preset"], controls.inputs["methods"]], **quiet)
         controls.inputs["preset"].change(preset_knobs, [controls.inputs["preset"]],
-                                         [controls.inputs[name] for name in PRESET_KNOBS], **quiet)
+                                         [*(controls.inputs[name] for name in PRESET_KNOBS), controls.high_token],
+                                         **quiet)
         controls.inputs["dataset"].input(dataset_note, [controls.inputs["dataset"]], None, **quiet)
         page.gallery_method.input(show_method, [page.view_state, page.gallery_method],
                                   [page.gallery, page.legend, page.relabel_plot, page.relabel_summary,
@@ -116,18 +121,22 @@ def build_demo() -> gr.Blocks:
 
 # --- small handlers -------------------------------------------------------------------------------
 
-def high_token():
-    """One click to the setting where sparse inversion's premise holds, with the methods to compare:
-    the references, the baselines and the method."""
-    return HIGH_TOKEN_PRESET, with_role("reference", "baseline", "method")
+def high_token(on: bool):
+    """The 49-token switch: on, the setting where sparse inversion's premise holds, with the methods
+    to compare there (:data:`app.form.HIGH_TOKEN_METHODS`); off, the 16-token defaults again."""
+    try:
+        return form.high_token_settings(bool(on))
+    except ConfigError as err:
+        raise stream.refuse(str(err), title="Cannot switch") from None
 
 
 def preset_knobs(preset: str):
+    """The knobs of the chosen preset, and the 49-token switch on exactly for its preset."""
     try:
         knobs = form.FormValues.for_preset(preset)
     except ConfigError as err:
         raise stream.refuse(str(err)) from None
-    return tuple(getattr(knobs, name) for name in PRESET_KNOBS)
+    return (*(getattr(knobs, name) for name in PRESET_KNOBS), preset == form.HIGH_TOKEN_PRESET)
 
 
 def dataset_note(dataset: str) -> None:
@@ -184,9 +193,13 @@ def on_unload(request: gr.Request):
 # --- launch ---------------------------------------------------------------------------------------
 
 def theme() -> gr.themes.Base:
+    """Soft, with every text at WCAG AA contrast (4.5:1) on its background: the theme's subdued grey
+    (explanations, field hints) and its rose labels on pale rose fall short of it."""
     return gr.themes.Soft(primary_hue="rose", neutral_hue="slate",
                           font=[gr.themes.Font("system-ui"), "Segoe UI", "Roboto", "sans-serif"],
-                          font_mono=[gr.themes.Font("ui-monospace"), "monospace"])
+                          font_mono=[gr.themes.Font("ui-monospace"), "monospace"]).set(
+        body_text_color_subdued="*neutral_600", block_label_text_color="*primary_700",
+        block_title_text_color="*primary_700")
 
 
 def create_app() -> gr.Blocks:

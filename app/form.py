@@ -24,7 +24,7 @@ from fedmitr.errors import ConfigError, excerpt
 from fedmitr.hub import hub_offline, hub_reachable
 from fedmitr.knobs import KNOBS, config_from_knobs, knob_values
 
-__all__ = ["FormValues", "APP_CAPS", "SKEW_CHOICES", "RELABEL_HELP", "with_form_parameters", "check_hub",
+__all__ = ["FormValues", "APP_CAPS", "HIGH_TOKEN_PRESET", "HIGH_TOKEN_METHODS", "high_token_settings", "SKEW_CHOICES", "RELABEL_HELP", "with_form_parameters", "check_hub",
            "hub_offline", "hub_reachable", "needs_hub", "is_hub_dataset", "dataset_choices"]
 
 # The app's caps (the library has none): a run on a shared machine must stay stoppable within a
@@ -47,6 +47,15 @@ SKEW_CHOICES = [
     ("0.1: extreme skew", "0.1"),
     ("0.05: very extreme skew", "0.05"),
 ]
+
+
+# The "49 tokens per image" switch: the preset it picks, and the methods it runs there: the
+# references, the baseline, and FedMITR with the variant the results recommend on 49 tokens
+# (docs/results.md: H = the top 20%, the relabel at work). Change the list here; nothing else
+# names a method.
+HIGH_TOKEN_PRESET = "cpu-49"
+HIGH_TOKEN_METHODS = ("fedavg", "ensemble", "dense-kd", "fedmitr", "fedmitr-h20")
+DEFAULT_PRESET = "cpu"  # what the form starts with, and what the switch turned off restores
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +111,21 @@ class FormValues:
         return config_from_knobs(values)
 
 
+def high_token_settings(on: bool) -> tuple[str, list[str]]:
+    """(preset, methods) of the 49-token switch: on, :data:`HIGH_TOKEN_PRESET` with
+    :data:`HIGH_TOKEN_METHODS`; off, the form's 16-token defaults. A method in the list that is not
+    registered is an error that names it."""
+    from fedmitr.methods import METHODS
+
+    if not on:
+        return DEFAULT_PRESET, list(FormValues.for_preset(DEFAULT_PRESET).methods)
+    unknown = [m for m in HIGH_TOKEN_METHODS if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"the 49-token switch names methods that are not registered: {', '.join(unknown)} "
+                          f"(registered: {', '.join(METHODS)}); fix app/form.py's HIGH_TOKEN_METHODS")
+    return HIGH_TOKEN_PRESET, list(HIGH_TOKEN_METHODS)
+
+
 def with_form_parameters(fn: Callable) -> Callable:
     """Name the form's fields in the signature of ``fn(<special parameters>, *values)``.
 
@@ -111,7 +135,7 @@ def with_form_parameters(fn: Callable) -> Callable:
     """
     sig = inspect.signature(fn)
     special = [p for p in sig.parameters.values() if p.kind is not p.VAR_POSITIONAL]
-    defaults = FormValues.for_preset("cpu")
+    defaults = FormValues.for_preset(DEFAULT_PRESET)
     fields = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(defaults, name))
               for name in FormValues.names()]
     fn.__signature__ = sig.replace(parameters=special + fields)

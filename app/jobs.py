@@ -13,6 +13,7 @@ What the app guarantees, and how:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -221,6 +222,15 @@ def runs_root() -> Path:
     return root
 
 
+THUMBNAILS = "thumbnails"  # gallery thumbnails, shared by every session (named by their content)
+
+
+def thumbnails_root() -> Path:
+    """Where gallery thumbnails are written once each (:class:`app.runview.RunView`); Gradio copies
+    a file into its own cache when it sends it, so deleting one later only means drawing it again."""
+    return runs_root() / THUMBNAILS
+
+
 def _session_tag(session: str) -> str:
     return "".join(ch for ch in session if ch.isalnum())[:16] or "anon"
 
@@ -253,9 +263,13 @@ def cleanup_runs(root: Path | None = None, max_age_s: float = MAX_RUN_AGE_S, max
     Directories of running jobs are kept. Returns the deleted paths.
     """
     root = root or runs_root()
-    dirs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    dirs = sorted((p for p in root.iterdir() if p.is_dir() and p.name != THUMBNAILS), key=lambda p: p.stat().st_mtime)
     now = time.time()
     deleted = []
+    for thumb in (root / THUMBNAILS).glob("*.png"):  # thumbnails: by age only
+        with contextlib.suppress(OSError):
+            if now - thumb.stat().st_mtime > max_age_s:
+                thumb.unlink()
     for i, path in enumerate(dirs):
         too_old = now - path.stat().st_mtime > max_age_s
         too_many = len(dirs) - i > max_dirs

@@ -73,7 +73,7 @@ CSS = """
 .fm-stage {font-size: 13px; padding: 2px 10px; border-radius: 999px; border: 1px solid #d1d5db;}
 .fm-done {background: #e6f4f1; border-color: #2a9d8f; color: #1d6f65;}
 .fm-active {background: #fde8eb; border-color: #d1495b; color: #a3283a; font-weight: 600;}
-.fm-todo {color: #6b7280;}
+.fm-todo {color: #4b5563;}
 .fm-meta {font-size: 13px; color: var(--body-text-color-subdued);}
 .fm-legend {display: flex; flex-wrap: wrap; gap: 6px 16px; font-size: 13px; margin: 2px 0 6px 0;}
 .fm-chip {display: inline-flex; align-items: center; gap: 6px;}
@@ -124,6 +124,7 @@ class Page:
     log_box: Any
     view_state: Any
     gallery_index: Any
+    estimate: Any  # the line under Run: the estimate before a run, what it took after
 
     def outputs(self) -> list:
         return [getattr(self, f.name) for f in fields(self)]
@@ -172,15 +173,17 @@ def _controls_column(knobs: form.FormValues) -> Controls:
                         allow_custom_value=True, elem_id="alpha",
                         info="Smaller α: fewer classes per client. Any number > 0, or iid.")
     methods = gr.CheckboxGroup(label="Methods", choices=list(METHODS), value=list(knobs.methods),
-                               elem_id="methods", info=methods_info())
-    high_token = gr.Button("Switch to 49 tokens per image (where FedMITR's premise holds)", size="sm",
-                           variant="secondary", elem_id="high-token-btn")
+                               elem_id="methods")
+    # Run right under the settings a visitor reads first, above the fold of a laptop screen.
     with gr.Row():
         run_btn = gr.Button("Run", variant="primary", elem_id="run-btn", scale=2, min_width=80)
         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1, min_width=80)
     estimate = gr.Markdown("", elem_id="estimate", elem_classes="fm-explain")
+    high_token = gr.Checkbox(label="49 tokens per image (where FedMITR's premise holds)", value=False,
+                             elem_id="high-token", info="Off: the 16-token defaults.")
     with gr.Accordion("What the methods are", open=False):
-        gr.Markdown("\n".join(f"- **{n}** ({m.role}): {m.summary}" for n, m in METHODS.items()))
+        gr.Markdown(methods_info() + "\n\n" + "\n".join(f"- **{n}** ({m.role}): {m.summary}"
+                                                        for n, m in METHODS.items()))
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         preset = gr.Radio(label="Preset", choices=list(PRESETS), value=knobs.preset, elem_id="preset",
                           info="tiny: seconds (a smoke test); cpu: the demo, a few minutes on 2 cores; "
@@ -212,7 +215,7 @@ def _controls_column(knobs: form.FormValues) -> Controls:
 
 def build_page(device: str) -> tuple[Page, Controls]:
     """Every component, inside the caller's ``gr.Blocks``; ``device`` labels the idle status."""
-    knobs = form.FormValues.for_preset("cpu")
+    knobs = form.FormValues.for_preset(form.DEFAULT_PRESET)
     view_state = gr.State(None)  # this session's RunView
     gallery_index = gr.State([])  # gallery position -> (method, round position, image)
 
@@ -295,6 +298,6 @@ def build_page(device: str) -> tuple[Page, Controls]:
                 relabel_summary=relabel_summary, curves_plot=curves_plot,
                 bench_note=bench_note, results=results, files=files, privacy_pair=privacy_pair,
                 privacy_text=privacy_text, share_method=share_method, try_method=try_tab.own, log_box=log_box,
-                view_state=view_state, gallery_index=gallery_index)
+                view_state=view_state, gallery_index=gallery_index, estimate=controls.estimate)
     controls.try_tab, controls.tabs = try_tab, tabs
     return page, controls

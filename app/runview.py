@@ -9,9 +9,11 @@ changed only through its own methods: :meth:`apply`, :meth:`waiting`, :meth:`fin
 
 from __future__ import annotations
 
+import hashlib
 import html
 import time
 from dataclasses import KW_ONLY, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,8 @@ from fedmitr.events import (Event, Metric, PartitionReady, PrivacyChecked, Progr
                             StageStarted, SyntheticRound)
 from fedmitr.methods import METHODS, headline
 
-from app import views
+from app import timeline, views
+from app.timeline import Plan, format_estimate, format_seconds
 
 GALLERY_PER_ROUND = 8  # synthetic images kept and shown per round (one per class for 10 classes)
 MAX_ROUNDS_KEPT = 12  # per method: the first round and the latest ones, so memory stays bounded
@@ -38,6 +41,22 @@ def _slim(event: SyntheticRound) -> SyntheticRound:
                    token_relabelled=event.token_relabelled[:n])
 
 
+def _write_png(image, folder: Path) -> str:
+    """``image`` as a PNG in ``folder``, named by its content (written once, shared by every view)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    data = buffer.getvalue()
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{time.time_ns()}.part")
+        partial.write_bytes(data)
+        partial.replace(path)  # atomic: a concurrent reader never sees half a file
+    return str(path)
+
+
 @dataclass
 class RunView:
     cfg: RunConfig
@@ -45,6 +64,10 @@ class RunView:
     started: float = field(default_factory=time.time)
     stages: list[str] = field(default_factory=list)  # planned stage names, in order
     finished: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    plan: Plan | None = None  # planned seconds of every stage on this machine (app.timeline.stage_plan)
+    run_started: float | None = None  # wall clock when the run got the device (None: not yet)
+    clock: float = 0.0  # seconds since the run started, as of the latest event
+    stage_started: dict[str, float] = field(default_factory=dict)  # stage -> `clock` when it started
     stage: str | None = None
     stage_info: dict[str, str] = field(default_factory=dict)
     step: int = 0
@@ -71,16 +94,24 @@ class RunView:
     train_images: tuple[np.ndarray, np.ndarray] | None = None
     seconds: float | None = None  # how long the run took, once it ended
     recorded: str = ""  # for a replayed run: what it is (shown instead of "Finished"), HTML
+    name: str = "your run"  # what the run is called on the page ("the recorded example", ...)
+    thumbnails: Path | None = None  # where gallery thumbnails are written once (None: drawn for every call)
+    _thumbs: dict[tuple, str] = field(default_factory=dict, repr=False)  # (method, round, image, tint) -> file
+    _bar: float = field(default=0.0, repr=False)  # the progress bar never moves back
 
     def __post_init__(self) -> None:
         if not self.stages:
-            self.stages = ["data", "clients", *self.cfg.methods]
+            synthesises = any(METHODS.get(m) is not None and METHODS[m].synthesises for m in self.cfg.methods)
+            self.stages = ["data", "clients", *self.cfg.methods, *(["privacy"] if synthesises else [])]
 
     # --- events -> state ---------------------------------------------------------------------------
-    def apply(self, event: Event) -> set[str]:
-        """Fold one event in; return the parts of the page that changed."""
+    def apply(self, event: Event, at: float | None = None) -> set[str]:
+        """Fold one event in; return the parts of the page that changed. ``at``: when it happened,
+        in seconds since the run started (a recorded event's ``t``); None: now."""
+        self.clock = self._now() if at is None else float(at)
         if isinstance(event, StageStarted):
             self.stage, self.step, self.total, self.message = event.stage, 0, event.total or 0, ""
+            self.stage_started[event.stage] = self.clock
             if event.info:
                 self.stage_info[event.stage] = event.info
             if event.device is not None:
@@ -133,37 +164,53 @@ class RunView:
         return {"clients", "curves"}
 
     def _log(self, line: str) -> None:
-        self.log.append(f"{time.time() - self.started:6.1f}s {line}")
+        self.log.append(f"{self.clock:6.1f}s {line}")
+
+    def _now(self) -> float:
+        """Seconds since the run got the device (the clock starts with the first event)."""
+        if self.run_started is None:
+            self.run_started = time.time()
+        return time.time() - self.run_started
 
     # --- the run's outcome ------------------------------------------------------------------------
     def waiting(self, position: int) -> None:
-        """The run's place in the line for the device (0: it holds the device)."""
+        """The run's place in the line for the device (0: it holds the device, and its clock runs)."""
         self.queue_position = position
+        if position == 0 and self.run_started is None:
+            self.run_started = time.time()
+
+    def set_plan(self, plan: Plan | None) -> None:
+        """The planned seconds of every stage (:func:`app.timeline.stage_plan`), for the time left."""
+        self.plan = plan
 
     def finish(self, metrics: dict[str, Any], *, out_dir: str | None = None, files: list[str] | None = None,
-               models: list[str] | None = None) -> None:
+               models: list[str] | None = None, seconds: float | None = None) -> None:
         """The run ended: its metrics, and (for a run with a directory) the downloads and the
-        methods whose global model was saved."""
+        methods whose global model was saved. ``seconds``: what the run took (default: the run's
+        own total, from its metrics)."""
         self.state, self.metrics, self.queue_position = "done", metrics, 0
-        self.seconds = float(metrics.get("seconds", {}).get("total", time.time() - self.started))
+        if seconds is None:
+            seconds = float(metrics.get("seconds", {}).get("total", self.clock))
+        self.seconds, self.clock = float(seconds), float(seconds)
         self.out_dir = out_dir
         self.files = list(files or [])
         self.models = list(models or [])
 
     def fail(self, message: str) -> None:
-        self.state, self.seconds = "failed", time.time() - self.started
+        self.state, self.seconds = "failed", self.elapsed()
         self._log(f"failed: {message}")
 
     def cancel(self) -> bool:
         """Mark a running view stopped; False if it had already ended."""
         if self.state != "running":
             return False
-        self.state, self.seconds = "cancelled", time.time() - self.started
+        self.state, self.seconds = "cancelled", self.elapsed()
         return True
 
-    def mark_recorded(self, note: str) -> None:
-        """This finished view is a replay of a recorded run; ``note`` (HTML) says which."""
-        self.recorded = note
+    def mark_recorded(self, note: str, name: str = "the recorded run") -> None:
+        """This finished view is a replay of a recorded run; ``note`` (HTML) says which, ``name``
+        is what the page calls it ("the recorded example")."""
+        self.recorded, self.name = note, name
 
     def set_tint(self, tint: bool) -> None:
         self.tint = bool(tint)
@@ -174,18 +221,55 @@ class RunView:
         self.train_images = (train_unit, train_labels)
 
     # --- derived ---------------------------------------------------------------------------------------
+    def elapsed(self, now: float | None = None) -> float:
+        """Seconds the run has taken so far on the device (all of it once it ended; 0 while queued).
+        ``now``: the time to read it at, in seconds since the run started (default: the clock)."""
+        if self.seconds is not None:
+            return self.seconds
+        if now is not None:
+            return now
+        return self._now() if self.run_started is not None else 0.0
+
+    def remaining(self, now: float | None = None) -> float | None:
+        """Seconds left at ``now`` (:func:`app.timeline.remaining_seconds`); None without a plan,
+        or while the run waits for the device."""
+        if self.state != "running" or self.plan is None or (now is None and self.run_started is None):
+            return None
+        now = self.elapsed(now)
+        current = self.stage if self.stage is not None and self.stage not in self.finished else None
+        fraction = self.plan.fraction(current, self.step, self.total) if current else 0.0
+        elapsed = now - self.stage_started.get(current, now) if current else 0.0
+        return timeline.remaining_seconds(self.plan.seconds, self.finished, current=current, fraction=fraction,
+                                          elapsed=elapsed)
+
     def fraction(self) -> float:
-        """Overall progress 0..1. Stages are weighted by a rough share of the run's time."""
+        """Overall progress 0..1: 1 only once the run is done. With a plan, the share of the time
+        (taken / (taken + left)); without one, stages weighted by a rough share of the run's time."""
+        if self.state == "done":
+            return 1.0
+        if self.state != "running":
+            return self._bar
+        left = self.remaining()
+        if left is not None:
+            done = timeline.progress_fraction(self.elapsed(), left)
+        else:
+            done = self._weighted_fraction()
+        self._bar = max(self._bar, min(0.99, done))
+        return self._bar
+
+    def _weighted_fraction(self) -> float:
         inversion = [m for m in self.cfg.methods if METHODS.get(m) is not None and METHODS[m].synthesises]
         weights = {"data": 0.02, "clients": 0.45 if inversion else 0.9}
         rest = 1 - sum(weights.values())
         for m in self.cfg.methods:
-            weights[m] = (rest * 0.97 / len(inversion)) if m in inversion else rest * 0.03 / max(1, len(self.cfg.methods))
+            weights[m] = (rest * 0.95 / len(inversion)) if m in inversion else rest * 0.03 / max(1, len(self.cfg.methods))
+        if inversion:
+            weights["privacy"] = rest * 0.02
         scale = sum(weights.values())
         done = sum(weights.get(s, 0) for s in self.finished)
         if self.stage and self.stage not in self.finished and self.total:
             done += weights.get(self.stage, 0) * min(1.0, self.step / self.total)
-        return 1.0 if self.state == "done" else min(1.0, done / scale)
+        return done / scale
 
     def references(self) -> dict[str, float]:
         """Single numbers drawn as reference lines: the methods without rounds (FedAvg, the ensemble)."""
@@ -204,15 +288,26 @@ class RunView:
         return list(self.rounds)
 
     def gallery_items(self, method: str | None) -> tuple[list, list[tuple[str, int, int]]]:
-        """(image, caption) pairs of ``method``'s rounds, and which (method, round, image) each one is."""
+        """(image, caption) pairs of ``method``'s rounds, and which (method, round, image) each one is.
+
+        With a ``thumbnails`` folder each thumbnail is drawn and written once, and the same file is
+        sent again when the gallery grows: Gradio does not encode it again, and the browser keeps it.
+        """
         if method not in self.rounds:
             return [], []
         items, index = [], []
+        names = self.class_names or None
         for r, event in enumerate(self.rounds[method]):
-            for i, img in enumerate(views.mask_overlay(event, tint=self.tint, class_names=self.class_names or None)):
+            keys = [(method, event.round, i, self.tint) for i in range(len(event.images))]
+            if self.thumbnails is None or any(not Path(self._thumbs.get(k, "")).is_file() for k in keys):
+                drawn = views.mask_overlay(event, tint=self.tint, class_names=names)
+                if self.thumbnails is not None:
+                    self._thumbs.update({k: _write_png(img, self.thumbnails) for k, img in zip(keys, drawn)})
+            for i, key in enumerate(keys):
                 # The caption is drawn under the image (not over a patch); the text is the image's
                 # alt text (the page hides Gradio's own caption strip).
-                items.append((img, views.alt_text(event, i, self.class_names or None)))
+                img = self._thumbs[key] if self.thumbnails is not None else drawn[i]
+                items.append((img, views.alt_text(event, i, names)))
                 index.append((method, r, i))
         return items, index
 
@@ -274,8 +369,22 @@ class RunView:
         return views.stop_legend_html(latest, shown=len(latest.images), total=self.round_size.get(method))
 
     # --- status ------------------------------------------------------------------------------------
+    def time_line(self) -> str:
+        """The status card's clock: the time left while the run goes, what it took once it ended."""
+        if self.state == "running" and self.queue_position > 0:
+            return f"waiting {format_seconds(time.time() - self.started)}"
+        pct = f"{self.fraction() * 100:.0f}%"
+        if self.state == "running":
+            left = self.remaining()
+            so_far = f"{format_seconds(self.elapsed())} so far"
+            if left is None:
+                return f"{pct} · {so_far}"
+            return f"{pct} · {so_far} · " + (f"about {format_estimate(left)} left" if left >= 1 else "finishing")
+        took = format_seconds(self.elapsed())
+        return {"done": f"{pct} · took {took}", "cancelled": f"stopped after {took}",
+                "failed": f"failed after {took}"}[self.state]
+
     def status_html(self) -> str:
-        elapsed = self.seconds if self.seconds is not None else time.time() - self.started
         chips = []
         for s in self.stages:
             if s in self.finished:
@@ -286,6 +395,7 @@ class RunView:
                 cls, mark = "todo", "○"
             chips.append(f'<span class="fm-stage fm-{cls}">{mark} {html.escape(s)}</span>')
         pct = self.fraction() * 100
+        clock = html.escape(self.time_line())
         if self.state == "running" and self.queue_position > 0:
             ahead = self.queue_position - 1
             head = (f"Queued: position {self.queue_position} in line for the device "
@@ -301,7 +411,7 @@ class RunView:
         device = html.escape(self.device) if self.device else "not yet chosen"
         return (
             f'<div class="fm-status fm-state-{self.state}">'
-            f'<div class="fm-status-head"><b>{head}</b><span>{pct:.0f}% · {elapsed:.0f} s</span></div>'
+            f'<div class="fm-status-head"><b>{head}</b><span class="fm-time">{clock}</span></div>'
             f'<div class="fm-bar"><div style="width:{pct:.1f}%"></div></div>'
             f'<div class="fm-stages">{"".join(chips)}</div>'
             f'<div class="fm-meta">Device: {device} · {self.cfg.data.num_clients} clients · '

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 import torch
 
 from fedmitr.catalog import BUNDLED
@@ -24,7 +23,8 @@ from fedmitr.errors import USER_ERRORS, redact
 from app import form, views
 from app.runview import RunView
 
-OWN, HUB = "a global model of this session's run", "a model on the Hugging Face Hub"
+RUN_DIR = "run-dir:"  # a replay reference to a run directory on this machine (app.replay.replay_ref)
+OWN, HUB = "a global model of the run on the Run tab", "a model on the Hugging Face Hub"
 
 
 def on_space() -> bool:
@@ -53,7 +53,7 @@ def _finished_run(view: RunView | None) -> RunView:
 
 # --- push ---------------------------------------------------------------------------------------------
 
-def push(view: RunView | None, method: str | None, repo: str, private: bool, token_text: str,
+def push(view: RunView | None, method: str | None, *, repo: str, private: bool, token_text: str,
          oauth_token: Any = None) -> tuple[str, Any]:
     """Push ``method``'s global model of this tab's run. Returns (the link, a cleared token box)."""
     from fedmitr import hub
@@ -76,12 +76,6 @@ def push(view: RunView | None, method: str | None, repo: str, private: bool, tok
             f"Load it with `timm.create_model(\"hf-hub:{repo}\", pretrained=True)`.", "")
 
 
-def push_with_login(view: RunView | None, method: str | None, repo: str, private: bool, token_text: str,
-                    oauth_token: gr.OAuthToken | None) -> tuple[str, Any]:
-    """On a Space: the signed-in user's token, from the login button."""
-    return push(view, method, repo, private, token_text, oauth_token)
-
-
 def build_share_panel(view_state: gr.State) -> gr.Dropdown:
     """The Share accordion (under the results); returns its method dropdown, which a run fills."""
     with gr.Accordion("Share the global model on the Hugging Face Hub", open=False, elem_id="share"):
@@ -97,24 +91,34 @@ def build_share_panel(view_state: gr.State) -> gr.Dropdown:
         gr.Markdown("The push uploads the model in timm's layout, a model card with the measured accuracy and the "
                     "privacy check, the run's config and metrics, and the accuracy curve: one commit.",
                     elem_classes="fm-explain")
-    handler = push_with_login if on_space() else push
+    def push_from_form(values: dict) -> tuple[str, Any]:
+        """Gradio hands the panel's inputs over as one dict, component -> value."""
+        return push(values[view_state], values[method], repo=values[repo], private=values[private],
+                    token_text=values[token])
+
+    def push_with_login(values: dict, oauth_token: gr.OAuthToken | None) -> tuple[str, Any]:
+        """On a Space: the signed-in user's token, from the login button."""
+        return push(values[view_state], values[method], repo=values[repo], private=values[private],
+                    token_text=values[token], oauth_token=oauth_token)
+
+    handler = push_with_login if on_space() else push_from_form
     # The result of an earlier push goes before this one starts, and the token box is emptied after
     # every push: a push that worked returns an empty box, and a refused one empties it by .failure.
     pushed = button.click(lambda: "", None, [result], queue=False, api_visibility="private", show_progress="hidden") \
-        .then(handler, [view_state, method, repo, private, token], [result, token], api_name="push",
-              concurrency_limit=2, show_progress="minimal",
-              api_description="Push a global model of this session's finished run to the Hub.")
+        .then(handler, {view_state, method, repo, private, token}, [result, token], api_name="push", concurrency_limit=2,
+              show_progress="minimal", api_description="Push a global model of this session's finished run to the Hub.")
     pushed.failure(lambda: "", None, [token], queue=False, api_visibility="private", show_progress="hidden")
     return method
 
 
 # --- try a checkpoint --------------------------------------------------------------------------------
 
-def try_checkpoint(view: RunView | None, source: str, own_method: str | None, hub_id: str, dataset: str,
+def try_checkpoint(view: RunView | None, source: str, *, own_method: str | None, hub_id: str, dataset: str,
                    count: int = 8) -> tuple[str, list, Any, str]:
     """Load a checkpoint, test it on a bundled dataset, and show test images with its prediction and
     its class token's attention on each patch. Also returns the Replay button's update and the
-    model reference it replays (a shared checkpoint that carries its run's events)."""
+    model reference it replays: a shared checkpoint that carries its run's events, or the recorded
+    run on the Run tab (the example)."""
     from fedmitr import hub
     from fedmitr.data import open_dataset
     from fedmitr.models import patch_grid, sparse_forward
@@ -129,7 +133,7 @@ def try_checkpoint(view: RunView | None, source: str, own_method: str | None, hu
             _hub_ready()
             ref = f"hf-hub:{hub_id.strip()}"
             model, info = hub.load(ref)
-            where = hub_id.strip()
+            where, replayable = hub_id.strip(), info.get("has_events", False)
         else:
             run = _finished_run(view)
             if own_method not in run.models:
@@ -138,7 +142,10 @@ def try_checkpoint(view: RunView | None, source: str, own_method: str | None, hu
             with tempfile.TemporaryDirectory(prefix="fedmitr-try-") as tmp:
                 folder = hub.export(run.out_dir, Path(tmp) / "model", method=own_method)
                 model, info = hub.load(f"local-dir:{folder}")  # the same path a shared checkpoint takes
-            where, ref = f"this run's {own_method}", ""  # its run is already on the Run tab
+            where = f"{run.name}'s {views.method_label(own_method)} model"
+            where = where[0].upper() + where[1:]
+            # A recorded run (the example) replays from its own events; a live run is on the Run tab.
+            ref, replayable = f"{RUN_DIR}{run.out_dir}", bool(run.recorded)
         result = hub.evaluate_checkpoint(model, dataset)
     except USER_ERRORS as err:
         raise _refuse(str(err), title="Cannot load") from None
@@ -155,7 +162,6 @@ def try_checkpoint(view: RunView | None, source: str, own_method: str | None, hu
         items.append((views.attention_overlay(images[k], out.cls_attention[k].numpy(), grid, caption), None))
     trained_on = info.get("dataset", {}).get("name")
     note = f" (trained on {trained_on})" if trained_on and trained_on != dataset else ""
-    replayable = bool(ref) and info.get("has_events", False)
     return (f"**{where}** on {result['dataset']}{note}: test accuracy **{result['accuracy']:.1%}** over "
             f"{result['num_test']} images. The tint is the class token's attention on each patch (bright: most "
             f"attended)." + (" It carries its whole run: **Replay it** to see every stage on the Run tab."
@@ -173,12 +179,13 @@ class TryTab:
 def build_try_tab(view_state: gr.State) -> TryTab:
     """The "Try a checkpoint" tab."""
     with gr.Tab("Try a checkpoint", id="try"):
-        gr.Markdown("Load a global model, from this tab's last run or from the Hub, test it on a bundled dataset "
-                    "and see what it looks at.", elem_classes="fm-explain")
+        gr.Markdown("Load a global model, from the run on the Run tab (the recorded example, or your own) or "
+                    "from the Hub, test it on a bundled dataset and see what it looks at.",
+                    elem_classes="fm-explain")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 source = gr.Radio(label="Model", choices=[OWN, HUB], value=OWN, elem_id="try-source")
-                own = gr.Dropdown(label="Global model of this session's run", choices=[], value=None,
+                own = gr.Dropdown(label="Global model of the run on the Run tab", choices=[], value=None,
                                   elem_id="try-own")
                 hub_id = gr.Textbox(label="Model on the Hub", placeholder="USER/NAME", elem_id="try-hub", visible=False)
                 dataset = gr.Dropdown(label="Test on", choices=list(BUNDLED), value="mnist5k", elem_id="try-dataset")
@@ -192,10 +199,16 @@ def build_try_tab(view_state: gr.State) -> TryTab:
         # One box at a time: the session's models, or a Hub id.
         source.change(lambda s: (gr.update(visible=s == OWN), gr.update(visible=s == HUB)), [source], [own, hub_id],
                       queue=False, api_visibility="private", show_progress="hidden")
+        def try_from_form(values: dict) -> tuple[str, list, Any, str]:
+            """Gradio hands the form over as one dict, component -> value."""
+            return try_checkpoint(values[view_state], values[source], own_method=values[own],
+                                  hub_id=values[hub_id], dataset=values[dataset])
+
         # The last result goes before the next load starts, so no old sentence sits under a new error.
         button.click(lambda: ("", [], gr.update(visible=False), ""), None, [summary, samples, replay, replay_ref],
                      queue=False, api_visibility="private", show_progress="hidden") \
-            .then(try_checkpoint, [view_state, source, own, hub_id, dataset], [summary, samples, replay, replay_ref],
+            .then(try_from_form, {view_state, source, own, hub_id, dataset}, [summary, samples, replay, replay_ref],
                   api_name="try", concurrency_limit=2, show_progress="minimal",
-                  api_description="Evaluate a checkpoint (this session's run, or a Hub model) on a bundled dataset.")
+                  api_description="Evaluate a checkpoint (the run on the Run tab, or a Hub model) on a bundled "
+                                  "dataset.")
     return TryTab(own=own, replay=replay, replay_ref=replay_ref)

@@ -27,13 +27,14 @@ from fedmitr.methods import headline
 from fedmitr.rundir import RunDir
 
 from app import form, jobs, views
-from app.layout import RELABEL_PLACEHOLDER, Page, gallery_hint
+from app.layout import BENCH_HINT, RELABEL_PLACEHOLDER, Page, gallery_hint
 from app.runview import RunView
+from app.timeline import Plan, format_estimate, format_seconds, stage_plan
 
 log = logging.getLogger("fedmitr.app")
 ROOT = Path(__file__).resolve().parent.parent  # the repository (the Space's files)
 
-YIELD_EVERY_S = 0.5  # the most often the page is redrawn while a run streams events
+YIELD_EVERY_S = 1.0  # the most often the page is redrawn while a run streams events (a person reads at this rate)
 _DEVICE: list[DeviceInfo | None] = []
 
 
@@ -96,8 +97,16 @@ def _friendly(err: BaseException) -> str:
     return f"the run failed ({type(err).__name__}). The app is still up; try again or change the settings."
 
 
-def run_job(page: Page, values: tuple, request: gr.Request | None, progress):
-    """Run the whole pipeline for this session and stream the page as its events arrive."""
+def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference: dict[str, Any] | None = None):
+    """Run the whole pipeline for this session and stream the page as its events arrive.
+
+    ``reference``: the ``metrics.json`` of a run recorded on this machine (the example), from which
+    the time each stage takes is planned (:func:`app.timeline.stage_plan`).
+
+    What is streamed is bounded: at most one update every :data:`YIELD_EVERY_S` seconds, and in
+    it only what changed since the last one (the status card when its text changed, the log when
+    it grew, a figure when its data changed, the gallery when a round arrived).
+    """
     session = session_of(request)
     cfg = checked_config(values)
     dataset = checked_data(cfg)
@@ -112,27 +121,19 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, progress):
         gr.Warning("The gpu preset fine-tunes a 224 px DeiT and is sized for a GPU; on this CPU it takes hours. "
                    "Press Stop and pick the cpu preset for a demo.")
     job = jobs.Job(cfg, jobs.new_run_dir(session), session, dataset=dataset)
-    view = RunView(cfg)
+    view = RunView(cfg, thumbnails=jobs.thumbnails_root())
+    view.set_plan(plan_of(cfg, reference))
     index: list = []
     try:
         job.start()
-        progress(0.0, desc="waiting for the device")
-        yield {
-            page.status: view.status_html(),
-            page.partition_plot: views.placeholder_figure("Splitting the data…"),
-            page.clients_plot: views.placeholder_figure("Client accuracies appear after local training."),
-            page.gallery: [], page.gallery_method: gr.update(choices=[], value=None), page.legend: gallery_hint(),
-            page.relabel_plot: views.placeholder_figure(RELABEL_PLACEHOLDER, height=420), page.relabel_summary: "",
-            page.curves_plot: view.curves_chart(), page.results: pd.DataFrame(columns=views.RESULT_HEADERS),
-            page.files: None, page.log_box: "", page.view_state: view, page.gallery_index: index,
-        }
+        yield first_update(page, view)
         dirty: set[str] = set()
-        logged = 0  # log lines already on the page
+        logged, status = 0, ""  # log lines and status card already on the page
         last_yield = time.monotonic()
         finished = False
         while not finished:
             try:
-                event = job.events.get(timeout=0.2)
+                event = job.events.get(timeout=0.25)
             except queue.Empty:
                 event = None
             while event is not None:  # drain whatever else is already waiting
@@ -145,36 +146,44 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, progress):
                 except queue.Empty:
                     event = None
             now = time.monotonic()
-            urgent = bool(dirty & {"partition", "gallery"})
-            if finished or not (urgent or now - last_yield >= YIELD_EVERY_S):
+            if finished or now - last_yield < YIELD_EVERY_S:
                 continue
             view.waiting(0 if job.started_on_device.is_set() else job.queue_position())
             if len(view.log) != logged:
                 dirty.add("log")
                 logged = len(view.log)
-            progress(view.fraction(), desc=f"{view.stage or 'waiting for the device'}")
             update, index = render(page, view, dirty | {"status"}, index)
-            yield update
+            if update.get(page.status) == status:
+                del update[page.status]  # the card's text did not change: nothing to redraw
+            status = update.get(page.status, status)
+            if update:
+                yield update
             dirty, last_yield = set(), now
 
         if job.error is not None:
             view.fail(str(job.error))
-            yield {page.status: view.status_html(), page.log_box: "\n".join(view.log)}
+            yield {page.status: view.status_html(), page.log_box: "\n".join(view.log),
+                   page.estimate: estimate_line(cfg, view.plan)}
             if not isinstance(job.error, USER_ERRORS):
                 log.error("run failed", exc_info=job.error)
             raise refuse(_friendly(job.error), title="Run failed")
         if job.cancelled:
             view.cancel()
-            yield {page.status: view.status_html(), page.log_box: "\n".join(view.log)}
+            yield {page.status: view.status_html(), page.log_box: "\n".join(view.log),
+                   page.estimate: estimate_line(cfg, view.plan)}
             return
         run_dir = RunDir(job.out_dir)
         first = headline().name  # the method's own model is offered first
+        shown = view.shown_method()
         view.finish(job.metrics, out_dir=str(job.out_dir), files=[str(p) for p in run_dir.downloads()],
-                    models=sorted(run_dir.global_models(), key=lambda m: m != first))
+                    models=sorted(run_dir.global_models(), key=lambda m: m != first), seconds=view.elapsed())
         if job.dataset is not None:  # bundled data, loaded by the check: the privacy view shows real images
             view.attach_training_images(*train_images(job.dataset))
-        update, index = render(page, view, dirty | {"status", "partition", "clients", "curves", "gallery", "final"},
-                               index)
+        # The gallery again only if it now follows another method (the headline one, at the end).
+        final = dirty | {"status", "final", "log"} | ({"gallery"} if view.shown_method() != shown else set())
+        update, index = render(page, view, final, index)
+        update[page.view_state] = view
+        update[page.estimate] = took_text(view)
         yield update
     finally:
         # On Stop or a closed tab Gradio runs this on its event loop: signal the worker and return.
@@ -182,9 +191,25 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, progress):
         job.cancel()
 
 
+def first_update(page: Page, view: RunView) -> dict[Any, Any]:
+    """The page as a new run starts: every panel of the last run (or of the example) cleared."""
+    return {
+        page.status: view.status_html(),
+        page.partition_plot: views.placeholder_figure("Splitting the data…"),
+        page.clients_plot: views.placeholder_figure("Client accuracies appear after local training."),
+        page.gallery: [], page.gallery_method: gr.update(choices=[], value=None), page.legend: gallery_hint(),
+        page.relabel_plot: views.placeholder_figure(RELABEL_PLACEHOLDER, height=420), page.relabel_summary: "",
+        page.curves_plot: view.curves_chart(), page.results: pd.DataFrame(columns=views.RESULT_HEADERS),
+        page.files: None, page.log_box: "", page.view_state: view, page.gallery_index: [],
+        page.privacy_pair: None, page.privacy_text: views.PRIVACY_HINT, page.bench_note: BENCH_HINT,
+        page.share_method: gr.update(choices=[], value=None), page.try_method: gr.update(choices=[], value=None),
+        page.estimate: running_text(view),
+    }
+
+
 def render(page: Page, view: RunView, dirty: set[str], index: list) -> tuple[dict[Any, Any], list]:
     """The page updates for the parts in ``dirty``; also returns the gallery's index."""
-    update: dict[Any, Any] = {page.view_state: view}
+    update: dict[Any, Any] = {}
     if "status" in dirty:
         update[page.status] = view.status_html()
     if "log" in dirty or "final" in dirty:  # the log only when it grew: a redraw costs the browser too
@@ -209,11 +234,36 @@ def render(page: Page, view: RunView, dirty: set[str], index: list) -> tuple[dic
         update[page.results] = pd.DataFrame(views.results_rows(view.metrics), columns=views.RESULT_HEADERS)
         first = view.models[0] if view.models else None
         update[page.share_method] = gr.update(choices=view.models, value=first)
-        update[page.try_method] = gr.update(choices=view.models, value=first)
+        update[page.try_method] = gr.update(choices=view.models, value=first, label=f"Global model of {view.name}")
         update[page.privacy_pair], update[page.privacy_text] = view.privacy_view(shown)
         update[page.bench_note] = bench_note(view.cfg)
         update[page.files] = view.files or None
     return update, index
+
+
+def plan_of(cfg: RunConfig, reference: dict[str, Any] | None) -> Plan | None:
+    """The time plan of a run of ``cfg`` (None when there is no recorded run to scale, or it cannot be read)."""
+    try:
+        return stage_plan(cfg, reference)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:  # an old or partial metrics.json
+        log.warning("no time estimate (%s: %s)", type(err).__name__, err)
+        return None
+
+
+def running_text(view: RunView) -> str:
+    """The line under Run while a run goes: the card above counts down."""
+    if view.plan is None:
+        return "Running: the card above shows how far it got."
+    return (f"Running: the card above counts down the time left (about {format_estimate(view.plan.total)} "
+            f"estimated before the run).")
+
+
+def took_text(view: RunView) -> str:
+    """The line under Run once a run finished: what it took, beside what was estimated."""
+    took = f"This run took **{format_seconds(view.elapsed())}**"
+    if view.plan is None:
+        return took + "."
+    return took + f" (estimated before it: about {format_estimate(view.plan.total)})."
 
 
 def stop_job(view: RunView | None, request: gr.Request):
@@ -245,49 +295,10 @@ def train_images(dataset: Any) -> tuple[Any, Any]:
 
 def estimate_seconds(cfg: RunConfig, reference: dict[str, Any] | None) -> float | None:
     """A rough wall-clock estimate of a run of ``cfg`` on this machine, from ``reference``: the
-    ``metrics.json`` of a run recorded here (the example). Each stage's seconds per unit of work
-    (client steps, inversion image-iterations, distillation steps) scale with the work ``cfg`` asks
-    for and with the tokens per image; None when there is nothing to scale from."""
-    from fedmitr.clients import client_steps
-    from fedmitr.methods import METHODS
-
-    if not reference or "seconds" not in reference:
-        return None
-    ref_cfg = reference["config"]
-    ref_tokens = ref_cfg["model"]["patch_grid"] ** 2 + 1
-    tokens = cfg.model.patch_grid ** 2 + 1 if cfg.model.arch == "scratch" else 197
-    width = (cfg.model.embed_dim / ref_cfg["model"]["embed_dim"]) ** 2 * cfg.model.depth / ref_cfg["model"]["depth"]
-    scale = width * tokens / ref_tokens
-    n = reference["dataset"]["num_train"]
-    ref_steps = sum(client_steps(c["num_samples"], _clients_cfg(ref_cfg)) for c in reference["clients"])
-    steps = client_steps(n // cfg.data.num_clients, cfg.clients) * cfg.data.num_clients
-    seconds = reference["seconds"]["clients"] * steps / max(1, ref_steps) * scale
-    per_method = {name: m for name, m in reference["methods"].items() if "stage_seconds" in m}
-    for name in cfg.methods:
-        spec = METHODS.get(name)
-        if spec is None or not spec.synthesises:  # an average or an evaluation: about what it took there
-            seconds += reference["methods"].get(name, {}).get("seconds", 0.5)
-            continue
-        like = next((m for n_, m in per_method.items() if METHODS.get(n_) and METHODS[n_].sparse == spec.sparse), None)
-        like = like or next(iter(per_method.values()), None)
-        if like is None:
-            return None
-        ref_rounds = len(like["curve"])
-        inv = ref_cfg["inversion"]
-        work = cfg.distill.rounds * cfg.inversion.images_per_round * cfg.inversion.iterations
-        ref_work = ref_rounds * inv["images_per_round"] * inv["iterations"]
-        st = like["stage_seconds"]
-        seconds += st["inversion"] * work / ref_work * scale
-        seconds += st["distill"] * (cfg.distill.rounds * cfg.distill.steps_per_round) / max(
-            1, ref_rounds * ref_cfg["distill"]["steps_per_round"]) * scale
-        seconds += (st["relabel"] + st["evaluate"]) * cfg.distill.rounds / ref_rounds * scale
-    return seconds
-
-
-def _clients_cfg(recorded: dict[str, Any]):
-    from fedmitr.config import ClientTrainConfig
-
-    return ClientTrainConfig(**recorded["clients"])
+    ``metrics.json`` of a run recorded here (the example); the sum of
+    :func:`app.timeline.stage_plan`. None when there is nothing to scale from."""
+    plan = plan_of(cfg, reference)
+    return None if plan is None else plan.total
 
 
 def estimate_text(values: tuple, reference: dict[str, Any] | None) -> str:
@@ -296,10 +307,12 @@ def estimate_text(values: tuple, reference: dict[str, Any] | None) -> str:
         cfg = form.FormValues.from_inputs(values).to_config()
     except ConfigError:
         return ""
-    seconds = estimate_seconds(cfg, reference)
-    if seconds is None:
+    return estimate_line(cfg, plan_of(cfg, reference))
+
+
+def estimate_line(cfg: RunConfig, plan: Plan | None) -> str:
+    """About how long a run of ``cfg`` takes here, before it starts (nothing without a plan)."""
+    if plan is None:
         return ""
-    minutes, rest = divmod(int(round(seconds / 10) * 10), 60)
-    when = f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
-    return (f"About **{when}** on this machine (scaled from the recorded run; "
+    return (f"About **{format_estimate(plan.total)}** on this machine (scaled from the recorded run; "
             f"{'the gpu preset needs a GPU, ' if cfg.preset == 'gpu' else ''}a rough estimate).")

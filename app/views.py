@@ -7,6 +7,8 @@ method looks the same in the bar chart, the curves and the table.
 
 from __future__ import annotations
 
+import base64
+import io
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -87,7 +89,7 @@ def partition_heatmap(class_counts: np.ndarray, class_names: Sequence[str]) -> g
     fig = go.Figure(go.Heatmap(
         z=counts, x=names, y=clients, colorscale="Blues", zmin=0,
         text=counts if show_text else None, texttemplate="%{text}" if show_text else None,
-        textfont=dict(size=11 if c <= 20 else 8),
+        textfont=dict(size=count_font_size(counts)),
         colorbar=dict(title=dict(text="images", side="right"), thickness=12),
         hovertemplate="%{y}<br>class %{x}: %{z} images<extra></extra>", xgap=1, ygap=1,
     ))
@@ -96,6 +98,21 @@ def partition_heatmap(class_counts: np.ndarray, class_names: Sequence[str]) -> g
                      showticklabels=c <= 60)
     # At least as tall as the client chart beside it; rows stay readable up to 20 clients.
     return _base_layout(fig, "Training images per client and class", height=min(max(380, 130 + 32 * k), 700))
+
+
+# The heatmap's cells share about this many pixels across (half the page on a 1280 px screen, less
+# the client labels and the colour bar), measured in Chromium at 1280x800.
+HEATMAP_WIDTH_PX = 220
+CELL_PADDING_PX = 3  # free space on each side of a count, so it never touches the cell's edge
+
+
+def count_font_size(counts: np.ndarray, width_px: float = HEATMAP_WIDTH_PX) -> int:
+    """The largest font (at most 11 px) in which the widest count fits its cell with
+    :data:`CELL_PADDING_PX` on each side; a digit is about 0.6 em wide."""
+    counts = np.asarray(counts)
+    digits = len(str(int(counts.max()))) if counts.size else 1
+    cell = width_px / max(1, counts.shape[-1])
+    return int(max(6, min(11, (cell - 2 * CELL_PADDING_PX) / (0.6 * digits))))
 
 
 # --- clients vs references ------------------------------------------------------------------------
@@ -214,6 +231,13 @@ def mask_overlay(event: SyntheticRound, max_images: int | None = None, *, displa
     return out
 
 
+def png_data_uri(image: Image.Image) -> str:
+    """``image`` as a ``data:image/png;base64,...`` URI (what a plotly Image trace's ``source`` takes)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def _with_caption(img: Image.Image, text: str) -> Image.Image:
     """``img`` with a white strip underneath holding ``text``, in a font small enough to fit it whole."""
     # Thumbnails are shown at about half size: the font is as large as fits, and readable there.
@@ -318,8 +342,9 @@ def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None
         subplot_titles=(f"synthetic image (class {name_of(label)})", "information density (kept view)", label_title),
     )
     # The same picture as the gallery's thumbnail (tinted or not), which already draws the patch grid.
-    fig.add_trace(go.Image(z=np.asarray(mask_overlay(event, max_images=i + 1, tint=tint)[i]), hoverinfo="skip"),
-                  row=1, col=1)
+    # As a PNG (a few kB), not an array of numbers (over 100 kB of JSON to send and parse).
+    fig.add_trace(go.Image(source=png_data_uri(mask_overlay(event, max_images=i + 1, tint=tint)[i]),
+                           hoverinfo="skip"), row=1, col=1)
 
     small = g <= 8
     state = np.where(stopped, np.vectorize(lambda t: f"stopped at iteration {t}")(stops), "kept to the end")

@@ -1,0 +1,253 @@
+"""How long a run takes: the estimate before it starts, the time left while it runs.
+
+Two pieces, both plain arithmetic (no Gradio, no clock of their own):
+
+* :func:`stage_plan` scales a run recorded on this machine (the example's ``metrics.json``) to
+  the settings chosen: the seconds each stage of the new run should take, in run order.
+* :func:`remaining_seconds` turns that plan and what the run measured so far (the seconds of the
+  finished stages, and the current stage's share of steps done after so many seconds) into the
+  time left. The current stage is extrapolated from its own measured rate; the stages still to
+  come take their planned seconds times how fast this machine turned out to be so far.
+
+The run view (:class:`app.runview.RunView`) feeds them and the page only renders the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# Seconds of evidence the machine's speed needs before it moves far from the plan's: a run that
+# measured 2 s of work says little about the next 200.
+PRIOR_SECONDS = 5.0
+# The current stage is extrapolated from its own rate once this share of its steps is done; before
+# that its plan (scaled by the machine's speed) still counts, fading out as the share grows.
+TRUST_FRACTION = 0.15
+
+
+def format_seconds(seconds: float) -> str:
+    """``"45 s"``, ``"3 min 40 s"``, ``"1 h 05 min"``: rounded to what a person reads."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{int(round(seconds))} s"
+    if seconds < 3600:
+        minutes, rest = divmod(int(round(seconds)), 60)
+        return f"{minutes} min {rest:02d} s"
+    hours, rest = divmod(int(round(seconds / 60)), 60)
+    return f"{hours} h {rest:02d} min"
+
+
+def format_estimate(seconds: float) -> str:
+    """An estimate, rounded so that it does not pretend to more precision than it has: to 5 s
+    under two minutes, to 10 s under ten, to the minute above."""
+    step = 5 if seconds < 120 else 10 if seconds < 600 else 60
+    return format_seconds(max(step, round(seconds / step) * step))
+
+
+# --- the plan ----------------------------------------------------------------------------------------
+
+def _mean_tokens(inv: Any, grid: int, sparse: bool) -> float:
+    """Tokens a forward pass of inversion processes on average over its iterations (the class
+    token and the active patches): sparse inversion keeps ``keep_per_stop`` of the active patches
+    at each of its ``stop_at`` fractions of the iterations."""
+    patches = grid * grid
+    if not sparse:
+        return 1.0 + patches
+    stops = sorted(float(s) for s in getattr(inv, "stop_at", ()) or ())
+    keep = float(getattr(inv, "keep_per_stop", 1.0))
+    active, before, mean = 1.0, 0.0, 0.0
+    for stop in stops:
+        mean += active * (min(stop, 1.0) - before)
+        before, active = min(stop, 1.0), active * keep
+    mean += active * (1.0 - before)
+    return 1.0 + patches * mean
+
+
+def _tokens(model: Any) -> int:
+    """Tokens per image of a model config (the class token and the patches)."""
+    grid = model.patch_grid if model.arch == "scratch" else 14  # the timm DeiTs: 224 px in 16 px patches
+    return grid * grid + 1
+
+
+def _width(model: Any, ref_model: Mapping[str, Any]) -> float:
+    """How much more one token costs in ``model`` than in the recorded run's model."""
+    dim = model.embed_dim if model.arch == "scratch" else 192
+    depth = model.depth if model.arch == "scratch" else 12
+    return (dim / ref_model["embed_dim"]) ** 2 * depth / ref_model["depth"]
+
+
+@dataclass(frozen=True)
+class RoundLayout:
+    """How an inversion method's progress steps are laid out: ``rounds`` rounds of
+    ``inversion_steps`` inversion iterations then ``distill_steps`` distillation steps, the
+    inversion taking ``inversion_share`` of a round's time."""
+
+    rounds: int
+    inversion_steps: int
+    distill_steps: int
+    inversion_share: float
+
+    def fraction(self, step: int, total: int) -> float:
+        """The share of the stage's time done after ``step`` of ``total`` progress steps (steps of
+        the two kinds cost differently); the plain ``step / total`` for another layout."""
+        per_round = self.inversion_steps + self.distill_steps
+        if total <= 0:
+            return 0.0
+        if total != self.rounds * per_round or per_round <= 0:
+            return min(1.0, step / total)
+        done_rounds, within = divmod(min(step, total), per_round)
+        inv = min(within, self.inversion_steps) / max(1, self.inversion_steps)
+        dist = max(0, within - self.inversion_steps) / max(1, self.distill_steps)
+        share = self.inversion_share
+        return (done_rounds + share * inv + (1 - share) * dist) / self.rounds
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Planned seconds of every stage, in run order, and the step layout of the inversion stages."""
+
+    seconds: dict[str, float]
+    layouts: dict[str, RoundLayout] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.seconds.values()))
+
+    def fraction(self, stage: str | None, step: int, total: int) -> float:
+        """The share of ``stage``'s time done after ``step`` of ``total`` of its progress steps."""
+        if stage in self.layouts:
+            return self.layouts[stage].fraction(step, total)
+        return min(1.0, step / total) if total > 0 else 0.0
+
+
+class _Recorded:
+    """The recorded run's config, read as attributes (a ``metrics.json`` holds it as a dict)."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self.__dict__.update(values)
+
+
+def stage_plan(cfg: Any, reference: Mapping[str, Any] | None) -> Plan | None:
+    """Planned seconds of every stage of a run of ``cfg`` on this machine, in run order ("data",
+    "clients", each method, "privacy" when a method synthesises images), scaled from
+    ``reference``: the ``metrics.json`` of a run recorded here.
+
+    Each stage's seconds per unit of work scale with the work ``cfg`` asks for: client steps x
+    batch size, inversion images x iterations x tokens (the active ones for sparse inversion),
+    distillation steps x batch size, and with the model's cost per token. None when there is
+    nothing to scale from.
+    """
+    from fedmitr.clients import client_steps
+    from fedmitr.config import ClientTrainConfig
+    from fedmitr.methods import METHODS
+
+    if not reference or "seconds" not in reference or "config" not in reference:
+        return None
+    ref_cfg = reference["config"]
+    ref_model = ref_cfg["model"]
+    ref_tokens = ref_model["patch_grid"] ** 2 + 1
+    width = _width(cfg.model, ref_model)
+    scale = width * _tokens(cfg.model) / ref_tokens
+    plan: dict[str, float] = {"data": float(reference["seconds"].get("data", 0.0))}
+    layouts: dict[str, RoundLayout] = {}
+
+    n = reference["dataset"]["num_train"]
+    ref_clients = ClientTrainConfig(**ref_cfg["clients"])
+    ref_work = sum(client_steps(c["num_samples"], ref_clients) for c in reference["clients"]) * ref_clients.batch_size
+    work = client_steps(n // cfg.data.num_clients, cfg.clients) * cfg.data.num_clients * cfg.clients.batch_size
+    plan["clients"] = reference["seconds"]["clients"] * work / max(1, ref_work) * scale
+
+    ref_methods = reference.get("methods", {})
+    recorded = {name: m for name, m in ref_methods.items() if "stage_seconds" in m}
+    ref_inv = _Recorded(ref_cfg["inversion"])
+    ref_grid = ref_model["patch_grid"]
+    grid = cfg.model.patch_grid if cfg.model.arch == "scratch" else 14
+    synthesises = False
+    for name in cfg.methods:
+        spec = METHODS.get(name)
+        if spec is None or not spec.synthesises:  # an average or an evaluation: about what it took there
+            plan[name] = float(ref_methods.get(name, {}).get("seconds", 0.5))
+            continue
+        synthesises = True
+        like_name = next((m for m in recorded if METHODS.get(m) and METHODS[m].sparse == spec.sparse),
+                         next(iter(recorded), None))
+        if like_name is None:
+            return None
+        like, like_sparse = recorded[like_name], bool(METHODS[like_name].sparse) if like_name in METHODS else True
+        ref_rounds = max(1, len(like.get("curve", [])) or ref_cfg["distill"]["rounds"])
+        st = like["stage_seconds"]
+        # Inversion: images x iterations x the tokens each forward pass carries.
+        ref_inv_work = ref_rounds * ref_inv.images_per_round * ref_inv.iterations * _mean_tokens(
+            ref_inv, ref_grid, like_sparse)
+        inv_work = cfg.distill.rounds * cfg.inversion.images_per_round * cfg.inversion.iterations * _mean_tokens(
+            cfg.inversion, grid, bool(spec.sparse))
+        inversion = st["inversion"] * inv_work / max(1.0, ref_inv_work) * width
+        ref_distill = ref_rounds * ref_cfg["distill"]["steps_per_round"] * ref_cfg["distill"]["batch_size"]
+        distill = cfg.distill.rounds * cfg.distill.steps_per_round * cfg.distill.batch_size
+        # The relabel runs after the inversion (its steps do not advance), the test after the distillation.
+        inversion += st.get("relabel", 0.0) * cfg.distill.rounds / ref_rounds * scale
+        distill_s = (st["distill"] * distill / max(1, ref_distill) + st.get("evaluate", 0.0) * cfg.distill.rounds
+                     / ref_rounds) * scale
+        plan[name] = inversion + distill_s
+        layouts[name] = RoundLayout(cfg.distill.rounds, cfg.inversion.iterations, cfg.distill.steps_per_round,
+                                    inversion / max(1e-9, inversion + distill_s))
+    if synthesises:
+        # The privacy check and the writing of the run: what the recorded run spent beyond its stages.
+        ref_stages = reference["seconds"].get("data", 0.0) + reference["seconds"]["clients"] + sum(
+            m.get("seconds", 0.0) for m in ref_methods.values())
+        extra = max(0.0, reference["seconds"].get("total", ref_stages) - ref_stages)
+        plan["privacy"] = extra * cfg.data.num_clients / max(1, len(reference["clients"])) * scale
+    return Plan(plan, layouts)
+
+
+# --- the time left -----------------------------------------------------------------------------------
+
+def speed_factor(plan: Mapping[str, float], done: Mapping[str, float], *, current: str | None = None,
+                 fraction: float = 0.0, elapsed: float = 0.0) -> float:
+    """Measured seconds per planned second so far (1.0: the machine is as fast as planned; 2.0: it
+    takes twice as long). ``done``: measured seconds of the finished stages; ``current`` is
+    ``fraction`` (0..1) done after ``elapsed`` seconds. Smoothed towards 1 by
+    :data:`PRIOR_SECONDS` of planned time, so that a few seconds of evidence move it little."""
+    measured = sum(seconds for stage, seconds in done.items() if stage in plan)
+    planned = sum(plan[stage] for stage in done if stage in plan)
+    if current is not None and current in plan and current not in done and fraction > 0:
+        measured += elapsed
+        planned += plan[current] * min(1.0, fraction)
+    return (measured + PRIOR_SECONDS) / (planned + PRIOR_SECONDS)
+
+
+def remaining_seconds(plan: Mapping[str, float], done: Mapping[str, float], *, current: str | None = None,
+                      fraction: float = 0.0, elapsed: float = 0.0) -> float:
+    """Seconds until the run ends.
+
+    ``plan``: planned seconds of every stage, in run order (:func:`stage_plan`); ``done``: the
+    measured seconds of the finished stages; ``current``: the stage running now, ``fraction``
+    (0..1) of its steps done after ``elapsed`` seconds in it.
+
+    The current stage's rest is ``elapsed * (1 - fraction) / fraction`` once :data:`TRUST_FRACTION`
+    of it is done, blended with its plan before; every stage not yet started takes its plan times
+    :func:`speed_factor`.
+    """
+    fraction = min(1.0, max(0.0, fraction))
+    speed = speed_factor(plan, done, current=current, fraction=fraction, elapsed=elapsed)
+    left = 0.0
+    if current is not None and current not in done:
+        planned_rest = plan.get(current, 0.0) * speed * (1.0 - fraction)
+        if fraction > 0 and elapsed > 0:
+            measured_rest = elapsed * (1.0 - fraction) / fraction
+            trust = min(1.0, fraction / TRUST_FRACTION)
+            left += trust * measured_rest + (1.0 - trust) * planned_rest
+        else:
+            left += planned_rest
+    for stage, seconds in plan.items():
+        if stage not in done and stage != current:
+            left += seconds * speed
+    return max(0.0, left)
+
+
+def progress_fraction(elapsed_total: float, remaining: float) -> float:
+    """The share of the run done, from the time it took so far and the time left (never 1 while
+    time is left)."""
+    if elapsed_total <= 0 and remaining <= 0:
+        return 0.0
+    return min(0.99, elapsed_total / max(1e-9, elapsed_total + remaining)) if remaining > 0 else 0.99

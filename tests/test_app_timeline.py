@@ -1,0 +1,147 @@
+"""The page's time line: the estimate before a run, the time left during it, what it took after.
+
+The arithmetic is pure (app.timeline) and fed synthetic progress here; the recorded example's
+event stream (assets/example) checks it on a real run's rhythm, replayed at its recorded times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from app import timeline
+from app.timeline import Plan, RoundLayout, remaining_seconds
+from fedmitr.config import apply_overrides, preset_config
+from fedmitr.events import Progress, StageFinished, StageStarted
+from fedmitr.rundir import RunDir
+
+EXAMPLE = RunDir.open(Path(__file__).resolve().parent.parent / "assets" / "example" / "run")
+
+
+def test_durations_read_as_a_person_says_them():
+    assert timeline.format_seconds(44.6) == "45 s"
+    assert timeline.format_seconds(223) == "3 min 43 s"
+    assert timeline.format_seconds(3 * 3600 + 300) == "3 h 05 min"
+    assert timeline.format_estimate(223) == "3 min 40 s"  # an estimate is rounded: no false precision
+    assert timeline.format_estimate(2) == "5 s"
+
+
+def synthetic_run(plan: dict[str, float], slowdown: float, steps: int = 100):
+    """(time, stage, fraction, done) every step of a run that takes ``slowdown`` x its plan, each
+    stage at an even pace."""
+    t, done, samples = 0.0, {}, []
+    for stage, planned in plan.items():
+        took = planned * slowdown
+        for k in range(1, steps + 1):
+            samples.append((t + took * k / steps, stage, k / steps, t, dict(done)))
+        t += took
+        done[stage] = took
+    return t, samples
+
+
+@pytest.mark.parametrize("slowdown", [0.5, 1.0, 1.7, 3.0])
+def test_the_time_left_learns_how_fast_this_machine_is(slowdown):
+    plan = {"data": 1.0, "clients": 100.0, "fedavg": 0.5, "fedmitr": 80.0, "privacy": 3.0}
+    end, samples = synthetic_run(plan, slowdown)
+    for now, stage, fraction, started, done in samples:
+        left = remaining_seconds(plan, done, current=stage, fraction=fraction, elapsed=now - started)
+        actual = end - now
+        if "clients" in done and actual > 5:  # from the end of the client stage on
+            assert left == pytest.approx(actual, rel=0.1), (stage, fraction)
+    assert remaining_seconds(plan, {}, current=None) == pytest.approx(sum(plan.values()))  # before anything ran
+
+
+def test_the_current_stage_is_extrapolated_from_its_own_rate():
+    plan = {"clients": 100.0}
+    # Half the clients' steps in 30 s: 30 s more, whatever the plan said.
+    assert remaining_seconds(plan, {}, current="clients", fraction=0.5, elapsed=30.0) == pytest.approx(30.0)
+    # At the very start the plan still counts, scaled by the speed measured so far.
+    early = remaining_seconds(plan, {}, current="clients", fraction=0.01, elapsed=1.0)
+    assert 80 < early < 110
+
+
+def test_steps_of_inversion_and_distillation_weigh_what_they_cost():
+    layout = RoundLayout(rounds=2, inversion_steps=10, distill_steps=30, inversion_share=0.75)
+    assert layout.fraction(10, 80) == pytest.approx(0.75 / 2)  # round 1's inversion done: 3/4 of round 1
+    assert layout.fraction(40, 80) == pytest.approx(0.5)
+    assert layout.fraction(80, 80) == pytest.approx(1.0)
+    assert layout.fraction(20, 70) == pytest.approx(20 / 70)  # another layout: steps as they come
+
+
+def test_the_plan_scales_the_recorded_run_to_the_settings():
+    cfg = EXAMPLE.config
+    plan = timeline.stage_plan(cfg, EXAMPLE.metrics)
+    assert list(plan.seconds) == ["data", "clients", *cfg.methods, "privacy"]
+    assert plan.total == pytest.approx(EXAMPLE.metrics["seconds"]["total"], rel=0.05)  # its own settings
+    more = apply_overrides(cfg, {"distill": {"rounds": 2 * cfg.distill.rounds}})
+    assert timeline.stage_plan(more, EXAMPLE.metrics).seconds["fedmitr"] > 1.8 * plan.seconds["fedmitr"]
+    dense = apply_overrides(cfg, {"methods": ["dense-kd", "fedmitr"]})
+    dense_plan = timeline.stage_plan(dense, EXAMPLE.metrics).seconds
+    assert dense_plan["dense-kd"] > 1.3 * dense_plan["fedmitr"]  # every patch optimised to the end costs more
+    high = timeline.stage_plan(dataclasses.replace(preset_config("cpu-49"), methods=cfg.methods), EXAMPLE.metrics)
+    assert high.seconds["clients"] > plan.seconds["clients"]
+    assert timeline.stage_plan(cfg, None) is None
+
+
+def replayed(speed: float):
+    """The example's events into a live-like view whose plan is off by ``speed`` (the machine is
+    that much slower than planned), read at every recorded event: (now, left, actual left, view)."""
+    from app.runview import RunView
+
+    plan = timeline.stage_plan(EXAMPLE.config, EXAMPLE.metrics)
+    view = RunView(EXAMPLE.config)
+    view.set_plan(Plan({s: v / speed for s, v in plan.seconds.items()}, plan.layouts))
+    events = list(EXAMPLE.events())
+    end = events[-1][0]
+    view.waiting(0)
+    for t, event in events:
+        view.apply(event, at=t)
+        yield t, view.remaining(now=t), end - t, view
+
+
+@pytest.mark.parametrize("speed", [0.6, 1.0, 1.6])
+def test_the_time_left_of_the_recorded_run_is_within_a_quarter(speed):
+    """The target: within ±25% of the actual time left from the end of the client stage on."""
+    errors = []
+    for now, left, actual, view in replayed(speed):
+        if "clients" in view.finished and actual > 5:
+            errors.append((left - actual) / actual)
+    assert errors and max(map(abs, errors)) < 0.25, max(errors, key=abs)
+
+
+def test_the_bar_reaches_100_only_when_the_run_is_finished():
+    from app.runview import RunView
+
+    cfg = apply_overrides(preset_config("tiny"), {"methods": ["fedavg", "fedmitr"]})
+    view = RunView(cfg)
+    view.set_plan(timeline.stage_plan(cfg, EXAMPLE.metrics))
+    assert view.stages[-1] == "privacy"  # the privacy check is a stage of its own
+    view.waiting(0)
+    for stage in ("data", "clients", "fedavg", "fedmitr"):
+        view.apply(StageStarted(stage, total=10), at=1.0)
+        view.apply(Progress(stage, 10, 10), at=2.0)
+        view.apply(StageFinished(stage, 1.0), at=2.0)
+    view.apply(StageStarted("privacy"), at=2.0)
+    assert view.fraction() < 1.0 and "100%" not in view.status_html()
+    view.apply(StageFinished("privacy", 1.0), at=3.0)
+    assert view.fraction() < 1.0  # the run directory is still being written
+    view.finish({"seconds": {"total": 3.0}}, seconds=3.2)
+    assert view.fraction() == 1.0 and "took 3 s" in view.status_html()
+
+
+def test_the_card_counts_down_while_the_run_goes():
+    from app.runview import RunView
+
+    cfg = EXAMPLE.config
+    view = RunView(cfg)
+    view.set_plan(timeline.stage_plan(cfg, EXAMPLE.metrics))
+    view.waiting(0)
+    view.apply(StageStarted("clients", total=100), at=0.0)
+    lines = []
+    for k in (10, 40, 70):
+        view.apply(Progress("clients", k, 100), at=float(k))
+        lines.append(view.remaining(now=float(k)))
+    assert lines[0] > lines[1] > lines[2] > 0  # it counts down
+    assert "left" in view.time_line()
