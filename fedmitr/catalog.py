@@ -36,6 +36,15 @@ HUB_DATASETS: dict[str, HubSpec] = {
 DATASETS: tuple[str, ...] = (*BUNDLED, *HUB_DATASETS)
 
 
+def hub_spec(name: str) -> HubSpec:
+    """Where a Hub dataset comes from: its registry entry, or for ``hf:owner/name`` the repo at 64 px."""
+    if name in HUB_DATASETS:
+        return HUB_DATASETS[name]
+    if name.startswith("hf:"):
+        return HubSpec(name[3:], image_size=64)
+    raise ConfigError(f"{excerpt(name)} is not a Hub dataset; those are {', '.join(HUB_DATASETS)} or hf:owner/name")
+
+
 def is_hub_dataset(name: str) -> bool:
     """Whether ``name`` must come from the Hugging Face Hub (a registry name or ``hf:owner/name``)."""
     return name in HUB_DATASETS or name.startswith("hf:")

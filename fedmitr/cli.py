@@ -274,8 +274,25 @@ def default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.data.dataset.replace('/', '_')}-k{cfg.data.num_clients}-a{alpha}-s{cfg.seed}-{stamp}"
 
 
+def check_data(cfg: RunConfig) -> None:
+    """What the data of ``cfg`` can be checked for before torch is imported (in a fraction of a
+    second): a bundled dataset's client split is drawn from its labels, as the run will draw it; a
+    Hub dataset is refused at once when the Hub is off or out of reach and nothing is cached."""
+    from fedmitr.catalog import is_hub_dataset
+
+    if is_hub_dataset(cfg.data.dataset):
+        from fedmitr.online import require_hub_dataset
+
+        require_hub_dataset(cfg.data.dataset)
+    else:
+        from fedmitr.partition import check_split
+
+        check_split(cfg)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)  # every argument is checked before torch is imported
+    cfg = config_from_args(args)  # every argument is checked before torch is imported,
+    check_data(cfg)  # and the data as far as it can be without it
     out = check_out_dir(Path(args.out) if args.out else default_out(cfg))
 
     from fedmitr.pipeline import run

@@ -19,24 +19,23 @@ From the Hugging Face Hub (needs the network, or a local ``datasets`` cache):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmitr.catalog import BUNDLED, DATASETS, HUB_DATASETS, HubSpec, check_dataset_name, is_hub_dataset
-from fedmitr.errors import ConfigError, DatasetUnavailable, excerpt, redact
+from fedmitr.catalog import BUNDLED, DATASETS, HUB_DATASETS, HubSpec, check_dataset_name, hub_spec, is_hub_dataset
+from fedmitr.errors import DatasetUnavailable, excerpt, redact
+from fedmitr.online import require_hub_dataset
+# The fixed splits and the client partition need no torch: they live in fedmitr.partition (the
+# command line checks a split before it loads torch) and are part of this module's interface.
+from fedmitr.partition import (BUNDLED_DIR, SPLIT_SEED, VALIDATION_FRACTION, Partition, bundled_split, label_entropy,
+                               partition, stratified_split, stratified_subset, validation_split)
 
-__all__ = ["BUNDLED", "DATASETS", "HUB_DATASETS", "HubSpec", "ImageDataset", "LOADERS", "Partition", "Split",
-           "check_dataset_name", "dataset_from_hf", "is_hub_dataset", "label_entropy", "open_dataset", "partition",
-           "subsample", "validation_view"]
-
-BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"  # data files inside the package (pip install . has them)
-# Fixed seed for the train/test split of datasets that ship without one: the test set must not
-# change with the run seed, or runs could not be compared.
-SPLIT_SEED = 1234
+__all__ = ["BUNDLED", "DATASETS", "HUB_DATASETS", "HubSpec", "ImageDataset", "LOADERS", "Partition", "SPLIT_SEED",
+           "Split", "VALIDATION_FRACTION", "check_dataset_name", "dataset_from_hf", "is_hub_dataset", "label_entropy",
+           "open_dataset", "partition", "stratified_split", "stratified_subset", "subsample", "validation_view"]
 
 
 @dataclass(frozen=True)
@@ -108,26 +107,6 @@ def _normalise(unit: torch.Tensor) -> tuple[torch.Tensor, tuple[float, ...], tup
     return images.contiguous(), tuple(mean.tolist()), tuple(std.tolist())
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a class-stratified train/test split, deterministic for ``seed``."""
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = int(round(len(idx) * test_fraction))
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """About ``size`` indices with the class proportions of ``labels``, deterministic for ``seed``."""
-    if size >= len(labels):
-        return np.arange(len(labels))
-    _, keep = stratified_split(labels, size / len(labels), seed)
-    return keep
-
-
 def _make_dataset(name: str, train: tuple[torch.Tensor, np.ndarray], test: tuple[torch.Tensor, np.ndarray], *,
                   class_names: tuple[str, ...], allow_flip: bool, source: str,
                   background: str = "mean") -> ImageDataset:
@@ -165,7 +144,7 @@ def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
 def _digits_dataset(name: str, images: np.ndarray, labels: np.ndarray, source: str) -> ImageDataset:
     """uint8 digit images [N, H, W] -> the bundled sets' fixed stratified 80/20 split, classes 0-9."""
     unit = torch.from_numpy(images).float().div_(255).unsqueeze(1)  # [N, 1, H, W]
-    train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
+    train_idx, test_idx = bundled_split(labels)
     return _make_dataset(name, (unit[train_idx], labels[train_idx]), (unit[test_idx], labels[test_idx]),
                          class_names=tuple(str(d) for d in range(10)), allow_flip=False, source=source,
                          background="black")
@@ -205,7 +184,7 @@ def load_digits16() -> ImageDataset:
     unit = torch.from_numpy(bunch.images).float().div_(16).unsqueeze(1)  # [1797, 1, 8, 8] in [0, 1]
     unit = F.interpolate(unit, size=(16, 16), mode="bilinear", align_corners=False).clamp_(0, 1)
     labels = bunch.target.astype(np.int64)
-    train_idx, test_idx = stratified_split(labels, 0.2, SPLIT_SEED)
+    train_idx, test_idx = bundled_split(labels)
     return _make_dataset(
         "digits", (unit[train_idx], labels[train_idx]), (unit[test_idx], labels[test_idx]),
         class_names=tuple(str(d) for d in range(10)), allow_flip=False,
@@ -291,6 +270,7 @@ def dataset_from_hf(splits: Any, name: str, spec: HubSpec, channels: int = 3,
 
 
 def _load_hub(name: str, spec: HubSpec, on_progress: Callable[[int, int], None] | None) -> ImageDataset:
+    require_hub_dataset(name)  # offline without a cached copy: one line at once, not the Hub client's retries
     try:
         import datasets
 
@@ -318,10 +298,8 @@ def open_dataset(name: str, max_train: int | None = None, max_test: int | None =
     check_dataset_name(name)
     if name in LOADERS:
         ds = LOADERS[name]()
-    elif name in HUB_DATASETS:
-        ds = _load_hub(name, HUB_DATASETS[name], on_progress)
     else:
-        ds = _load_hub(name, HubSpec(name[3:], image_size=64), on_progress)
+        ds = _load_hub(name, hub_spec(name), on_progress)
     return subsample(ds, max_train, max_test)
 
 
@@ -337,83 +315,13 @@ def subsample(ds: ImageDataset, max_train: int | None, max_test: int | None) -> 
     return replace(ds, train=cut(ds.train, max_train), test=cut(ds.test, max_test))
 
 
-VALIDATION_FRACTION = 0.2
-
-
 def validation_view(ds: ImageDataset) -> ImageDataset:
     """``ds`` with a fixed stratified 20% of its training split held out as the split to evaluate on.
 
     For choosing settings: a run on this view never sees the test split.
     """
-    train_idx, val_idx = stratified_split(ds.train.labels.numpy(), VALIDATION_FRACTION, SPLIT_SEED + 1)
+    train_idx, val_idx = validation_split(ds.train.labels.numpy())
     keep, held = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     return replace(ds, name=f"{ds.name} (validation)",
                    train=Split(ds.train.images[keep].contiguous(), ds.train.labels[keep].contiguous()),
                    test=Split(ds.train.images[held].contiguous(), ds.train.labels[held].contiguous()))
-
-
-# --- partition -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Partition:
-    client_indices: tuple[np.ndarray, ...]  # K arrays of training-set indices, disjoint, covering it
-    class_counts: np.ndarray  # [K, C] int, samples of class c held by client k
-    alpha: float | None  # None = IID
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.client_indices)
-
-
-def partition(labels: np.ndarray, num_clients: int, alpha: float | None, num_classes: int, *,
-              seed: int, min_samples: int = 10, max_tries: int = 1000) -> Partition:
-    """Split training indices over clients: per-class Dirichlet(alpha) label skew, or IID.
-
-    For each class, proportions over the K clients are drawn from Dir(alpha * 1) and the class's
-    samples are dealt out accordingly. The draw is repeated until every client holds at least
-    ``min_samples``. Deterministic for a given ``seed``. Every sample goes to exactly one client.
-    """
-    labels = np.asarray(labels)
-    n = len(labels)
-    if num_clients < 2:
-        raise ConfigError(f"clients must be >= 2 (got {num_clients})")
-    if num_clients * min_samples > n:
-        raise ConfigError(
-            f"{num_clients} clients x {min_samples} samples each needs {num_clients * min_samples} "
-            f"training samples, but the dataset has {n}; use at most {n // min_samples} clients"
-        )
-    rng = np.random.default_rng(seed)
-    if alpha is None:
-        shards = np.array_split(rng.permutation(n), num_clients)
-        return _finish(labels, [np.sort(s) for s in shards], num_classes, None)
-    if not alpha > 0:
-        raise ConfigError(f"alpha must be > 0 (got {alpha}); use 'iid' for an unskewed split")
-    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
-    for _ in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        for idx in by_class:
-            idx = rng.permutation(idx)
-            share = rng.dirichlet(np.full(num_clients, alpha))
-            cuts = (np.cumsum(share)[:-1] * len(idx)).astype(int)
-            for k, chunk in enumerate(np.split(idx, cuts)):
-                parts[k].append(chunk)
-        shards = [np.sort(np.concatenate(p)) for p in parts]
-        if min(len(s) for s in shards) >= min_samples:
-            return _finish(labels, shards, num_classes, alpha)
-    raise ConfigError(
-        f"could not give each of {num_clients} clients at least {min_samples} samples at alpha={alpha} "
-        f"in {max_tries} draws; use fewer clients, a larger alpha, or a smaller min_client_samples"
-    )
-
-
-def _finish(labels: np.ndarray, shards: list[np.ndarray], num_classes: int, alpha: float | None) -> Partition:
-    counts = np.stack([np.bincount(labels[s], minlength=num_classes) for s in shards]).astype(np.int64)
-    return Partition(tuple(shards), counts, alpha)
-
-
-def label_entropy(class_counts: np.ndarray) -> float:
-    """Mean over clients of the entropy (nats) of each client's label distribution. Lower = more skew."""
-    p = class_counts / np.maximum(class_counts.sum(axis=1, keepdims=True), 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
-    return float(h.mean())

@@ -17,11 +17,8 @@ A token is never printed, logged, written to a file or put in an error message.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import tempfile
-from urllib.parse import urlparse
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from fedmitr.config import ModelConfig
 from fedmitr.errors import ConfigError, HubError, excerpt, redact
 from fedmitr.methods import METHODS, headline
+from fedmitr.online import hub_offline, hub_reachable
 from fedmitr.relabel import diagnostics_text
 from fedmitr.rundir import EXPORTED, RunDir
 
@@ -167,27 +165,7 @@ def load_run(model_ref: str) -> RunDir:
     return RunDir.exported(folder)
 
 
-# --- is the Hub there? -------------------------------------------------------------------------------
-
-def hub_offline() -> bool:
-    """True when the environment forbids the Hugging Face Hub (checked without touching the network)."""
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
-    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connection within ``timeout_s``.
-
-    Asked before any Hub call that may wait: without it an offline machine spends ~25 s in the Hub
-    client's retries before it says so.
-    """
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        with socket.create_connection((host.hostname, host.port or 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
+# --- is the Hub there? (hub_offline and hub_reachable: fedmitr.online, torch-free) ---------------------
 
 def require_hub() -> None:
     """Fail at once, in one line, when the Hub cannot be reached."""

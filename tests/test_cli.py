@@ -128,7 +128,10 @@ BAD_INPUTS = {
     "alpha abc": (["--alpha", "abc"], ["alpha must be a number > 0", "'iid'", "'abc'"]),
     "alpha 0": (["--alpha", "0"], ["alpha must be a number > 0", "'iid'"]),
     "dataset nope": (["--dataset", "nope"], ["'nope'", "mnist5k", "digits"]),
-    "dataset offline": (["--dataset", "cifar10"], ["cifar10", "Offline?", "mnist5k"]),
+    "dataset offline": (["--dataset", "cifar10"], ["'cifar10' comes from the Hugging Face Hub", "HF_HUB_OFFLINE",
+                                                   "bundled dataset: mnist5k, mnist-canvas, digits"]),
+    "impossible split": (["--clients", "20", "--alpha", "0.001"], ["could not give each of 20 clients",
+                                                                    "fewer clients, a larger alpha"]),
     "methods bogus": (["--methods", "fedavg,bogus"], ["bogus", "known: fedavg, ensemble"]),
     "preset nope": (["--preset", "nope"], ["'nope'", "tiny, cpu, cpu-49, gpu"]),
     "seed abc": (["--seed", "abc"], ["seed must be a number"]),
@@ -286,3 +289,38 @@ def test_help_and_argument_errors_import_no_torch(argv):
             "print('HEAVY', heavy)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, env, phrases", [
+    # 20 clients at alpha 0.001: each class goes to about one client. It took ~10 s (torch, timm and
+    # the data loaded first); now the split is drawn from the labels alone.
+    (["--clients", "20", "--alpha", "0.001"], {}, ["could not give each of 20 clients at least 20 samples"]),
+    (["--clients", "20", "--alpha", "0.001", "--dataset", "digits"], {}, ["could not give each of 20 clients"]),
+    # A Hub dataset offline: it printed five retry blocks over ~35 s before its error line.
+    (["--dataset", "cifar10"], {"HF_HUB_OFFLINE": "1"}, ["HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set"]),
+    (["--dataset", "hf:someone/images"], {"HF_ENDPOINT": "CLOSED"}, ["does not answer", "mnist5k"]),
+])
+def test_impossible_data_is_refused_in_one_line_before_torch_is_imported(argv, env, phrases, tmp_path):
+    """Refused before torch, timm or datasets is imported, and before the Hub is asked: the error is
+    the only output, so there are no retry messages and nothing heavy was loaded."""
+    code = ("import sys\nfrom fedmitr.cli import main\n"
+            f"code = main({['run', '--out', str(tmp_path / 'out'), *argv]!r})\n"
+            "heavy = sorted(m for m in ('torch', 'timm', 'datasets', 'accelerate') if m in sys.modules)\n"
+            "print('EXIT', code, 'HEAVY', heavy)\n")
+    environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    environ.update({k: f"http://127.0.0.1:{_closed_port()}" if v == "CLOSED" else v for k, v in env.items()})
+    environ.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=environ)
+    assert proc.stdout.strip() == "EXIT 2 HEAVY []", proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedmitr: error: "), proc.stderr
+    assert all(phrase in lines[0] for phrase in phrases), lines[0]
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -23,7 +24,10 @@ from fedmitr.data import (
     open_dataset,
     partition,
     subsample,
+    validation_view,
 )
+from fedmitr.knobs import config_from_knobs
+from fedmitr.partition import bundled_train_labels, check_split
 
 
 def _unit_uint8(ds: ImageDataset, images: torch.Tensor) -> torch.Tensor:
@@ -131,15 +135,56 @@ def test_valid_dataset_names_pass():
         check_dataset_name(name)
 
 
+@pytest.fixture
+def hub_calls(monkeypatch, tmp_path):
+    """Every datasets.load_dataset call (each one fails as an unreachable Hub would); the Hub caches
+    point at empty folders, so nothing is cached unless a test puts it there."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(hub_id, *args, **kwargs):
+        calls.append(hub_id)
+        raise ConnectionError(f"Couldn't reach '{hub_id}' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    return calls
+
+
+def _no_hub(monkeypatch) -> None:
+    """No offline flag, and a Hub that does not answer: a port nobody listens on."""
+    import socket
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+
+
+@pytest.mark.parametrize("offline", ["flag", "no network"])
 @pytest.mark.parametrize("name", ["cifar10", "tiny-imagenet", "hf:someone/some-images"])
-def test_hub_dataset_offline_fails_fast_and_points_at_bundled_data(name):
-    start = time.perf_counter()
+def test_hub_dataset_offline_is_refused_without_asking_the_hub(name, offline, hub_calls, monkeypatch):
+    """Refused before datasets.load_dataset (whose retries took ~35 s), saying why and what works offline."""
+    if offline == "no network":
+        _no_hub(monkeypatch)
     with pytest.raises(DatasetUnavailable) as err:
         open_dataset(name)
-    assert time.perf_counter() - start < 20
+    assert hub_calls == []
     message = str(err.value)
-    assert "mnist5k" in message and "digits" in message
-    assert "Offline?" in message
+    assert "HF_HUB_OFFLINE" in message if offline == "flag" else "does not answer" in message
+    assert "no cached copy" in message and "bundled dataset: mnist5k, mnist-canvas, digits" in message
+
+
+@pytest.mark.parametrize("cache", ["hub/datasets--uoft-cs--cifar10", "datasets/uoft-cs___cifar10"])
+def test_a_cached_hub_dataset_is_still_loaded_offline(cache, hub_calls, tmp_path):
+    """datasets loads a cached copy offline: that is not refused (here the mocked load fails)."""
+    (tmp_path / cache).mkdir(parents=True)
+    with pytest.raises(DatasetUnavailable, match="cannot load 'cifar10'"):
+        open_dataset("cifar10")
+    assert hub_calls == ["uoft-cs/cifar10"]
 
 
 # --- the Hub adapter, on in-memory datasets ---------------------------------------------------------
@@ -352,6 +397,99 @@ def test_partition_properties(which, k, alpha, seed, min_samples, mnist_labels):
     assert all(np.array_equal(a, b) for a, b in zip(part.client_indices, same.client_indices))
     other = partition(labels, k, alpha, num_classes, seed=seed + 100, min_samples=min_samples)
     assert not all(np.array_equal(a, b) for a, b in zip(part.client_indices, other.client_indices))
+
+
+def _reference_partition(labels, num_clients, alpha, num_classes, seed, min_samples, max_tries):
+    """The split as fedmitr first drew it (client indices, or None when no draw worked): every run
+    recorded so far used these splits, so a faster draw must give the same ones."""
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    for _ in range(max_tries):
+        parts = [[] for _ in range(num_clients)]
+        for idx in by_class:
+            idx = rng.permutation(idx)
+            share = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(share)[:-1] * len(idx)).astype(int)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].append(chunk)
+        shards = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(s) for s in shards) >= min_samples:
+            return shards
+    return None
+
+
+@pytest.mark.parametrize("which", ["mnist", "skewed"])
+def test_partition_draws_the_same_splits_as_before(which, mnist_labels):
+    labels = _labels(which, mnist_labels)
+    num_classes = int(labels.max()) + 1
+    for k, alpha, seed, min_samples in [(2, 0.1, 0, 10), (5, 0.5, 1, 20), (10, 0.1, 2, 10), (20, 0.3, 4, 10),
+                                        (7, 100.0, 5, 10), (4, 0.05, 6, 1), (10, 0.05, 7, 30), (20, 0.01, 8, 10)]:
+        expected = _reference_partition(labels, k, alpha, num_classes, seed, min_samples, max_tries=100)
+        try:
+            got = partition(labels, k, alpha, num_classes, seed=seed, min_samples=min_samples, max_tries=100)
+        except ConfigError:
+            assert expected is None, (k, alpha, seed, min_samples)
+            continue
+        assert expected is not None and len(got.client_indices) == k
+        assert all(np.array_equal(a, b) for a, b in zip(got.client_indices, expected)), (k, alpha, seed, min_samples)
+
+
+def test_an_impossible_split_is_refused_after_max_tries_cheap_draws(mnist_labels, monkeypatch):
+    """20 clients at alpha 0.001 (each class goes to about one client): every draw is rejected, each
+    from the clients' sizes alone; no shard is built (building them every draw took seconds)."""
+    import fedmitr.partition as split_module
+
+    dirichlet_calls, shard_builds = [], []
+    real_rng, real_split = np.random.default_rng, np.split
+
+    class CountingRng:
+        def __init__(self, seed):
+            self.rng = real_rng(seed)
+
+        def dirichlet(self, *args, **kwargs):
+            dirichlet_calls.append(1)
+            return self.rng.dirichlet(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+    monkeypatch.setattr(split_module.np.random, "default_rng", CountingRng)
+    monkeypatch.setattr(split_module.np, "split", lambda *a, **k: shard_builds.append(1) or real_split(*a, **k))
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        partition(mnist_labels, 20, 0.001, 10, seed=0, min_samples=20, max_tries=1000)
+    seconds = time.perf_counter() - start
+    assert len(dirichlet_calls) == 1000 * 10  # 1000 draws of 10 classes, then it stops
+    assert shard_builds == []
+    message = str(err.value)
+    assert message.startswith("could not give each of 20 clients at least 20 samples at alpha=0.001 in 1000 draws")
+    best = int(re.search(r"gave that many to (\d+) of them", message).group(1))
+    assert 1 <= best < 20 and "fewer clients, a larger alpha, 'iid'" in message
+    assert seconds < 10  # generous; about 0.1 s on an idle core (the count above is the real check)
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "mnist-canvas", "digits"])
+def test_bundled_train_labels_are_the_loaded_ones_without_the_images(name, mnist5k):
+    """The command line checks a split from these labels before it loads torch: they must be exactly
+    the labels the run partitions (after max_train_samples, and on the validation view)."""
+    ds = mnist5k if name == "mnist5k" else open_dataset(name)
+    for max_train, validation in [(None, False), (600, False), (None, True), (600, True)]:
+        expected = subsample(ds, max_train, None)
+        expected = validation_view(expected) if validation else expected
+        labels, num_classes = bundled_train_labels(name, max_train, validation=validation)
+        assert num_classes == ds.num_classes
+        assert np.array_equal(labels, expected.train.labels.numpy()), (max_train, validation)
+
+
+def test_check_split_refuses_what_the_run_would_refuse_and_agrees_on_what_it_accepts(mnist5k):
+    cfg = config_from_knobs({"preset": "tiny", "clients": 4, "alpha": "0.3", "seed": 2})
+    drawn = check_split(cfg)
+    ds = subsample(mnist5k, cfg.data.max_train_samples, cfg.data.max_test_samples)
+    run_split = partition(ds.train.labels.numpy(), 4, 0.3, 10, seed=2, min_samples=cfg.data.min_client_samples)
+    assert all(np.array_equal(a, b) for a, b in zip(drawn.client_indices, run_split.client_indices))
+    with pytest.raises(ConfigError, match="could not give each of 20 clients"):
+        check_split(config_from_knobs({"preset": "tiny", "clients": 20, "alpha": "0.001"}))
+    assert check_split(config_from_knobs({"preset": "tiny", "dataset": "cifar10"})) is None  # labels come with it
 
 
 def test_iid_clients_are_near_equal_in_size(mnist_labels):
