@@ -145,8 +145,7 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference:
                     event = job.events.get_nowait()
                 except queue.Empty:
                     event = None
-            now = time.monotonic()
-            if finished or now - last_yield < YIELD_EVERY_S:
+            if finished or time.monotonic() - last_yield < YIELD_EVERY_S:
                 continue
             view.waiting(0 if job.started_on_device.is_set() else job.queue_position())
             if len(view.log) != logged:
@@ -156,9 +155,9 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference:
             if update.get(page.status) == status:
                 del update[page.status]  # the card's text did not change: nothing to redraw
             status = update.get(page.status, status)
+            dirty, last_yield = set(), time.monotonic()  # drawing took time too: the next one a second from now
             if update:
                 yield update
-            dirty, last_yield = set(), now
 
         if job.error is not None:
             view.fail(str(job.error))
