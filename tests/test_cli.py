@@ -242,7 +242,7 @@ def test_python_m_fedmitr_is_the_same_command_line():
     assert out.returncode == 0 and "--alpha" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "fedmitr", "run", "--alpha", "-1", "--out", "/nonexistent/x"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("fedmitr: error: alpha must be")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("fedmitr: error: --alpha must be")
 
 
 def test_progress_in_a_log_file_is_plain_lines(tmp_path):
