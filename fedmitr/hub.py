@@ -345,7 +345,12 @@ def model_card(run: RunDir, method: str, arch: str):
                                  metric_name="Test accuracy")],
     )
     spec = METHODS.get(method)
-    description = (spec.description or f"Method: {spec.summary}.") if spec is not None else f"Method `{method}`."
+    # What the method did in this run, from its config and relabel diagnostics (never a claim the run
+    # did not make); methods without synthesis have their registry description.
+    if spec is not None and hasattr(spec, "describe"):
+        description = spec.describe(cfg, m["methods"][method].get("relabel"))
+    else:
+        description = (spec.description or f"Method: {spec.summary}.") if spec is not None else f"Method `{method}`."
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATES / "model_card.md"),
         title=card_title(method, ds["name"]), method=method, ds=ds, cfg=cfg, arch=arch, description=description,

@@ -38,3 +38,17 @@ def test_the_description_follows_the_methods_own_stages():
     assert "class token alone" in METHODS["dense-kd"].describe(TINY) and "dense model inversion" in METHODS[
         "dense-kd"].describe(TINY)
     assert "background" in METHODS["fedmitr"].describe(apply_overrides(TINY, {"relabel": {"stopped": "blank"}}))
+
+
+def test_the_model_card_says_what_the_run_did(tiny_cfg, tmp_path):
+    """A run whose FedMITR relabels nothing gets a card that says so, and no relabel claim."""
+    import dataclasses
+
+    from fedmitr import hub
+    from fedmitr.pipeline import run
+
+    cfg = apply_overrides(dataclasses.replace(tiny_cfg, methods=("fedmitr",)), {"relabel": {"high_ratio": 1.0}})
+    run(cfg, out_dir=tmp_path / "run")
+    text = (hub.export(tmp_path / "run", tmp_path / "export", method="fedmitr") / "README.md").read_text()
+    assert "no patch was relabelled in this run" in text
+    assert "relabelled by the ensemble" not in text and "are relabelled" not in text
