@@ -172,18 +172,18 @@ def _controls_column(knobs: form.FormValues) -> Controls:
     alpha = gr.Dropdown(label="Label skew (Dirichlet α)", choices=form.SKEW_CHOICES, value=knobs.alpha,
                         allow_custom_value=True, elem_id="alpha",
                         info="Smaller α: fewer classes per client. Any number > 0, or iid.")
-    methods = gr.CheckboxGroup(label="Methods", choices=list(METHODS), value=list(knobs.methods),
-                               elem_id="methods")
-    # Run right under the settings a visitor reads first, above the fold of a laptop screen.
+    # Run right under the settings a visitor reads first, above the fold of a laptop screen
+    # (1280x800) however long the list of methods grows.
     with gr.Row():
         run_btn = gr.Button("Run", variant="primary", elem_id="run-btn", scale=2, min_width=80)
         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1, min_width=80)
     estimate = gr.Markdown("", elem_id="estimate", elem_classes="fm-explain")
+    methods = gr.CheckboxGroup(label="Methods", choices=list(METHODS), value=list(knobs.methods),
+                               elem_id="methods", info=methods_info())
     high_token = gr.Checkbox(label="49 tokens per image (where FedMITR's premise holds)", value=False,
                              elem_id="high-token", info="Off: the 16-token defaults.")
     with gr.Accordion("What the methods are", open=False):
-        gr.Markdown(methods_info() + "\n\n" + "\n".join(f"- **{n}** ({m.role}): {m.summary}"
-                                                        for n, m in METHODS.items()))
+        gr.Markdown("\n".join(f"- **{n}** ({m.role}): {m.summary}" for n, m in METHODS.items()))
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         preset = gr.Radio(label="Preset", choices=list(PRESETS), value=knobs.preset, elem_id="preset",
                           info="tiny: seconds (a smoke test); cpu: the demo, a few minutes on 2 cores; "

@@ -2,13 +2,16 @@
 
     python scripts/app_probe.py stop --tries 10 --out stop.json   # how fast Stop answers under load
     python scripts/app_probe.py run --tries 3 --out app-run.json   # the default run, from a browser
+    python scripts/app_probe.py run --tries 1 --preset tiny        # the probe itself, in seconds
 
 Both start the app as a Space does (``python app/app.py``, its default torch threads) on a free
 port. ``stop``: ``--tries`` times, submits the default run through the API, lets it train for
 ``--after`` seconds and times the cancel request (what the page's Stop sends). ``run``: opens the
 page in Debian's Chromium (headless, a laptop-sized window, so the page draws every update as a
-visitor's would), presses Run with the default settings and times until the status says Finished.
-Each figure is printed and written to ``--out``.
+visitor's would), presses Run with the default settings (or ``--preset``'s) and times until the
+status says Finished. Meanwhile it samples the CPU time of Chromium's renderer processes (psutil)
+and reports their mean over the run in % of one core: what drawing the page costs a machine that
+also trains. Each figure is printed and written to ``--out``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -85,10 +89,78 @@ def measure_stop(url: str, tries: int, after: float) -> dict:
     return {"tries": len(cancels), "cancel_s": cancels, "median_s": statistics.median(cancels), "max_s": max(cancels)}
 
 
-def measure_run(url: str, tries: int) -> dict:
+class RendererCPU:
+    """CPU time of the Chromium renderer processes this process started (``--type=renderer``),
+    sampled every ``every`` seconds from :meth:`start` to :meth:`stop`. A renderer that appears
+    meanwhile counts from zero; one that ends counts up to its last sample."""
+
+    def __init__(self, every: float = 0.5):
+        self.every = every
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+        self._started = 0.0
+
+    @staticmethod
+    def renderers() -> list:
+        import psutil
+
+        found = []
+        for proc in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                if any(arg == "--type=renderer" for arg in proc.cmdline()):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    def _sample(self, initial: bool = False) -> None:
+        import psutil
+
+        for proc in self.renderers():
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            seconds = times.user + times.system
+            self._first.setdefault(proc.pid, seconds if initial else 0.0)
+            self._last[proc.pid] = seconds
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def start(self) -> None:
+        self._sample(initial=True)
+        self._started = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> dict:
+        """{"mean_pct": mean over the run in % of one core, "seconds": CPU seconds, "processes": n}."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        wall = time.monotonic() - self._started
+        cpu = sum(self._last[pid] - self._first.get(pid, 0.0) for pid in self._last)
+        return {"mean_pct": 100 * cpu / max(wall, 1e-9), "seconds": cpu, "processes": len(self._last)}
+
+
+def choose_preset(page, preset: str) -> None:
+    """Pick ``preset`` in the Advanced section and wait for its knobs to follow."""
+    advanced = page.get_by_role("button", name="Advanced")
+    advanced.click()
+    before = page.locator("#iterations input").input_value()
+    page.locator("#preset").get_by_label(preset, exact=True).check()
+    if preset != "cpu":
+        page.wait_for_function(f"document.querySelector('#iterations input').value !== {before!r}", timeout=10_000)
+    advanced.click()
+
+
+def measure_run(url: str, tries: int, preset: str = "cpu") -> dict:
     from playwright.sync_api import sync_playwright
 
-    seconds = []
+    seconds, renderer = [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
@@ -96,15 +168,27 @@ def measure_run(url: str, tries: int) -> dict:
             page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
             page.goto(url)
             page.wait_for_selector("#run-btn", timeout=60_000)
+            page.wait_for_function("document.querySelector('#status')?.innerText.includes('Example')",
+                                   timeout=60_000)
+            if preset != "cpu":
+                choose_preset(page, preset)
+            cpu = RendererCPU()
+            cpu.start()
             t0 = time.monotonic()
             page.locator("#run-btn").click()
+            page.wait_for_function("document.querySelector('#status')?.innerText.includes('Running')",
+                                   timeout=60_000, polling=200)
             page.wait_for_function("document.querySelector('#status')?.innerText.includes('Finished')",
                                    timeout=1_800_000, polling=500)
             seconds.append(time.monotonic() - t0)
-            print(f"try {i + 1}: the default run finished in the browser after {seconds[-1]:.1f} s", flush=True)
+            renderer.append(cpu.stop())
+            print(f"try {i + 1}: the {preset} run finished in the browser after {seconds[-1]:.1f} s; Chromium's "
+                  f"renderer used {renderer[-1]['mean_pct']:.0f}% of a core meanwhile", flush=True)
             page.context.close()
         browser.close()
-    return {"tries": len(seconds), "seconds": seconds, "median_s": statistics.median(seconds)}
+    return {"preset": preset, "tries": len(seconds), "seconds": seconds, "median_s": statistics.median(seconds),
+            "renderer_cpu_pct": [r["mean_pct"] for r in renderer],
+            "renderer_cpu_pct_median": statistics.median(r["mean_pct"] for r in renderer)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["stop", "run"])
     parser.add_argument("--tries", type=int, default=10)
     parser.add_argument("--after", type=float, default=8.0, help="stop: seconds of training before Stop")
+    parser.add_argument("--preset", default="cpu", help="run: the preset to run (tiny: a seconds-long check)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     with running_app() as url:
-        record = measure_stop(url, args.tries, args.after) if args.what == "stop" else measure_run(url, args.tries)
+        record = (measure_stop(url, args.tries, args.after) if args.what == "stop"
+                  else measure_run(url, args.tries, args.preset))
     record |= {"threads": os.environ.get("FEDMITR_THREADS", "default"), "cpus": os.cpu_count()}
     print(json.dumps(record))
     if args.out:

@@ -13,6 +13,7 @@ default run (assets/example, `bash scripts/make_example.sh`):
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -77,11 +78,23 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Tab")
 
 
+def example_metrics() -> dict:
+    return json.loads((ROOT / "assets" / "example" / "run" / "metrics.json").read_text())
+
+
 def test_the_recorded_example_is_there_on_arrival(page):
     """Every panel shows the recorded run of the default settings the moment the page opens."""
+    from app.timeline import format_seconds
+
     wait_for_status(page, "Example: a recorded run of the default settings", 30)
     status = page.locator("#status").inner_text()
     assert "fedmitr run --dataset mnist5k --clients 5 --alpha 0.5" in status
+    # One time (the run's own total, as the status card gives it), and the device said once.
+    metrics = example_metrics()
+    assert f"took {format_seconds(metrics['seconds']['total'])}" in status
+    recorded = json.loads((ROOT / "assets" / "example" / "recorded.json").read_text())
+    assert f"{recorded['seconds']:.0f} s" not in status
+    assert page.locator("body").inner_text().count(metrics["device"]) == 1
     images = page.locator("#gallery img")
     images.first.wait_for(state="visible", timeout=10_000)
     assert images.count() >= 8
@@ -130,7 +143,15 @@ def test_run_shows_gallery_plots_and_results(page):
 
     page.locator("#run-btn").click()
     wait_for_status(page, "Running", 30)
+    # One progress display, the status card: no Gradio overlay or pulsing borders on top of it.
+    assert page.locator(".eta-bar, .progress-text, .generating").count() == 0
+    # The example's panels are gone, its privacy picture too.
+    assert page.locator("#privacy-pair img").count() == 0 and page.locator("#results").inner_text().count("%") == 0
+    page.wait_for_function("document.querySelector('#status .fm-time')?.innerText.includes('so far')",
+                           timeout=30_000)
     wait_for_status(page, "Finished", finish_s)
+    assert "took" in page.locator("#status .fm-time").inner_text()
+    assert "This run took" in page.locator("#estimate").inner_text()
 
     partition = page.locator("#partition-plot .js-plotly-plot")
     curves = page.locator("#curves-plot .js-plotly-plot")
@@ -278,12 +299,107 @@ def test_stop_on_a_waiting_run_takes_it_out_of_the_line(browser, server):
     wait_until_idle(timeout=30)
 
 
-def test_the_high_token_setting_is_one_click_away(page):
-    page.locator("#high-token-btn").click()
+def test_the_high_token_switch_goes_there_and_back(page):
+    from app.form import HIGH_TOKEN_METHODS, FormValues
+
+    page.locator("#high-token input").check()
     page.get_by_role("button", name="Advanced").click()  # the preset and its knobs live in there
     page.wait_for_function("document.querySelector('#preset input[value=\"cpu-49\"]')?.checked", timeout=10_000)
     methods = page.locator("#methods")
-    for name in ("dense-kd", "fedmitr"):
-        assert methods.get_by_label(name, exact=True).is_checked()
+    for name in HIGH_TOKEN_METHODS:  # every method the switch names, the recommended variant included
+        assert methods.get_by_label(name, exact=True).is_checked(), name
     # The preset's knobs follow (cpu-49 trains its clients for 50 epochs).
     page.wait_for_function("document.querySelector('#epochs input').value === '50'", timeout=10_000)
+    page.locator("#high-token input").uncheck()  # and back: the 16-token defaults
+    defaults = FormValues.for_preset("cpu")
+    page.wait_for_function("document.querySelector('#preset input[value=\"cpu\"]')?.checked", timeout=10_000)
+    page.wait_for_function(f"document.querySelector('#epochs input').value === '{defaults.epochs}'", timeout=10_000)
+    page.wait_for_function("() => [...document.querySelectorAll('#methods input')].filter(i => i.checked).length === "
+                           f"{len(defaults.methods)}", timeout=10_000)
+    for name in defaults.methods:
+        assert methods.get_by_label(name, exact=True).is_checked(), name
+    # Choosing the preset by hand sets the switch too.
+    page.locator("#preset").get_by_label("cpu-49", exact=True).check()
+    page.wait_for_function("document.querySelector('#high-token input').checked", timeout=10_000)
+
+
+@pytest.fixture
+def laptop(browser, server):
+    """The page on a 1280x800 laptop screen, with the example drawn."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.goto(server)
+    page.wait_for_selector("#run-btn", timeout=30_000)
+    wait_for_status(page, "Example: a recorded run", 30)
+    yield page
+    context.close()
+
+
+def test_run_is_above_the_fold_at_1280x800(laptop):
+    shot = ROOT / "tests" / "artifacts" / "fold-1280x800.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    laptop.screenshot(path=str(shot))  # the first screen, as a visitor sees it
+    box = laptop.locator("#run-btn").bounding_box()
+    assert box is not None and box["y"] + box["height"] <= 800, box
+    assert laptop.locator("#run-btn").is_visible() and laptop.locator("#stop-btn").bounding_box()["y"] < 800
+
+
+CONTRAST = """(selectors) => {
+  const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => [r, g, b].map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+    .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
+  const background = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length >= 3 && (c.length < 4 || c[3] > 0.5)) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const out = [];
+  for (const el of document.querySelectorAll(selectors)) {
+    if (!el.innerText.trim() || !el.offsetParent) continue;
+    const fg = lum(rgb(getComputedStyle(el).color).slice(0, 3)), bg = lum(background(el));
+    out.push([el.innerText.trim().slice(0, 40), (Math.max(fg, bg) + 0.05) / (Math.min(fg, bg) + 0.05)]);
+  }
+  return out;
+}"""
+
+
+def test_explanatory_text_is_readable(laptop):
+    """WCAG AA: every explanation, hint and label at a contrast of at least 4.5:1 on its background."""
+    measured = laptop.evaluate(CONTRAST, ".fm-explain p, .fm-meta, .fm-status-head span, .info-text, "
+                                         "[data-testid='block-info'], #estimate p, .fm-legend")
+    assert len(measured) > 10
+    low = [(text, round(ratio, 2)) for text, ratio in measured if ratio < 4.5]
+    assert not low, low
+
+
+def test_three_digit_counts_fit_their_cells(laptop):
+    """The client split's heatmap on a laptop screen: every count clear of its cell's edges (2 px at
+    least on each side)."""
+    heat = laptop.locator("#partition-plot .hm image").first
+    heat.wait_for(state="visible", timeout=10_000)
+    columns = len(example_metrics()["dataset"]["class_names"])
+    cell = heat.bounding_box()["width"] / columns
+    widths = laptop.evaluate("[...document.querySelectorAll('#partition-plot .heatmap-label text')]"
+                             ".map(t => [t.textContent, t.getBBox().width])")
+    assert any(len(text) >= 3 for text, _ in widths)  # the example has three-digit counts
+    wide = [(text, round(w, 1)) for text, w in widths if w + 2 * 2 > cell]
+    assert not wide, (cell, wide)
+
+
+def test_the_example_can_be_tried_and_replayed(page):
+    """The Try tab names the example's model properly and offers its Replay."""
+    wait_for_status(page, "Example: a recorded run", 30)
+    page.get_by_role("tab", name="Try a checkpoint").click()
+    page.locator("#try-btn").click()
+    page.wait_for_function("document.querySelector('#try-summary')?.innerText.includes('test accuracy')",
+                           timeout=60_000)
+    summary = page.locator("#try-summary").inner_text()
+    assert "The recorded example's FedMITR model" in summary and "this run's" not in summary
+    replay = page.locator("#try-replay")
+    replay.wait_for(state="visible", timeout=10_000)
+    replay.click()
+    page.locator("#run-btn").wait_for(state="visible", timeout=30_000)  # back on the Run tab
+    assert "Example: a recorded run" in page.locator("#status").inner_text()
+    assert page.locator("#gallery img").count() >= 8
