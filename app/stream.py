@@ -105,7 +105,8 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference:
 
     What is streamed is bounded: at most one update every :data:`YIELD_EVERY_S` seconds, and in
     it only what changed since the last one (the status card when its text changed, the log when
-    it grew, a figure when its data changed, the gallery when a round arrived).
+    it grew, a figure when its data changed, the gallery when a round arrived); the last update
+    carries the whole page.
     """
     session = session_of(request)
     cfg = checked_config(values)
@@ -173,14 +174,14 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference:
             return
         run_dir = RunDir(job.out_dir)
         first = headline().name  # the method's own model is offered first
-        shown = view.shown_method()
         view.finish(job.metrics, out_dir=str(job.out_dir), files=[str(p) for p in run_dir.downloads()],
                     models=sorted(run_dir.global_models(), key=lambda m: m != first), seconds=view.elapsed())
         if job.dataset is not None:  # bundled data, loaded by the check: the privacy view shows real images
             view.attach_training_images(*train_images(job.dataset))
-        # The gallery again only if it now follows another method (the headline one, at the end).
-        final = dirty | {"status", "final", "log"} | ({"gallery"} if view.shown_method() != shown else set())
-        update, index = render(page, view, final, index)
+        # The last update carries every panel, so that an API caller's final output is the whole page
+        # (the browser redraws the figures once more; the gallery's files are the same).
+        update, index = render(page, view, {"status", "log", "partition", "clients", "curves", "gallery", "final"},
+                               index)
         update[page.view_state] = view
         update[page.estimate] = took_text(view)
         yield update
