@@ -206,13 +206,17 @@ def speed_factor(plan: Mapping[str, float], done: Mapping[str, float], *, curren
                  fraction: float = 0.0, elapsed: float = 0.0) -> float:
     """Measured seconds per planned second so far (1.0: the machine is as fast as planned; 2.0: it
     takes twice as long). ``done``: measured seconds of the finished stages; ``current`` is
-    ``fraction`` (0..1) done after ``elapsed`` seconds. Smoothed towards 1 by
-    :data:`PRIOR_SECONDS` of planned time, so that a few seconds of evidence move it little."""
+    ``fraction`` (0..1) done after ``elapsed`` seconds, and counts once :data:`TRUST_FRACTION` of it
+    is done. Smoothed towards 1 by :data:`PRIOR_SECONDS` of planned time, so that a few seconds of
+    evidence move it little."""
     measured = sum(seconds for stage, seconds in done.items() if stage in plan)
     planned = sum(plan[stage] for stage in done if stage in plan)
     if current is not None and current in plan and current not in done and fraction > 0:
-        measured += elapsed
-        planned += plan[current] * min(1.0, fraction)
+        # The current stage counts as its rate becomes trustworthy: its first steps are slow
+        # (the first batches, the first evaluation) and say little about the rest.
+        trust = min(1.0, fraction / TRUST_FRACTION)
+        measured += elapsed * trust
+        planned += plan[current] * min(1.0, fraction) * trust
     return (measured + PRIOR_SECONDS) / (planned + PRIOR_SECONDS)
 
 
