@@ -140,3 +140,24 @@ def test_hub_reachable_is_false_for_a_closed_port(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     assert form.hub_reachable(timeout_s=1.0) is False
 
+
+
+def test_the_49_token_switch_goes_there_and_back():
+    preset, methods = form.high_token_settings(True)
+    assert preset == form.HIGH_TOKEN_PRESET == "cpu-49"
+    assert methods == list(form.HIGH_TOKEN_METHODS)  # exactly the list, in its order
+    assert preset_config(preset).model.patch_grid == 7  # 49 tokens per image
+    # Off: the 16-token defaults the form starts with.
+    assert form.high_token_settings(False) == ("cpu", form.FormValues.for_preset("cpu").methods)
+
+
+def test_the_49_token_methods_are_registered():
+    """The switch's list is a constant to edit: every name in it must be a registered method (a
+    method renamed in the library fails here, not in front of a visitor)."""
+    assert set(form.HIGH_TOKEN_METHODS) <= set(METHODS), set(form.HIGH_TOKEN_METHODS) - set(METHODS)
+
+
+def test_a_49_token_method_that_is_not_registered_is_named(monkeypatch):
+    monkeypatch.setattr(form, "HIGH_TOKEN_METHODS", ("fedavg", "fedmitr-gone"))
+    with pytest.raises(ConfigError, match="fedmitr-gone"):
+        form.high_token_settings(True)
