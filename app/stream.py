@@ -123,7 +123,7 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference:
                    "Press Stop and pick the cpu preset for a demo.")
     job = jobs.Job(cfg, jobs.new_run_dir(session), session, dataset=dataset)
     view = RunView(cfg, thumbnails=jobs.thumbnails_root())
-    view.set_plan(plan_of(cfg, reference))
+    view.set_plan(plan_of(cfg, reference, num_train=len(dataset.train) if dataset is not None else None))
     index: list = []
     try:
         job.start()
@@ -241,10 +241,10 @@ def render(page: Page, view: RunView, dirty: set[str], index: list) -> tuple[dic
     return update, index
 
 
-def plan_of(cfg: RunConfig, reference: dict[str, Any] | None) -> Plan | None:
+def plan_of(cfg: RunConfig, reference: dict[str, Any] | None, *, num_train: int | None = None) -> Plan | None:
     """The time plan of a run of ``cfg`` (None when there is no recorded run to scale, or it cannot be read)."""
     try:
-        return stage_plan(cfg, reference)
+        return stage_plan(cfg, reference, num_train=num_train)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:  # an old or partial metrics.json
         log.warning("no time estimate (%s: %s)", type(err).__name__, err)
         return None

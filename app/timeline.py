@@ -23,6 +23,14 @@ PRIOR_SECONDS = 5.0
 # The current stage is extrapolated from its own rate once this share of its steps is done; before
 # that its plan (scaled by the machine's speed) still counts, fading out as the share grows.
 TRUST_FRACTION = 0.15
+# How a step's time follows its work (images x tokens x the model's cost per token), relative to a
+# step of the recorded run: a share that does not change (Python, the optimiser, launching kernels)
+# and the rest as work ** WORK_EXPONENT (bigger matrices run closer to the CPU's peak). Fitted on
+# this kind of machine against the recorded 16-token run: the tiny preset's steps (clients 0.35x,
+# inversion 0.2x of a step for 6x and 37x less work) and the benchmark's 49-token cells
+# (assets/bench: clients 2.0x, FedMITR 1.7x-2.0x per step for 2.9x the tokens).
+FIXED_SHARE = 0.15
+WORK_EXPONENT = 0.7
 
 
 def format_seconds(seconds: float) -> str:
@@ -38,10 +46,12 @@ def format_seconds(seconds: float) -> str:
 
 
 def format_estimate(seconds: float) -> str:
-    """An estimate, rounded so that it does not pretend to more precision than it has: to 5 s
-    under two minutes, to 10 s under ten, to the minute above."""
+    """An estimate, rounded so that it does not pretend to more precision than it has: to the
+    second under ten seconds, to 5 s under two minutes, to 10 s under ten, to the minute above."""
+    if seconds < 10:
+        return format_seconds(max(1, round(seconds)))
     step = 5 if seconds < 120 else 10 if seconds < 600 else 60
-    return format_seconds(max(step, round(seconds / step) * step))
+    return format_seconds(round(seconds / step) * step)
 
 
 # --- the plan ----------------------------------------------------------------------------------------
@@ -127,15 +137,32 @@ class _Recorded:
         self.__dict__.update(values)
 
 
-def stage_plan(cfg: Any, reference: Mapping[str, Any] | None) -> Plan | None:
+def _per_step(work_ratio: float) -> float:
+    """How much longer a step takes than a step of the recorded run, when it does ``work_ratio``
+    times the work (:data:`FIXED_SHARE`, :data:`WORK_EXPONENT`)."""
+    return FIXED_SHARE + (1.0 - FIXED_SHARE) * work_ratio ** WORK_EXPONENT
+
+
+def train_size(cfg: Any, reference: Mapping[str, Any]) -> int:
+    """The training images a run of ``cfg`` uses, as far as is known before loading them: the
+    recorded run's split (the same bundled data), capped as ``cfg`` caps it."""
+    n = int(reference["dataset"]["num_train"])
+    if cfg.data.max_train_samples:
+        n = min(n, int(cfg.data.max_train_samples))
+    return int(n * 0.8) if cfg.data.evaluate_on == "validation" else n
+
+
+def stage_plan(cfg: Any, reference: Mapping[str, Any] | None, *, num_train: int | None = None) -> Plan | None:
     """Planned seconds of every stage of a run of ``cfg`` on this machine, in run order ("data",
     "clients", each method, "privacy" when a method synthesises images), scaled from
-    ``reference``: the ``metrics.json`` of a run recorded here.
+    ``reference``: the ``metrics.json`` of a run recorded here. ``num_train``: the training images
+    of the run, when they are loaded already (default: :func:`train_size`).
 
-    Each stage's seconds per unit of work scale with the work ``cfg`` asks for: client steps x
-    batch size, inversion images x iterations x tokens (the active ones for sparse inversion),
-    distillation steps x batch size, and with the model's cost per token. None when there is
-    nothing to scale from.
+    Each stage takes the recorded run's seconds per step, times the steps ``cfg`` asks for, and
+    per step :func:`_per_step` of the work a step does there: client steps of ``batch_size``
+    images, inversion iterations over ``images_per_round`` images through every client model
+    (counting the tokens sparse inversion keeps active), distillation steps of ``batch_size``
+    images; each times the model's cost per token. None when there is nothing to scale from.
     """
     from fedmitr.clients import client_steps
     from fedmitr.config import ClientTrainConfig
@@ -145,21 +172,22 @@ def stage_plan(cfg: Any, reference: Mapping[str, Any] | None) -> Plan | None:
         return None
     ref_cfg = reference["config"]
     ref_model = ref_cfg["model"]
-    ref_tokens = ref_model["patch_grid"] ** 2 + 1
     width = _width(cfg.model, ref_model)
-    scale = width * _tokens(cfg.model) / ref_tokens
+    scale = width * _tokens(cfg.model) / (ref_model["patch_grid"] ** 2 + 1)  # cost of a whole image
+    k, ref_k = cfg.data.num_clients, max(1, len(reference["clients"]))
     plan: dict[str, float] = {"data": float(reference["seconds"].get("data", 0.0))}
     layouts: dict[str, RoundLayout] = {}
 
-    n = reference["dataset"]["num_train"]
+    n = num_train if num_train is not None else train_size(cfg, reference)
     ref_clients = ClientTrainConfig(**ref_cfg["clients"])
-    ref_work = sum(client_steps(c["num_samples"], ref_clients) for c in reference["clients"]) * ref_clients.batch_size
-    work = client_steps(n // cfg.data.num_clients, cfg.clients) * cfg.data.num_clients * cfg.clients.batch_size
-    plan["clients"] = reference["seconds"]["clients"] * work / max(1, ref_work) * scale
+    ref_steps = sum(client_steps(c["num_samples"], ref_clients) for c in reference["clients"])
+    steps = client_steps(n // k, cfg.clients) * k
+    plan["clients"] = reference["seconds"]["clients"] * steps / max(1, ref_steps) * _per_step(
+        cfg.clients.batch_size / ref_clients.batch_size * scale)
 
     ref_methods = reference.get("methods", {})
     recorded = {name: m for name, m in ref_methods.items() if "stage_seconds" in m}
-    ref_inv = _Recorded(ref_cfg["inversion"])
+    ref_inv, ref_distill = _Recorded(ref_cfg["inversion"]), _Recorded(ref_cfg["distill"])
     ref_grid = ref_model["patch_grid"]
     grid = cfg.model.patch_grid if cfg.model.arch == "scratch" else 14
     synthesises = False
@@ -174,29 +202,31 @@ def stage_plan(cfg: Any, reference: Mapping[str, Any] | None) -> Plan | None:
         if like_name is None:
             return None
         like, like_sparse = recorded[like_name], bool(METHODS[like_name].sparse) if like_name in METHODS else True
-        ref_rounds = max(1, len(like.get("curve", [])) or ref_cfg["distill"]["rounds"])
+        ref_rounds = max(1, len(like.get("curve", [])) or ref_distill.rounds)
         st = like["stage_seconds"]
-        # Inversion: images x iterations x the tokens each forward pass carries.
-        ref_inv_work = ref_rounds * ref_inv.images_per_round * ref_inv.iterations * _mean_tokens(
-            ref_inv, ref_grid, like_sparse)
-        inv_work = cfg.distill.rounds * cfg.inversion.images_per_round * cfg.inversion.iterations * _mean_tokens(
-            cfg.inversion, grid, bool(spec.sparse))
-        inversion = st["inversion"] * inv_work / max(1.0, ref_inv_work) * width
-        ref_distill = ref_rounds * ref_cfg["distill"]["steps_per_round"] * ref_cfg["distill"]["batch_size"]
-        distill = cfg.distill.rounds * cfg.distill.steps_per_round * cfg.distill.batch_size
+        rounds = cfg.distill.rounds
+        # Inversion: its iterations, each through every client model for every image; sparse
+        # inversion's step costs the share of tokens it keeps active (measured: 2.1x faster on 16
+        # tokens, docs/results.md).
+        inv_steps = rounds * cfg.inversion.iterations / (ref_rounds * ref_inv.iterations)
+        inv_work = cfg.inversion.images_per_round * k / (ref_inv.images_per_round * ref_k) * scale
+        active = (_mean_tokens(cfg.inversion, grid, bool(spec.sparse)) / _mean_tokens(cfg.inversion, grid, False)) / (
+            _mean_tokens(ref_inv, ref_grid, like_sparse) / _mean_tokens(ref_inv, ref_grid, False))
+        inversion = st["inversion"] * inv_steps * _per_step(inv_work) * active
         # The relabel runs after the inversion (its steps do not advance), the test after the distillation.
-        inversion += st.get("relabel", 0.0) * cfg.distill.rounds / ref_rounds * scale
-        distill_s = (st["distill"] * distill / max(1, ref_distill) + st.get("evaluate", 0.0) * cfg.distill.rounds
-                     / ref_rounds) * scale
-        plan[name] = inversion + distill_s
-        layouts[name] = RoundLayout(cfg.distill.rounds, cfg.inversion.iterations, cfg.distill.steps_per_round,
-                                    inversion / max(1e-9, inversion + distill_s))
+        inversion += st.get("relabel", 0.0) * rounds / ref_rounds * k / ref_k * scale
+        distill_steps = rounds * cfg.distill.steps_per_round / (ref_rounds * ref_distill.steps_per_round)
+        distill = st["distill"] * distill_steps * _per_step(cfg.distill.batch_size / ref_distill.batch_size * scale)
+        distill += st.get("evaluate", 0.0) * rounds / ref_rounds * scale
+        plan[name] = inversion + distill
+        layouts[name] = RoundLayout(rounds, cfg.inversion.iterations, cfg.distill.steps_per_round,
+                                    inversion / max(1e-9, inversion + distill))
     if synthesises:
         # The privacy check and the writing of the run: what the recorded run spent beyond its stages.
         ref_stages = reference["seconds"].get("data", 0.0) + reference["seconds"]["clients"] + sum(
             m.get("seconds", 0.0) for m in ref_methods.values())
         extra = max(0.0, reference["seconds"].get("total", ref_stages) - ref_stages)
-        plan["privacy"] = extra * cfg.data.num_clients / max(1, len(reference["clients"])) * scale
+        plan["privacy"] = extra * _per_step(k / ref_k * n / reference["dataset"]["num_train"] * scale)
     return Plan(plan, layouts)
 
 

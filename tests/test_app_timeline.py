@@ -25,7 +25,8 @@ def test_durations_read_as_a_person_says_them():
     assert timeline.format_seconds(223) == "3 min 43 s"
     assert timeline.format_seconds(3 * 3600 + 300) == "3 h 05 min"
     assert timeline.format_estimate(223) == "3 min 40 s"  # an estimate is rounded: no false precision
-    assert timeline.format_estimate(2) == "5 s"
+    assert timeline.format_estimate(2.4) == "2 s" and timeline.format_estimate(0.2) == "1 s"  # a countdown's end
+    assert timeline.format_estimate(47) == "45 s"
 
 
 def synthetic_run(plan: dict[str, float], slowdown: float, steps: int = 100):
