@@ -3,8 +3,13 @@
 The app feeds every event to :meth:`RunView.apply`, which returns which parts of the page changed;
 the app then redraws only those parts with the functions of :mod:`app.views`. A live run and a
 recorded one (a run directory's ``events.jsonl``) go through the same :meth:`apply`. The view is
-changed only through its own methods: :meth:`apply`, :meth:`waiting`, :meth:`finish`,
-:meth:`fail`, :meth:`cancel`, :meth:`set_tint` and :meth:`attach_training_images`.
+changed only through its own methods: :meth:`apply`, :meth:`waiting`, :meth:`set_plan`,
+:meth:`finish`, :meth:`fail`, :meth:`cancel`, :meth:`set_tint` and :meth:`attach_training_images`.
+
+Its clock starts when the run gets the device; a recorded event carries its own time (``t`` in
+``events.jsonl``), so a replay's log and stages read as they did live. With a plan
+(:func:`app.timeline.stage_plan`) the status card counts down the time left, and the progress bar
+is the share of the time done: 100% only once the run has finished.
 """
 
 from __future__ import annotations
