@@ -221,10 +221,11 @@ class ClassTargets:
 class TokenRelabel:
     """Stage 3, token relabel: H keeps the generated label, the other patches get an ensemble
     relabel (:func:`fedmitr.relabel.relabel`). ``mode`` and ``high_ratio`` None follow
-    ``cfg.relabel`` (whose own ``high_ratio`` None makes H the kept set)."""
+    ``cfg.relabel`` (whose own ``high_ratio`` None makes H the kept set); so does ``stopped``."""
 
     mode: str | None = None
     high_ratio: float | None = None
+    stopped: str | None = None  # what a stopped patch teaches (None: cfg.relabel.stopped)
     relabel: ClassVar[bool] = True
 
     def __call__(self, ensemble: Ensemble, batch: SyntheticBatch, cfg: RunConfig, *, num_classes: int,
@@ -237,6 +238,8 @@ class TokenRelabel:
             relabel_cfg = dataclasses.replace(relabel_cfg, mode=self.mode)
         if self.high_ratio is not None:
             relabel_cfg = dataclasses.replace(relabel_cfg, high_ratio=self.high_ratio)
+        if self.stopped is not None:
+            relabel_cfg = dataclasses.replace(relabel_cfg, stopped=self.stopped)
         scores = score_patches(ensemble, batch, high_set_size(batch.stop_step.shape[1], relabel_cfg, cfg.inversion))
         return scores, relabel(ensemble, batch, scores, relabel_cfg, num_classes=num_classes,
                                background=background, on_chunk=on_chunk)
@@ -375,15 +378,6 @@ def fedmitr() -> Method:
 
 
 @register_method
-def fedmitr_h20() -> Method:
-    # H the top 20% of the patches, whatever the default H: the kept patches outside it are
-    # relabelled by the ensemble (the relabel at work in every setting).
-    return Rounds(name="fedmitr-h20", label="FedMITR, H = top 20%", colour="#7b2cbf", role="ablation",
-                  summary="FedMITR with H the top 20% of patches: the other kept patches are relabelled by the ensemble",
-                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(high_ratio=0.2))
-
-
-@register_method
 def fedmitr_noise() -> Method:
     # The fill's ablation: the stopped patches keep their noise, and the whole view shows it.
     return Rounds(name="fedmitr-noise", label="FedMITR, stopped = noise", colour="#f4a259", role="ablation",
@@ -393,17 +387,20 @@ def fedmitr_noise() -> Method:
 
 @register_method
 def fedmitr_kept() -> Method:
-    # The view's ablation: teacher and student see only the kept patches (the fill is never seen).
+    # The view's ablation: teacher and student see only the kept patches, so the stopped ones (never
+    # seen) teach nothing.
     return Rounds(name="fedmitr-kept", label="FedMITR, kept view", colour="#5b8e7d", role="ablation",
                   summary="FedMITR distilled on the kept patches only (ablation: no whole-image view)",
-                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(), distillation=Distillation(view="kept"))
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(stopped="ignore"),
+                  distillation=Distillation(view="kept"))
 
 
 @register_method
 def fedmitr_keptview() -> Method:
     # The earlier default, kept by name: stopped patches left as noise, distillation on the kept
-    # view, H = the kept set (high_ratio 1 caps H at the kept patches), so nothing is relabelled.
+    # view, H = the kept set (high_ratio 1 caps H at the kept patches), so nothing is relabelled, and
+    # the stopped patches teach nothing.
     return Rounds(name="fedmitr-keptview", label="FedMITR (earlier default)", colour="#9e2a2b", role="ablation",
                   summary="the earlier default: noise in stopped patches, kept view, H = the kept set (no relabel)",
-                  inversion=ModelInversion(sparse=True, fill="noise"), targets=TokenRelabel(high_ratio=1.0),
-                  distillation=Distillation(view="kept"))
+                  inversion=ModelInversion(sparse=True, fill="noise"),
+                  targets=TokenRelabel(high_ratio=1.0, stopped="ignore"), distillation=Distillation(view="kept"))

@@ -69,7 +69,7 @@ def test_relabels_are_computed_on_the_kept_view(ensemble, sparse_batch, mode):
 def test_the_neighbourhood_window_leaves_stopped_patches_out(ensemble, sparse_batch):
     """A kept patch whose whole window but itself is stopped is relabelled from itself alone."""
     scores = score_patches(ensemble, sparse_batch, 1)
-    out = relabel(ensemble, sparse_batch, scores, RelabelConfig(mode="neighbourhood"), num_classes=10)
+    out = relabel(ensemble, sparse_batch, scores, RelabelConfig(mode="neighbourhood", stopped="ignore"), num_classes=10)
     hood = neighbourhoods(4)
     kept = keep_mask(sparse_batch, 16)
     b, i = next((b, i) for b in range(6) for i in range(16) if out.source[b, i] == RELABEL)
@@ -92,11 +92,12 @@ def test_stopped_patches_teach_a_background_target_when_asked(ensemble, sparse_b
 
 def test_gating_keeps_only_relabels_the_clients_agree_on(ensemble, sparse_batch):
     scores = score_patches(ensemble, sparse_batch, 2)
-    free = relabel(ensemble, sparse_batch, scores, RelabelConfig(), num_classes=10)
+    free = relabel(ensemble, sparse_batch, scores, RelabelConfig(stopped="ignore"), num_classes=10)
     candidates = free.source == RELABEL
     threshold = free.agreement[candidates].max().item()  # the best-agreed relabels pass, the others not
     gated = relabel(ensemble, sparse_batch, scores,
-                    RelabelConfig(gating=True, min_agreement=threshold, min_confidence=0.0), num_classes=10)
+                    RelabelConfig(gating=True, min_agreement=threshold, min_confidence=0.0, stopped="ignore"),
+                    num_classes=10)
     passed = candidates & (free.agreement >= threshold)
     assert torch.equal(gated.source == RELABEL, passed) and torch.equal(gated.source == GATED, candidates & ~passed)
     assert (gated.weights[gated.source == GATED] == 0).all() and (gated.weights[passed] == 1).all()
@@ -105,7 +106,7 @@ def test_gating_keeps_only_relabels_the_clients_agree_on(ensemble, sparse_batch)
 
 def test_diagnostics_count_what_each_patch_taught(ensemble, sparse_batch):
     scores = score_patches(ensemble, sparse_batch, 4)
-    out = relabel(ensemble, sparse_batch, scores, RelabelConfig(), num_classes=10)
+    out = relabel(ensemble, sparse_batch, scores, RelabelConfig(stopped="ignore"), num_classes=10)
     d = diagnostics(diagnostic_counts(sparse_batch, scores, out, 10))
     kept = keep_mask(sparse_batch, 16)
     assert d["high_kept_share"] == 1.0 and d["kept_share"] == pytest.approx(kept.float().mean().item())
@@ -137,6 +138,6 @@ def test_dense_images_are_scored_on_every_patch(ensemble):
 
 def test_high_set_size_defaults_to_what_sparse_inversion_keeps():
     inv = TINY.inversion
-    assert high_set_size(16, RelabelConfig(), inv) == kept_count(16, inv.keep_per_stop, len(stop_iterations(inv)))
+    assert high_set_size(16, RelabelConfig(high_ratio=None), inv) == kept_count(16, inv.keep_per_stop, len(stop_iterations(inv)))
     assert high_set_size(16, RelabelConfig(high_ratio=0.5), inv) == 8
     assert high_set_size(16, RelabelConfig(high_ratio=0.01), inv) == 1

@@ -132,8 +132,8 @@ def test_a_rounds_variant_is_one_registration(context, registry):
     result = run_method("fedmitr-image", context(events.append))
     assert len(result.curve) == TINY.distill.rounds and result.active_patches < result.patches
     synthetic = [e for e in events if isinstance(e, SyntheticRound)]
-    # The image-level relabel gives every low-density patch of an image the same label.
-    low = ~synthetic[-1].high_mask[0]
+    # The image-level relabel gives every kept low-density patch of an image the same label.
+    low = ~synthetic[-1].high_mask[0] & (synthetic[-1].stop_step[0] < 0)
     assert len(set(synthetic[-1].token_labels[0][low].tolist())) == 1
 
 
@@ -172,16 +172,21 @@ def test_the_relabel_diagnostics_reach_the_method_result(context):
     assert run_method("sparse-kd", context()).relabel.keys() == {"high_kept_share", "kept_share", "label_histogram"}
 
 
-def test_with_h_the_kept_set_nothing_is_relabelled_and_fedmitr_h20_relabels(context):
-    """The default H is the kept set, so the kept patches all keep y and the stopped ones teach
-    nothing; fedmitr-h20 makes H smaller, so the kept patches outside it get ensemble relabels."""
+def test_the_default_relabels_part_of_the_kept_patches_and_h_the_kept_set_relabels_nothing(context):
+    """The default H is the top 20% of the patches, so the kept patches outside it get ensemble
+    relabels and the stopped ones the background's label; with H the kept set (the earlier default)
+    every kept patch keeps y and nothing is relabelled."""
+    from fedmitr.config import apply_overrides
+
     default = run_method("fedmitr", context()).relabel
-    assert default["taught"]["relabel"] == 0 and default["relabelled_kept_patches"] == 0
-    assert default["taught"]["label"] == pytest.approx(default["kept_share"])
-    h20 = run_method("fedmitr-h20", context()).relabel
-    assert h20["taught"]["relabel"] > 0 and h20["relabelled_kept_patches"] > 0
-    assert h20["taught"]["label"] + h20["taught"]["relabel"] == pytest.approx(h20["kept_share"])
-    assert h20["high_kept_share"] == 1.0
+    assert default["taught"]["relabel"] > 0 and default["relabelled_kept_patches"] > 0
+    assert default["taught"]["label"] + default["taught"]["relabel"] == pytest.approx(default["kept_share"])
+    assert default["taught"]["background"] == pytest.approx(1 - default["kept_share"])
+    assert default["high_kept_share"] == 1.0
+    kept_set = run_method("fedmitr", context(cfg=apply_overrides(TINY, {"relabel": {"high_ratio": None}}))).relabel
+    assert kept_set["taught"]["relabel"] == 0 and kept_set["relabelled_kept_patches"] == 0
+    assert kept_set["taught"]["label"] == pytest.approx(kept_set["kept_share"])
+    assert run_method("fedmitr-keptview", context()).relabel["taught"]["relabel"] == 0
 
 
 # The earlier default (noise in stopped patches, kept view, H = the kept set) on the tiny preset's
@@ -198,7 +203,7 @@ def test_the_earlier_default_is_reachable_by_name_and_gives_its_numbers(context,
     from fedmitr.config import apply_overrides
 
     cfg = apply_overrides(TINY, {"inversion": {"stopped_fill": "noise"}, "distill": {"view": "kept"},
-                                 "relabel": {"high_ratio": 1.0}})
+                                 "relabel": {"high_ratio": 1.0, "stopped": "ignore"}})
     same = run_method("fedmitr", ServerContext(cfg, tiny_data, ensemble, torch.device("cpu")))
     assert same.curve == old.curve and same.final_losses == old.final_losses
 
