@@ -39,13 +39,17 @@ TEXT = {
     "gallery": "The server never sees real images, so it optimises random noise until the clients' ensemble "
                "recognises a class in it. **Sparse inversion** stops optimising the patches the ensemble ignores "
                "(tinted: the colour says when) and spends the work on the rest: cheaper, and background noise "
-               "stays out. One row per round. **Click an image** to see its relabel map.",
+               "stays out. A stopped patch is then filled with the data's background (black for digits), so "
+               "the global model learns from whole images that look like real ones. One row per round. "
+               "**Click an image** to see its relabel map.",
     "relabel": "**Information density** is each patch's share of the ensemble's attention (class token to patch, "
                "last block), measured on the patches sparse inversion kept (a stopped patch, ×, has none). The "
-               "densest patches (outlined) are trained on the class the image was made for; the other kept "
+               "densest patches (outlined, H) are trained on the class the image was made for; the other kept "
                "patches get the ensemble's own soft label instead, so no patch is taught a class it does not "
-               "show. Stopped patches (hatched) still hold noise: they teach nothing, or a background target. "
-               "Hover a patch to see what it was taught and why.",
+               "show. Stopped patches (hatched) were filled with the background: they teach the ensemble's label "
+               "of the background, or nothing. **The summary under the map says what this run actually taught**, "
+               "including when it relabelled nothing (H as large as the kept set). Hover a patch to see what it "
+               "was taught and why.",
     "curves": "After every round the global model is tested on real images it never trained on. Above FedAvg "
               "(dashed) means one model learned from the clients without any data; the ensemble (dotted) is "
               "the teacher and usually the ceiling.",

@@ -231,7 +231,8 @@ def render(page: Page, view: RunView, dirty: set[str], index: list) -> tuple[dic
         update[page.relabel_summary] = view.relabel_summary(shown)
         update[page.gallery_index] = index
     if "final" in dirty and view.metrics is not None:
-        update[page.results] = pd.DataFrame(views.results_rows(view.metrics), columns=views.RESULT_HEADERS)
+        update[page.results] = pd.DataFrame(views.results_rows(view.metrics, benchmark_pair_of(view.cfg)),
+                                            columns=views.RESULT_HEADERS)
         first = view.models[0] if view.models else None
         update[page.share_method] = gr.update(choices=view.models, value=first)
         update[page.try_method] = gr.update(choices=view.models, value=first, label=f"Global model of {view.name}")
@@ -272,6 +273,15 @@ def stop_job(view: RunView | None, request: gr.Request):
     if view is not None and view.cancel():
         return view.status_html()
     return gr.update()
+
+
+def benchmark_pair_of(cfg: RunConfig) -> dict[str, Any] | None:
+    """FedMITR beside dense inversion + KD in the bundled benchmark's cell for this setting, or None."""
+    from fedmitr.bench import benchmark_pair, load_records, setting_name
+    try:
+        return benchmark_pair(load_records(ROOT / "assets" / "bench" / "bench.json"), setting_name(cfg), cfg.data.alpha)
+    except ConfigError:
+        return None
 
 
 def bench_note(cfg: RunConfig) -> str:

@@ -336,7 +336,8 @@ def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None
                else np.where(sources <= 1, 1.0, 0.0))
 
     label_title = ("patch targets (unused: class token only)" if not relabel_used
-                   else "what each patch is taught")
+                   else "what each patch is taught" if (sources == 1).any()
+                   else "what each patch is taught (none relabelled)")
     fig = make_subplots(
         rows=1, cols=3, horizontal_spacing=0.07,
         subplot_titles=(f"synthetic image (class {name_of(label)})", "information density (kept view)", label_title),
@@ -451,12 +452,25 @@ def accuracy_curves(curves: Mapping[str, Mapping[int, float]], references: Mappi
 RESULT_HEADERS = ["model", "accuracy", "time (s)", "notes"]  # accuracy on the test split
 
 
-def results_rows(metrics: Mapping) -> list[list]:
+def results_rows(metrics: Mapping, benchmark: Mapping | None = None) -> list[list]:
     """Rows of the final results table from a run's ``metrics.json`` content.
 
     Time is the server-side time of a method, and the local training time for the client rows.
+    ``benchmark`` (:func:`fedmitr.bench.benchmark_pair`): when the run did not include the baseline
+    itself, the benchmark's paired figure for this setting, FedMITR beside dense inversion + KD with
+    both server times, as rows of the same table.
     """
-    rows = []
+    rows, bench_rows = [], []
+    if benchmark is not None and benchmark["baseline"] not in metrics.get("methods", {}):
+        ours, base = benchmark["method"], benchmark["baseline"]
+        where = (f"the benchmark, same setting (α={benchmark['alpha']}), mean of {len(benchmark['seeds'])} seed(s), "
+                 f"1 thread")
+        diffs = ", ".join(f"{100 * d:+.1f}" for d in benchmark["paired"])
+        bench_rows.append([f"{method_label(base)} (benchmark)", f"{benchmark['accuracy'][base]:.1%}",
+                           _seconds(benchmark["seconds"][base]), f"{where}; not run here"])
+        bench_rows.append([f"{method_label(ours)} (benchmark)", f"{benchmark['accuracy'][ours]:.1%}",
+                     _seconds(benchmark["seconds"][ours]),
+                           f"{where}; paired on the same clients: {diffs} points against {method_label(base)}"])
     num_clients = len(metrics.get("clients", []))
     inversion = [n for n, m in metrics.get("methods", {}).items() if "synthetic_images" in m]
     for name, m in metrics.get("methods", {}).items():
@@ -470,6 +484,7 @@ def results_rows(metrics: Mapping) -> list[list]:
         else:
             note = "one global model"
         rows.append([method_label(name), f"{m['accuracy']:.1%}", _seconds(m["seconds"]), note])
+    rows += bench_rows  # after the run's own methods, before its clients
     clients = metrics.get("clients", [])
     if clients:
         accs = [c["accuracy"] for c in clients]

@@ -315,6 +315,9 @@ def diagnostics_text(diagnostics: Mapping | None, class_names: Sequence[str] | N
     if taught:
         parts = [f"{share:.0%} {name}" for name, share in taught.items() if share > 0]
         lines.append("**Patches taught:** " + ", ".join(parts) + ".")
+        if not taught.get("relabel") and not taught.get("gated"):
+            lines.append("**No patch was relabelled in this run:** H held every kept patch, so each kept patch was "
+                         "taught the generated label.")
         if diagnostics.get("mean_relabel_confidence") is not None:
             names = list(class_names) if class_names else [str(c) for c in range(len(diagnostics["label_histogram"]))]
             hist = ", ".join(f"{names[c]}: {n}" for c, n in enumerate(diagnostics["relabel_histogram"]) if n)

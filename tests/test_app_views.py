@@ -116,6 +116,15 @@ def test_relabel_map_shows_density_and_token_targets():
             "high-information patch (H)", "stopped patch (×, hatched)"} <= legend
 
 
+def test_relabel_map_of_an_image_with_no_relabelled_patch_says_so():
+    event = make_round()
+    event.token_relabelled[:] = False  # H held every kept patch: nothing relabelled
+    titles = [a.text for a in views.relabel_map(event, 1).layout.annotations]
+    assert "what each patch is taught (none relabelled)" in titles
+    event.token_relabelled[1, 0] = True
+    assert "what each patch is taught" in [a.text for a in views.relabel_map(event, 1).layout.annotations]
+
+
 def test_relabel_map_for_a_method_without_relabel_says_so():
     fig = views.relabel_map(make_round(method="sparse-kd"), 0, relabel_used=False)
     assert any("unused" in a.text for a in fig.layout.annotations)
@@ -145,6 +154,20 @@ def test_results_rows_from_metrics():
     assert all(len(r) == len(views.RESULT_HEADERS) for r in rows)
     metrics["methods"]["fedmitr"]["seconds"] = 152.8
     assert views.results_rows(metrics)[1][2] == "153"  # no decimals past 100 s: the column stays narrow
+
+
+def test_a_run_without_the_baseline_shows_the_benchmarks_paired_figure_in_the_table():
+    metrics = {"methods": {"fedavg": {"accuracy": 0.3, "seconds": 0.1},
+                           "fedmitr": {"accuracy": 0.75, "seconds": 90.0, "synthetic_images": 500}}}
+    pair = {"method": "fedmitr", "baseline": "dense-kd", "alpha": "0.5", "seeds": [0, 1, 2],
+            "accuracy": {"fedmitr": 0.78, "dense-kd": 0.76}, "seconds": {"fedmitr": 150.0, "dense-kd": 180.0},
+            "paired": [0.03, -0.01, 0.04]}
+    rows = views.results_rows(metrics, pair)[2:]  # after the run's own two methods
+    assert rows[0][:3] == ["dense inversion + KD (benchmark)", "76.0%", "180"] and "not run here" in rows[0][3]
+    assert rows[1][:3] == ["FedMITR (benchmark)", "78.0%", "150"] and "+3.0, -1.0, +4.0 points" in rows[1][3]
+    assert "mean of 3 seed(s)" in rows[1][3]
+    metrics["methods"]["dense-kd"] = {"accuracy": 0.7, "seconds": 120.0, "synthetic_images": 500}
+    assert all("benchmark" not in r[0] for r in views.results_rows(metrics, pair))  # it ran: the live figure
 
 
 def test_mask_overlay_without_tint_shows_the_image_itself():

@@ -17,8 +17,8 @@ SOURCES = sorted([*ROOT.glob("fedmitr/*.py"), *ROOT.glob("app/*.py"), *ROOT.glob
                   *ROOT.glob("scripts/*.py")])
 MAX_POSITIONAL = 5
 # Gradio calls an event's handler with the values of its input components, positionally, one per
-# component: these take as many as their events have inputs.
-GRADIO_HANDLERS = {"app/share.py": {"push", "push_with_login", "try_checkpoint"}}
+# component, unless the event takes a set of inputs and the handler one dict: every handler here does.
+GRADIO_HANDLERS: dict[str, set[str]] = {}
 
 
 def _positional(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:

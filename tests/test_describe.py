@@ -21,6 +21,10 @@ def test_a_run_that_relabels_nothing_never_claims_a_relabel(ensemble, tiny_data)
     assert result.relabel["taught"]["relabel"] == 0
     text = METHODS["fedmitr"].describe(cfg, result.relabel)
     assert "no patch was relabelled" in text and "relabelled by the ensemble" not in text
+    from fedmitr.relabel import diagnostics_text
+
+    summary = diagnostics_text(result.relabel)  # the app's summary under the relabel map, and the card's
+    assert "No patch was relabelled in this run" in summary and "% relabel" not in summary
     assert "filled with the data's background" in text and "sees whole images" in text
 
 
@@ -30,6 +34,9 @@ def test_a_run_that_relabels_says_how_much(ensemble, tiny_data):
     assert share > 0
     text = METHODS["fedmitr"].describe(cfg, result.relabel)
     assert f"relabelled by the ensemble ({share:.0%})" in text
+    from fedmitr.relabel import diagnostics_text
+
+    assert "No patch was relabelled" not in diagnostics_text(result.relabel)
 
 
 def test_the_description_follows_the_methods_own_stages():
