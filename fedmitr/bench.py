@@ -190,12 +190,53 @@ def regime_map(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# What each paired difference isolates: (method, rival, what the difference measures).
+PAIRS = (
+    ("fedmitr", "dense-kd", "against the baseline"),
+    ("fedmitr", "sparse-kd", "the token targets (relabel)"),
+    ("sparse-kd", "dense-kd", "sparse inversion"),
+    ("fedmitr", "fedmitr-noise", "the background fill"),
+    ("fedmitr", "fedmitr-kept", "the whole view"),
+    ("fedmitr", "fedmitr-keptview", "against the earlier default"),
+)
+
+
+def paired_table(records: list[dict[str, Any]], pairs: tuple[tuple[str, str, str], ...] = PAIRS) -> str:
+    """Paired differences on the same clients, in points: per setting and alpha, the mean of
+    ``method − rival`` over the seeds both ran, then each seed's. Pairs without any shared seed are
+    left out, and so are methods of that name that are not registered."""
+    pairs = tuple(p for p in pairs if p[0] in METHODS and p[1] in METHODS)
+    by_key: dict[tuple, float] = {}
+    for r in records:
+        if r.get("budget", "iterations") == "iterations":
+            by_key[(_setting(r), r["alpha"], r["method"], r["seed"])] = r["accuracy"]
+    shown = [p for p in pairs if any(k[2] == p[0] and (*k[:2], p[1], k[3]) in by_key for k in by_key)]
+    if not shown:
+        return ""
+    lines = ["| setting | α | " + " | ".join(f"{a} − {b} ({what})" for a, b, what in shown) + " |",
+             "|---|---|" + "---|" * len(shown)]
+    for setting in dict.fromkeys(_setting(r) for r in records):
+        for alpha in _cells([r for r in records if _setting(r) == setting], "alpha"):
+            cells = []
+            for a, b, _ in shown:
+                seeds = sorted(k[3] for k in by_key if k[:3] == (setting, alpha, a) and (setting, alpha, b, k[3]) in by_key)
+                diffs = [100 * (by_key[(setting, alpha, a, s)] - by_key[(setting, alpha, b, s)]) for s in seeds]
+                cells.append("-" if not diffs else
+                             f"{statistics.mean(diffs):+.1f} ({', '.join(f'{d:+.1f}' for d in diffs)})")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {setting} | {alpha} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarise(records: list[dict[str, Any]], command: str) -> str:
     """``bench.md``: the regime map, then per setting the accuracy table, the speed-up and stage seconds."""
     lines = [f"How it was produced: `{command}`", "",
              "Test accuracy in %, mean ± std over seeds; seconds are wall-clock of the server-side method.", "",
              f"## Where {METHODS[headline().name].label} wins (points; **bold**: beyond both methods' seed spread)", "",
              regime_map(records), ""]
+    paired = paired_table(records)
+    if paired:
+        lines += ["## Paired differences on the same clients (points: the mean, then each seed)", "", paired, ""]
     for setting in dict.fromkeys(_setting(r) for r in records):
         rows = [r for r in records if _setting(r) == setting]
         alphas, methods = _cells(rows, "alpha"), _cells(rows, "method")

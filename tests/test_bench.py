@@ -151,3 +151,18 @@ def test_scale_measures_each_k_in_its_own_process(tmp_path, capsys):
     progress = capsys.readouterr().err
     assert "[bench 2/2] K=3 seed=0" in progress and "alpha=" not in progress
     assert main(["bench", "--preset", "tiny", "--scale", "1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_the_paired_table_pairs_each_seed_on_the_same_clients():
+    def rec(method, acc, seed, alpha="0.5"):
+        return {"setting": "cpu", "alpha": alpha, "seed": seed, "method": method, "accuracy": acc, "seconds": 1.0}
+
+    records = [rec("fedmitr", 0.80, 0), rec("dense-kd", 0.75, 0), rec("fedmitr", 0.70, 1), rec("dense-kd", 0.72, 1),
+               rec("fedmitr", 0.9, 2),  # no dense-kd on seed 2: not paired
+               rec("sparse-kd", 0.78, 0)]
+    table = bench.paired_table(records)
+    header, _, row = table.splitlines()
+    assert "fedmitr − dense-kd (against the baseline)" in header and "fedmitr − sparse-kd" in header
+    assert "fedmitr − fedmitr-noise" not in header  # nothing to pair: left out
+    assert row.startswith("| cpu | 0.5 | +1.5 (+5.0, -2.0) | +2.0 (+2.0) |")
+    assert bench.paired_table([rec("fedmitr", 0.8, 0)]) == ""
