@@ -238,7 +238,7 @@ def test_every_model_built_is_used(tiny_cfg, tiny_data, monkeypatch):
 # and so the numbers. Update these when a change to the pipeline is meant to change results.
 PINNED_TINY = {
     "client_accuracy": [0.21, 0.15, 0.10, 0.10, 0.10],
-    "methods": {"fedavg": 0.155, "ensemble": 0.175, "fedmitr": 0.14},
+    "methods": {"fedavg": 0.155, "ensemble": 0.175, "fedmitr": 0.15},  # whole view, background fill, H = 20%
 }
 
 
