@@ -193,7 +193,7 @@ def regime_map(records: list[dict[str, Any]]) -> str:
 # What each paired difference isolates: (method, rival, what the difference measures).
 PAIRS = (
     ("fedmitr", "dense-kd", "against the baseline"),
-    ("fedmitr", "sparse-kd", "the token targets (relabel)"),
+    ("fedmitr", "sparse-kd", "the token targets"),
     ("sparse-kd", "dense-kd", "sparse inversion"),
     ("fedmitr", "fedmitr-noise", "the background fill"),
     ("fedmitr", "fedmitr-kept", "the whole view"),
