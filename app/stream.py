@@ -10,6 +10,7 @@ signals the worker.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import time
 from pathlib import Path
@@ -130,7 +131,8 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference:
         yield first_update(page, view)
         dirty: set[str] = set()
         logged, status = 0, ""  # log lines and status card already on the page
-        last_yield = time.monotonic()
+        # The first thing the run makes (the split) goes out at once; after that, one update a second.
+        last_yield = -math.inf
         finished = False
         while not finished:
             try:
