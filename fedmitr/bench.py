@@ -27,7 +27,7 @@ from fedmitr.config import RunConfig, apply_overrides, preset_config
 from fedmitr.errors import ConfigError
 from fedmitr.events import BenchCell, EventHandler, Metric, ignore
 from fedmitr.inversion import invert
-from fedmitr.methods import METHODS, find_rounds, headline
+from fedmitr.methods import METHODS, check_config, find_rounds, headline
 from fedmitr.pipeline import train
 from fedmitr.rundir import check_out_dir
 from fedmitr.runtime import Workers
@@ -105,7 +105,7 @@ def run_bench(base: RunConfig, alphas: list[float | None], seeds: list[int], out
     if not alphas or not seeds:
         raise ConfigError("the benchmark needs at least one alpha and one seed")
     out = check_out_dir(out)
-    base.validate()
+    check_config(base)
     records: list[dict[str, Any]] = []
     cells = [(a, s) for a in alphas for s in seeds]
     table = ""

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from fedmitr.config import RunConfig, apply_overrides, parse_alpha, preset_config
 from fedmitr.errors import ConfigError, SettingError, excerpt
-from fedmitr.methods import parse_methods
+from fedmitr.methods import check_config, parse_methods
 
 KINDS = ("int", "float", "alpha", "methods", "str")
 
@@ -123,7 +123,7 @@ def config_from_knobs(values: Mapping[str, Any], base: RunConfig | None = None) 
         target[leaf] = "iid" if knob.kind == "alpha" and parsed is None else parsed
     cfg = apply_overrides(base, overrides)
     try:
-        return cfg.validate()
+        return check_config(cfg)
     except ConfigError as err:
         # The config's check names its fields; a field a knob set is the knob's error.
         for name in values:

@@ -2,8 +2,10 @@
 
 A method is a :class:`Method`: its display metadata (label, colour, role, one-line summary) and
 ``run(ctx) -> MethodResult``. :func:`register_method` adds one to :data:`METHODS`, as timm's
-``@register_model`` does for models; the config, the command line, the benchmark, the Hub's model
-card and the app all read this registry, and no method name is written anywhere else.
+``@register_model`` does for models; the command line, the benchmark, the Hub's model card and the
+app read this registry, and :func:`check_config` checks a config's method names against it. The
+config module itself knows no method (it is imported here, never the other way round); only its
+default names, ``fedavg, ensemble, fedmitr``, are written there.
 
 The inversion methods are one family, :class:`Rounds`, composed of three pluggable stages:
 
@@ -36,12 +38,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
+from fedmitr.config import InversionConfig, RunConfig
 from fedmitr.errors import ConfigError, excerpt
 
 if TYPE_CHECKING:  # only for type checkers: importing these would import torch
     import torch
 
-    from fedmitr.config import InversionConfig, RunConfig
     from fedmitr.distill import GlobalModel, PoolTensors, TeacherCache
     from fedmitr.ensemble import Ensemble
     from fedmitr.inversion import SyntheticBatch
@@ -130,11 +132,17 @@ def with_role(*roles: str) -> list[str]:
     return [name for name, m in METHODS.items() if m.role in roles]
 
 
-def default_methods(synthesis: bool = True) -> tuple[str, ...]:
-    """What a run compares by default: the methods without synthesis (the cheap references) and,
-    with ``synthesis``, the headline method."""
-    cheap = tuple(name for name, m in METHODS.items() if not m.synthesises)
-    return (*cheap, headline().name) if synthesis else cheap
+def check_config(cfg: RunConfig) -> RunConfig:
+    """``cfg.validate()``, and its method names checked against the registry. Raises
+    :class:`ConfigError`; returns ``cfg``. Every entry point that runs methods checks this way."""
+    cfg.validate()
+    if not cfg.methods:
+        raise ConfigError(f"choose at least one method from: {', '.join(METHODS)}")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(excerpt(m) for m in unknown[:3])}; "
+                          f"known: {', '.join(METHODS)}")
+    return cfg
 
 
 def find_rounds(*, sparse: bool, relabel: bool) -> str | None:

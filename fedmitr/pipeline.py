@@ -23,14 +23,14 @@ import torch
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 
-from fedmitr.clients import ClientResult, client_steps, initial_model, patch_accuracy, train_clients
+from fedmitr.clients import ClientResult, client_steps, client_workers, initial_model, patch_accuracy, train_clients
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset, Partition, Split, label_entropy, open_dataset, partition, validation_view
 from fedmitr.ensemble import Ensemble
 from fedmitr.errors import ConfigError
 from fedmitr.events import (EventHandler, Metric, PartitionReady, PrivacyChecked, Progress, RunFinished, StageFinished,
                             StageStarted, fan_out, ignore)
-from fedmitr.methods import get_method
+from fedmitr.methods import check_config, get_method
 from fedmitr.models import fit_input
 from fedmitr.privacy import NearestReal, nearest_real, real_set
 from fedmitr.rundir import RunDir, check_out_dir
@@ -87,7 +87,7 @@ def prepare(cfg: RunConfig, dataset: ImageDataset | None = None, on_event: Event
     divide the image, or pretrained weights that cannot be fetched all fail here. ``dataset``, if
     given, is used instead of loading ``cfg.data.dataset`` (it must be that dataset).
     """
-    cfg.validate()
+    check_config(cfg)
     dataset, part = load_data(cfg, dataset, on_event)
     return Prepared(dataset, part, initial_model(cfg.model, dataset, cfg.seed))
 
@@ -122,7 +122,9 @@ def train(cfg: RunConfig, on_event: EventHandler = ignore, dataset: ImageDataset
     set_seed(cfg.seed)
     device = describe_device(accelerator)
     steps = sum(client_steps(len(idx), cfg.clients) for idx in part.client_indices)
-    on_event(StageStarted("clients", total=steps, info=str(device), device=device))
+    workers = client_workers(accelerator, cfg.data.num_clients)
+    side_by_side = f"; {workers} clients at a time, one thread each" if workers > 1 else ""
+    on_event(StageStarted("clients", total=steps, info=f"{device}{side_by_side}", device=device))
     t0 = time.perf_counter()
     measured: dict[int, float] = {}
 

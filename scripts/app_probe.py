@@ -3,13 +3,16 @@
     python scripts/app_probe.py stop --tries 10 --out stop.json   # how fast Stop answers under load
     python scripts/app_probe.py run --tries 3 --out app-run.json   # the default run, from a browser
     python scripts/app_probe.py run --tries 1 --preset tiny        # the probe itself, in seconds
+    python scripts/app_probe.py api --tries 3 --out app-api.json   # the default run through the API, no browser
 
 Both start the app as a Space does (``python app/app.py``, its default torch threads) on a free
 port. ``stop``: ``--tries`` times, submits the default run through the API, lets it train for
 ``--after`` seconds and times the cancel request (what the page's Stop sends). ``run``: opens the
 page in Debian's Chromium (headless, a laptop-sized window, so the page draws every update as a
 visitor's would), presses Run with the default settings (or ``--preset``'s) and times until the
-status says Finished. Meanwhile it samples the CPU time of Chromium's renderer processes (psutil)
+status says Finished. ``api``: submits the default run through Gradio's API (no browser) and times
+it to its end; it also reads the status card's "about X left" as the run goes and reports the
+estimate's error at 25, 50 and 75% of the run (against the time that was really left). Meanwhile ``run`` samples the CPU time of Chromium's renderer processes (psutil)
 and reports their mean over the run in % of one core: what drawing the page costs a machine that
 also trains. Each figure is printed and written to ``--out``.
 """
@@ -20,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -87,6 +91,61 @@ def measure_stop(url: str, tries: int, after: float) -> dict:
         print(f"try {i + 1}: cancel answered in {cancels[-1]:.3f} s", flush=True)
         time.sleep(3)  # the worker stops within a step and lets go of the device
     return {"tries": len(cancels), "cancel_s": cancels, "median_s": statistics.median(cancels), "max_s": max(cancels)}
+
+
+_LEFT = re.compile(r"about ((?:\d+ h )?(?:\d+ min )?(?:\d+ s)?) left")
+
+
+def parse_duration(text: str) -> float:
+    """``"1 min 05 s"`` -> 65.0 (what app.timeline.format_seconds writes)."""
+    units = {"h": 3600, "min": 60, "s": 1}
+    return float(sum(int(n) * units[u] for n, u in re.findall(r"(\d+) (h|min|s)\b", text)))
+
+
+def estimate_errors(samples: list[tuple[float, float]], total: float,
+                    at: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, float]:
+    """The time-left estimate's relative error at each share of the run: the first sample at or
+    after it, (estimated - actual) / actual, where actual = ``total`` - the sample's time."""
+    errors = {}
+    for share in at:
+        later = [(t, left) for t, left in samples if t >= share * total and total - t > 0]
+        if later:
+            t, left = later[0]
+            errors[f"{round(share * 100)}%"] = (left - (total - t)) / (total - t)
+    return errors
+
+
+def measure_api(url: str, tries: int) -> dict:
+    from gradio_client import Client
+
+    sys.path.insert(0, str(ROOT))
+    from app.form import FormValues
+
+    client = Client(url, verbose=False)
+    values = FormValues.for_preset("cpu")
+    seconds, errors = [], []
+    for i in range(tries):
+        t0 = time.monotonic()
+        job = client.submit(*values.inputs(), api_name="/run")
+        samples: list[tuple[float, float]] = []
+        seen = 0
+        while not job.done():
+            outs = job.outputs()
+            for out in outs[seen:]:
+                match = _LEFT.search(str(out[0] or ""))
+                if match:
+                    samples.append((time.monotonic() - t0, parse_duration(match.group(1))))
+            seen = len(outs)
+            time.sleep(0.2)
+        seconds.append(time.monotonic() - t0)
+        last = str(job.outputs()[-1][0] or "")
+        if "Finished" not in last:
+            raise SystemExit(f"try {i + 1}: the run did not finish: {last[:300]}")
+        errors.append(estimate_errors(samples, seconds[-1]))
+        print(f"try {i + 1}: the default run took {seconds[-1]:.1f} s through the API; time-left error "
+              + ", ".join(f"{k}: {v:+.0%}" for k, v in errors[-1].items()), flush=True)
+    return {"tries": len(seconds), "seconds": seconds, "median_s": statistics.median(seconds),
+            "estimate_error": errors}
 
 
 class RendererCPU:
@@ -193,7 +252,7 @@ def measure_run(url: str, tries: int, preset: str = "cpu") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["stop", "run"])
+    parser.add_argument("what", choices=["stop", "run", "api"])
     parser.add_argument("--tries", type=int, default=10)
     parser.add_argument("--after", type=float, default=8.0, help="stop: seconds of training before Stop")
     parser.add_argument("--preset", default="cpu", help="run: the preset to run (tiny: a seconds-long check)")
@@ -201,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with running_app() as url:
         record = (measure_stop(url, args.tries, args.after) if args.what == "stop"
+                  else measure_api(url, args.tries) if args.what == "api"
                   else measure_run(url, args.tries, args.preset))
     record |= {"threads": os.environ.get("FEDMITR_THREADS", "default"), "cpus": os.cpu_count()}
     print(json.dumps(record))

@@ -84,3 +84,75 @@ def test_warmup_cosine_rises_to_the_peak_then_decays_to_zero():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # linear warm-up
     assert lrs[10] == pytest.approx(0.1)  # the peak, once warm-up is over
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.001  # cosine decay
+
+
+# --- clients side by side in worker processes (a CPU, one process) ----------------------------------
+
+def test_clients_in_worker_processes_have_the_weights_they_have_here(tiny_data, tiny_cfg):
+    """Two workers of one thread each train every client exactly as this one-thread process does,
+    report one stage that ends at 100%, and hand each client over as soon as it is trained."""
+    part = partition(tiny_data.train.labels.numpy(), NUM_CLIENTS, 0.5, tiny_data.num_classes, seed=1, min_samples=10)
+    args = (tiny_data, part, tiny_cfg.model, tiny_cfg.clients)
+    here = train_clients(*args, accelerator=make_accelerator(), seed=1, workers=1)
+    events, handed = [], []
+    apart = train_clients(*args, accelerator=make_accelerator(), seed=1, workers=2, on_event=events.append,
+                          on_trained=lambda r: handed.append(r.index))
+    assert sorted(handed) == list(range(NUM_CLIENTS))
+    assert [r.index for r in apart] == list(range(NUM_CLIENTS))
+    for a, b in zip(here, apart):
+        assert a.num_samples == b.num_samples and a.losses == b.losses
+        sa, sb = a.model.state_dict(), b.model.state_dict()
+        assert all(torch.equal(sa[name], sb[name]) for name in sa)
+        assert not b.model.training
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert {e.stage for e in progress} == {"clients"}
+    assert progress[-1].step == progress[-1].total  # every step of every client counted
+    assert all(e.step <= e.total for e in progress)
+
+
+def test_a_failed_client_worker_says_why(tiny_data, tiny_cfg):
+    from fedmitr.clients import _Shard, _train_in_workers
+
+    part = partition(tiny_data.train.labels.numpy(), 2, None, tiny_data.num_classes, seed=0)
+    shards = [_Shard.of(k, tiny_data, part, tiny_cfg.model, tiny_cfg.clients, 0) for k in range(2)]
+    with pytest.raises(RuntimeError, match="client worker process failed(.|\n)*state_dict"):
+        _train_in_workers(shards, {"not": torch.zeros(1)}, 2, make_accelerator(), lambda e: None, None)
+
+
+def test_a_stop_kills_the_client_workers_at_once(tiny_data, tiny_cfg, monkeypatch):
+    import fedmitr.clients as clients
+
+    started = []
+
+    class Recorded(clients._Worker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    class Stop(BaseException):
+        pass
+
+    def on_event(event):
+        if event.step > 0:  # the first reported step: a user pressed Stop
+            raise Stop()
+
+    monkeypatch.setattr(clients, "_Worker", Recorded)
+    cfg = apply_overrides(tiny_cfg, {"clients": {"epochs": 200}})  # minutes, were it not stopped
+    part = partition(tiny_data.train.labels.numpy(), 2, None, tiny_data.num_classes, seed=0)
+    with pytest.raises(Stop):
+        train_clients(tiny_data, part, cfg.model, cfg.clients, accelerator=make_accelerator(), seed=0, workers=2,
+                      on_event=on_event)
+    assert len(started) == 2
+    for worker in started:
+        assert worker.proc.wait(timeout=5) != 0  # killed, not finished
+
+
+def test_client_workers_follow_the_threads_on_a_cpu(monkeypatch):
+    from fedmitr.clients import client_workers
+
+    accelerator = make_accelerator(cpu=True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert client_workers(accelerator, 5) == 4
+    assert client_workers(accelerator, 3) == 3  # never more workers than clients
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert client_workers(accelerator, 5) == 1  # one thread: the clients train here

@@ -16,7 +16,7 @@ from fedmitr.config import (
     parse_alpha,
     preset_config,
 )
-from fedmitr.methods import METHODS
+from fedmitr.methods import METHODS, check_config
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -120,8 +120,7 @@ def test_a_section_must_be_a_mapping():
         ({"data": {"alpha": 0.0}}, r"alpha must be a number > 0 \(got 0.0\); use 'iid'"),
         ({"data": {"alpha": -1.0}}, r"alpha must be a number > 0 \(got -1.0\); use 'iid'"),
         ({"data": {"alpha": float("nan")}}, r"alpha must be a number > 0"),
-        ({"methods": ("fedavg", "bogus")}, r"unknown method\(s\) 'bogus'; known: fedavg, ensemble"),
-        ({"methods": ()}, r"choose at least one method from: fedavg, ensemble"),
+        ({"methods": ["fedavg"]}, r"methods must be a tuple of method names"),
         ({"seed": "0"}, r"seed must be an integer"),
         ({"model": {"embed_dim": 30, "num_heads": 4}}, r"embed_dim divisible by num_heads"),
         ({"clients": {"epochs": 0}}, r"epochs >= 1"),
@@ -142,7 +141,34 @@ def test_validate_rejects_bad_values(changes, expected):
 
 def test_every_registered_method_validates():
     cfg = apply_overrides(preset_config("tiny"), {"methods": ",".join(METHODS)})
-    assert cfg.validate().methods == tuple(METHODS)
+    assert check_config(cfg).methods == tuple(METHODS)
+
+
+@pytest.mark.parametrize("methods, expected", [
+    (("fedavg", "bogus"), r"unknown method\(s\) 'bogus'; known: fedavg, ensemble"),
+    ((), r"choose at least one method from: fedavg, ensemble"),
+])
+def test_method_names_are_checked_against_the_registry(methods, expected):
+    cfg = dataclasses.replace(preset_config("tiny"), methods=methods)
+    cfg.validate()  # the config knows no method: imports go from fedmitr.methods to fedmitr.config only
+    with pytest.raises(ConfigError, match=expected):
+        check_config(cfg)
+
+
+def test_the_config_does_not_import_the_method_registry():
+    import ast
+    import inspect
+
+    import fedmitr.config
+
+    tree = ast.parse(inspect.getsource(fedmitr.config))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "fedmitr.methods" not in imported
+    from fedmitr.config import DEFAULT_METHODS, REFERENCE_METHODS
+
+    assert set(DEFAULT_METHODS) <= set(METHODS)  # its default names are registered methods
+    assert all(not METHODS[m].synthesises for m in REFERENCE_METHODS)
 
 
 @pytest.mark.parametrize(

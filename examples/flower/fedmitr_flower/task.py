@@ -117,9 +117,10 @@ def config_to_json(cfg: RunConfig) -> str:
 def config_from_json(text: str) -> RunConfig:
     """The server's effective config, as sent in the ``train`` message."""
     from fedmitr.config import apply_overrides, preset_config
+    from fedmitr.methods import check_config
 
     fields = json.loads(text)
-    return apply_overrides(preset_config(fields["preset"]), fields).validate()
+    return check_config(apply_overrides(preset_config(fields["preset"]), fields))
 
 
 # --- node config (`flower-supernode --node-config "partition-id=0 num-partitions=3"`) --------------
