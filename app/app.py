@@ -36,7 +36,7 @@ from app import form, jobs, replay, stream  # noqa: E402
 from app.layout import CSS, JS, Page, build_page, gallery_hint  # noqa: E402
 from app.runview import RunView  # noqa: E402
 
-__all__ = ["Page", "build_demo", "create_app", "launch_kwargs", "main", "training_threads"]
+__all__ = ["Page", "build_demo", "client_workers", "create_app", "launch_kwargs", "main", "training_threads"]
 
 log = logging.getLogger("fedmitr.app")
 
@@ -217,16 +217,30 @@ def launch_kwargs() -> dict[str, Any]:
 
 
 def training_threads(cores: int | None = None) -> int:
-    """Torch threads for training jobs: ``$FEDMITR_THREADS``, else every core but one when there are
-    more than 2 (the web server keeps one), else every core.
+    """Torch threads for a training job's own process (the server's work): ``$FEDMITR_THREADS``, else
+    every core but one (the web server and the page keep one), at least one.
 
-    On 2 cores (the free Space) the server mostly idles between requests, and the tiny models train
-    noticeably faster on 2 threads; the page still answers in well under a second (README).
+    On 2 cores (the free Space) a second torch thread made the server's work twice as slow in the
+    app, not faster: whenever the web server encodes an update, one of torch's two threads waits for
+    a core and the other spins. The clients still use both cores (:func:`client_workers`).
     """
     value = os.environ.get("FEDMITR_THREADS", "").strip()
     if value:
         if not value.isdigit() or int(value) < 1:
             raise SystemExit(f"FEDMITR_THREADS must be a whole number >= 1 (got {excerpt(value)})")
+        return int(value)
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def client_workers(cores: int | None = None) -> int:
+    """Clients trained side by side on a CPU, one thread each (``$FEDMITR_CLIENT_WORKERS``, else
+    every core on 2 cores, every core but one above): worker processes that wait for a core do not
+    slow each other as torch's threads do."""
+    value = os.environ.get("FEDMITR_CLIENT_WORKERS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"FEDMITR_CLIENT_WORKERS must be a whole number >= 1 (got {excerpt(value)})")
         return int(value)
     cores = cores or os.cpu_count() or 1
     return cores - 1 if cores > 2 else cores
@@ -246,7 +260,9 @@ def main() -> None:
     handler.setFormatter(RedactingFormatter("%(asctime)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     torch.set_num_threads(training_threads())
-    log.info("training jobs use %d torch thread(s)", torch.get_num_threads())
+    os.environ["FEDMITR_CLIENT_WORKERS"] = str(client_workers())  # read by fedmitr.clients.client_workers
+    log.info("training jobs use %d torch thread(s), clients %s at a time", torch.get_num_threads(),
+             os.environ["FEDMITR_CLIENT_WORKERS"])
     jobs.cleanup_runs()
     create_app().launch(**launch_kwargs())
 

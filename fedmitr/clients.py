@@ -28,6 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.config import ClientTrainConfig, ModelConfig
 from fedmitr.data import ImageDataset, Partition, Split
+from fedmitr.errors import excerpt
 from fedmitr.events import EventHandler, Progress, ignore
 from fedmitr.models import build_model, fit_input, model_input_size, patch_grid, random_shift, sparse_forward, token_logits
 from fedmitr.training import foreground, warmup_cosine
@@ -222,11 +223,15 @@ def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig
 
 
 def client_workers(accelerator: Accelerator, num_clients: int) -> int:
-    """Worker processes for the clients of a run: on a CPU, in one process, one per torch thread of
-    this process (at most one per client); else 1 (a GPU, or a process of ``accelerate launch``)."""
+    """Worker processes for the clients of a run: on a CPU, in one process, ``$FEDMITR_CLIENT_WORKERS``
+    if set, else one per torch thread of this process; at most one per client. Else 1 (a GPU, or a
+    process of ``accelerate launch``)."""
     if accelerator.device.type != "cpu" or accelerator.num_processes > 1:
         return 1
-    return max(1, min(num_clients, torch.get_num_threads()))
+    value = os.environ.get("FEDMITR_CLIENT_WORKERS", "").strip()
+    if value and (not value.isdigit() or int(value) < 1):
+        raise ValueError(f"FEDMITR_CLIENT_WORKERS must be a whole number >= 1 (got {excerpt(value)})")
+    return max(1, min(num_clients, int(value) if value else torch.get_num_threads()))
 
 
 # A worker reports a client's progress at most this often, and at every epoch's end.
@@ -389,6 +394,8 @@ def _train_in_workers(shards: list[_Shard], init_state: dict[str, torch.Tensor],
         finally:
             for worker in running:
                 worker.kill()
+            for worker in running:
+                worker.proc.wait()  # killed, or exited: reaped at once (no zombie); milliseconds
     return [results[k] for k in range(k_total)]
 
 
