@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from app import jobs
 
 
@@ -118,3 +120,19 @@ def test_every_event_of_a_run_pickles(tmp_path, tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, methods=("fedavg", "fedmitr"))
     for event in zerogpu.run_events(cfg, tmp_path / "run"):
         pickle.loads(pickle.dumps(event))
+
+
+def test_on_two_cores_the_server_takes_one_thread_and_the_clients_both_cores(monkeypatch):
+    from app.app import client_workers, training_threads
+
+    monkeypatch.delenv("FEDMITR_THREADS", raising=False)
+    monkeypatch.delenv("FEDMITR_CLIENT_WORKERS", raising=False)
+    assert (training_threads(2), client_workers(2)) == (1, 2)
+    assert (training_threads(8), client_workers(8)) == (7, 7)  # the web server keeps a core
+    assert (training_threads(1), client_workers(1)) == (1, 1)
+    monkeypatch.setenv("FEDMITR_THREADS", "2")
+    monkeypatch.setenv("FEDMITR_CLIENT_WORKERS", "3")
+    assert (training_threads(2), client_workers(2)) == (2, 3)
+    monkeypatch.setenv("FEDMITR_CLIENT_WORKERS", "x")
+    with pytest.raises(SystemExit, match="FEDMITR_CLIENT_WORKERS must be a whole number"):
+        client_workers(2)

@@ -156,3 +156,16 @@ def test_client_workers_follow_the_threads_on_a_cpu(monkeypatch):
     assert client_workers(accelerator, 3) == 3  # never more workers than clients
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert client_workers(accelerator, 5) == 1  # one thread: the clients train here
+
+
+def test_client_workers_can_be_set_and_a_bad_value_is_refused(monkeypatch):
+    from fedmitr.clients import client_workers
+
+    accelerator = make_accelerator(cpu=True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setenv("FEDMITR_CLIENT_WORKERS", "2")
+    assert client_workers(accelerator, 5) == 2  # one torch thread for the server, two clients at a time
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("FEDMITR_CLIENT_WORKERS", bad)
+        with pytest.raises(ValueError, match="FEDMITR_CLIENT_WORKERS must be a whole number >= 1"):
+            client_workers(accelerator, 5)
