@@ -224,26 +224,29 @@ def training_threads(cores: int | None = None) -> int:
     app, not faster: whenever the web server encodes an update, one of torch's two threads waits for
     a core and the other spins. The clients still use both cores (:func:`client_workers`).
     """
-    value = os.environ.get("FEDMITR_THREADS", "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise SystemExit(f"FEDMITR_THREADS must be a whole number >= 1 (got {excerpt(value)})")
-        return int(value)
-    cores = cores or os.cpu_count() or 1
-    return max(1, cores - 1)
+    if (value := _count_from_env("FEDMITR_THREADS")) is not None:
+        return value
+    return max(1, (cores or os.cpu_count() or 1) - 1)
 
 
 def client_workers(cores: int | None = None) -> int:
     """Clients trained side by side on a CPU, one thread each (``$FEDMITR_CLIENT_WORKERS``, else
     every core on 2 cores, every core but one above): worker processes that wait for a core do not
     slow each other as torch's threads do."""
-    value = os.environ.get("FEDMITR_CLIENT_WORKERS", "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise SystemExit(f"FEDMITR_CLIENT_WORKERS must be a whole number >= 1 (got {excerpt(value)})")
-        return int(value)
+    if (value := _count_from_env("FEDMITR_CLIENT_WORKERS")) is not None:
+        return value
     cores = cores or os.cpu_count() or 1
     return cores - 1 if cores > 2 else cores
+
+
+def _count_from_env(name: str) -> int | None:
+    """``$name`` as a whole number >= 1, None when unset; anything else stops the app, saying why."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"{name} must be a whole number >= 1 (got {excerpt(value)})")
+    return int(value)
 
 
 class RedactingFormatter(logging.Formatter):

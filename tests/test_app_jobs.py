@@ -136,3 +136,6 @@ def test_on_two_cores_the_server_takes_one_thread_and_the_clients_both_cores(mon
     monkeypatch.setenv("FEDMITR_CLIENT_WORKERS", "x")
     with pytest.raises(SystemExit, match="FEDMITR_CLIENT_WORKERS must be a whole number"):
         client_workers(2)
+    monkeypatch.setenv("FEDMITR_THREADS", "0")
+    with pytest.raises(SystemExit, match="FEDMITR_THREADS must be a whole number"):
+        training_threads(2)
