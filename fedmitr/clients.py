@@ -144,10 +144,10 @@ def train_one(k: int, dataset: ImageDataset, part: Partition, model_cfg: ModelCo
     The one definition of a client's training, for :func:`train_clients` and for real clients on
     their own machines (the Flower app): the same ``k`` and seed give the same model anywhere.
     """
-    return _Shard.of(k, dataset, part, model_cfg, cfg, seed).train(accelerator, init_state, on_step)
+    return _Shard.of(k, dataset, part, model_cfg=model_cfg, cfg=cfg, seed=seed).train(accelerator, init_state, on_step)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Shard:
     """Everything one client's training needs, small enough to send to a worker process."""
 
@@ -161,12 +161,12 @@ class _Shard:
     unit_stats: tuple[tuple[float, ...], tuple[float, ...]]
 
     @classmethod
-    def of(cls, k: int, dataset: ImageDataset, part: Partition, model_cfg: ModelConfig, cfg: ClientTrainConfig,
+    def of(cls, k: int, dataset: ImageDataset, part: Partition, *, model_cfg: ModelConfig, cfg: ClientTrainConfig,
            seed: int) -> "_Shard":
         idx = torch.from_numpy(part.client_indices[k])
-        return cls(k, Split(dataset.train.images[idx], dataset.train.labels[idx]), model_cfg, cfg, seed,
-                   (dataset.num_classes, dataset.channels, dataset.image_size), dataset.allow_flip,
-                   (dataset.mean, dataset.std))
+        return cls(k=k, split=Split(dataset.train.images[idx], dataset.train.labels[idx]), model_cfg=model_cfg,
+                   cfg=cfg, seed=seed, shape=(dataset.num_classes, dataset.channels, dataset.image_size),
+                   allow_flip=dataset.allow_flip, unit_stats=(dataset.mean, dataset.std))
 
     def train(self, accelerator: Accelerator, init_state: dict[str, torch.Tensor],
               on_step: Callable[[int, float], None] | None = None) -> ClientResult:
@@ -200,8 +200,9 @@ def train_clients(dataset: ImageDataset, part: Partition, model_cfg: ModelConfig
     init_state = (init if init is not None else initial_model(model_cfg, dataset, seed)).state_dict()
     workers = client_workers(accelerator, k_total) if workers is None else min(workers, k_total)
     if workers > 1:
-        shards = [_Shard.of(k, dataset, part, model_cfg, cfg, seed) for k in range(k_total)]
-        return _train_in_workers(shards, init_state, workers, accelerator, on_event, on_trained)
+        shards = [_Shard.of(k, dataset, part, model_cfg=model_cfg, cfg=cfg, seed=seed) for k in range(k_total)]
+        return _train_in_workers(shards, init_state, workers, accelerator=accelerator, on_event=on_event,
+                                 on_trained=on_trained)
     for k in range(k_total):
         if k % accelerator.num_processes != accelerator.process_index:
             continue
@@ -346,7 +347,7 @@ def _deal(shards: list[_Shard], workers: int) -> list[list[_Shard]]:
     return [g for g in groups if g]
 
 
-def _train_in_workers(shards: list[_Shard], init_state: dict[str, torch.Tensor], workers: int,
+def _train_in_workers(shards: list[_Shard], init_state: dict[str, torch.Tensor], workers: int, *,
                       accelerator: Accelerator, on_event: EventHandler,
                       on_trained: Callable[[ClientResult], None] | None) -> list[ClientResult]:
     """Train ``shards`` in ``workers`` processes and report their progress as one stage.

@@ -114,9 +114,10 @@ def test_a_failed_client_worker_says_why(tiny_data, tiny_cfg):
     from fedmitr.clients import _Shard, _train_in_workers
 
     part = partition(tiny_data.train.labels.numpy(), 2, None, tiny_data.num_classes, seed=0)
-    shards = [_Shard.of(k, tiny_data, part, tiny_cfg.model, tiny_cfg.clients, 0) for k in range(2)]
+    shards = [_Shard.of(k, tiny_data, part, model_cfg=tiny_cfg.model, cfg=tiny_cfg.clients, seed=0) for k in range(2)]
     with pytest.raises(RuntimeError, match="client worker process failed(.|\n)*state_dict"):
-        _train_in_workers(shards, {"not": torch.zeros(1)}, 2, make_accelerator(), lambda e: None, None)
+        _train_in_workers(shards, {"not": torch.zeros(1)}, 2, accelerator=make_accelerator(), on_event=lambda e: None,
+                          on_trained=None)
 
 
 def test_a_stop_kills_the_client_workers_at_once(tiny_data, tiny_cfg, monkeypatch):
