@@ -39,11 +39,12 @@ __all__ = [
 
 RELABEL_MODES = ("token", "image", "neighbourhood")  # see fedmitr.relabel for what each one is
 RELABEL_WEIGHTINGS = ("uniform", "confidence")
-STOPPED_TARGETS = ("ignore", "uniform", "blank")  # what a stopped patch teaches (fedmitr.relabel)
+STOPPED_TARGETS = ("ignore", "uniform", "blank", "image")  # what a stopped patch teaches (fedmitr.relabel)
 STOPPED_FILLS = ("background", "black", "mean", "noise")  # what a stopped patch's pixels become (fedmitr.inversion)
 DISTILL_VIEWS = ("whole", "kept")  # what the teacher and the student see of a sparse image (fedmitr.distill)
 DISTILL_INITS = ("fresh", "fedavg")
 TOKEN_VIEWS = ("full", "same")
+MIXTOKEN_TEACHERS = ("mixed", "area")  # MixToken's class target: the ensemble on the mixed pixels, or mixed by area
 REFERENCE_METHODS = ("fedavg", "ensemble")  # the methods without synthesis: cheap references
 DEFAULT_METHODS = (*REFERENCE_METHODS, "fedmitr")  # and the headline method
 # Beyond this the Dirichlet draw is an IID split in all but name (and near 1e308 it overflows).
@@ -132,6 +133,7 @@ class RelabelConfig:
     # Stopped patches are filled with the background and seen whole: teaching them the ensemble's label
     # of the background ("blank") beat teaching nothing by 2.3 points on validation (docs/results.md).
     stopped: str = "blank"  # what a stopped patch teaches, one of STOPPED_TARGETS ("ignore": nothing)
+    stopped_weight: float = 1.0  # weight of a stopped patch in the token loss (against 1 for a kept patch)
     gating: bool = False  # relabel a patch only where the clients agree and the ensemble is sure
     min_agreement: float = 0.6  # gating: share of clients whose class must be the ensemble's
     min_confidence: float = 0.5  # gating: the ensemble's smallest max probability
@@ -158,6 +160,15 @@ class DistillConfig:
     teacher_cache: bool = True  # compute the ensemble's logits of each pool image's views once (same numbers)
     # Starting from the FedAvg average (as FedDF does) beat a fresh init by ~10 points (README).
     init: str = "fedavg"  # global model start: "fresh" (random init) or "fedavg" (the client average)
+    # The aux head on stop-gradient patch features: the token targets train a second classifier
+    # without pulling the shared backbone away from the class token's KD.
+    aux_detach: bool = False
+    # Token Labeling's vote: predict with head(cls) + vote * max_i aux(z_i) (0: the class token alone).
+    vote: float = 0.0
+    mixtoken: float = 0.0  # probability that a distillation step uses MixToken (whole views only; 0 = off)
+    mixtoken_teacher: str = "mixed"  # MixToken's class target, one of MIXTOKEN_TEACHERS
+    # Record the variance of the student's minibatch gradients (with and without the token loss) at the end.
+    gradient_probe: int = 16  # minibatches drawn for it (0 = off)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,6 +247,7 @@ class RunConfig:
                f"relabel weighting must be one of {', '.join(RELABEL_WEIGHTINGS)} (got {excerpt(r.weighting)})")
         _check(r.stopped in STOPPED_TARGETS,
                f"relabel stopped must be one of {', '.join(STOPPED_TARGETS)} (got {excerpt(r.stopped)})")
+        _check(0 <= r.stopped_weight <= 1, f"relabel stopped_weight must be in [0, 1] (got {r.stopped_weight})")
         _check(0 <= r.min_agreement <= 1 and 0 <= r.min_confidence <= 1,
                f"relabel min_agreement and min_confidence must be in [0, 1] (got {r.min_agreement}, "
                f"{r.min_confidence})")
@@ -248,6 +260,12 @@ class RunConfig:
         _check(k.rounds >= 1 and k.steps_per_round >= 0 and k.batch_size >= 1,
                f"distillation needs rounds >= 1, steps_per_round >= 0, batch_size >= 1 "
                f"(got {k.rounds}, {k.steps_per_round}, {k.batch_size})")
+        _check(0 <= k.vote <= 10, f"distill vote must be in [0, 10] (got {k.vote}); 0 = the class token alone")
+        _check(0 <= k.mixtoken <= 1, f"distill mixtoken must be in [0, 1] (got {k.mixtoken}); 0 = off")
+        _check(k.mixtoken_teacher in MIXTOKEN_TEACHERS,
+               f"distill mixtoken_teacher must be one of {', '.join(MIXTOKEN_TEACHERS)} (got {excerpt(k.mixtoken_teacher)})")
+        _check(isinstance(k.gradient_probe, int) and 0 <= k.gradient_probe <= 256,
+               f"distill gradient_probe must be a whole number in [0, 256] (got {excerpt(k.gradient_probe)})")
         _check(k.init in DISTILL_INITS, f"distill init must be one of {', '.join(DISTILL_INITS)} (got {excerpt(k.init)})")
         return self
 

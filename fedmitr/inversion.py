@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,29 @@ class SyntheticBatch:
     stop_step: torch.Tensor  # [B, N] iteration at which each patch was stopped; -1 = never stopped
     iterations: int  # optimisation steps taken
     seconds: float  # wall-clock time of the inversion
+    grad_norms: torch.Tensor | None = None  # [T, B] norm of each image's pixel gradient at each iteration
+
+
+def gradient_spread(batches: list[SyntheticBatch], stops: list[int]) -> dict[str, Any] | None:
+    """How steady the inversion's pixel gradients were, over the iterations after the last stop
+    (every iteration for dense inversion after the same one, so both are read on the same
+    iterations): ``over_iterations``, the coefficient of variation (std / mean) across
+    iterations of the batch's mean gradient norm, and ``over_images``, the mean over iterations of
+    the coefficient of variation across images; each averaged over the batches, with the mean norm."""
+    norms = [b.grad_norms for b in batches if b.grad_norms is not None]
+    if not norms:
+        return None
+    first = max(stops, default=0)  # iterations are 1-based: row `first` is the first after the last stop
+    over_iterations, over_images, mean_norm = [], [], []
+    for g in norms:
+        g = g[first:] if g.shape[0] - first >= 2 else g
+        per_iteration = g.mean(1)
+        over_iterations.append(float(per_iteration.std() / per_iteration.mean().clamp_min(1e-12)))
+        over_images.append(float((g.std(1) / g.mean(1).clamp_min(1e-12)).mean()))
+        mean_norm.append(float(g.mean()))
+    n = len(norms)
+    return {"over_iterations": sum(over_iterations) / n, "over_images": sum(over_images) / n,
+            "mean_norm": sum(mean_norm) / n, "from_iteration": first + 1}
 
 
 def stop_iterations(cfg: InversionConfig) -> list[int]:
@@ -138,6 +161,7 @@ def _invert(ensemble: Ensemble, labels: torch.Tensor, cfg: InversionConfig, *,
     stop_step = torch.full((b, n_patches), -1, dtype=torch.long, device=device)
     best_loss = torch.full((b,), math.inf, device=device)
     best_x = x.detach().clone()
+    grad_norms = []
 
     for it in range(1, cfg.iterations + 1):
         collect_attention = it in stops
@@ -167,6 +191,7 @@ def _invert(ensemble: Ensemble, labels: torch.Tensor, cfg: InversionConfig, *,
             best_x[improved] = x[improved]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norms.append(x.grad.detach().flatten(1).norm(dim=1))
         optimizer.step()
         with torch.no_grad():
             x.copy_(torch.max(torch.min(x, high), low))
@@ -186,4 +211,5 @@ def _invert(ensemble: Ensemble, labels: torch.Tensor, cfg: InversionConfig, *,
                          "active": float(keep_idx.shape[1])})
 
     return SyntheticBatch(images=best_x.detach(), labels=labels, keep_idx=keep_idx, stop_step=stop_step,
-                          iterations=cfg.iterations, seconds=time.perf_counter() - start)
+                          iterations=cfg.iterations, seconds=time.perf_counter() - start,
+                          grad_norms=torch.stack(grad_norms).float().cpu())

@@ -36,9 +36,9 @@ import dataclasses
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, TypeVar
 
-from fedmitr.config import InversionConfig, RunConfig
+from fedmitr.config import InversionConfig, RunConfig, apply_overrides
 from fedmitr.errors import ConfigError, excerpt
 
 if TYPE_CHECKING:  # only for type checkers: importing these would import torch
@@ -280,6 +280,9 @@ class Rounds(Method):
     inversion: ModelInversion = field(default_factory=lambda: ModelInversion(sparse=False))
     targets: ClassTargets | TokenRelabel = field(default_factory=ClassTargets)
     distillation: Distillation = field(default_factory=Distillation)
+    # Nested config overrides this method always runs with, e.g. {"distill": {"vote": 0.0}}: a named
+    # variant pins the values it stands for, whatever the run's defaults become.
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     synthesises: ClassVar[bool] = True
 
@@ -292,7 +295,15 @@ class Rounds(Method):
         return self.targets.relabel
 
     def configure(self, cfg: RunConfig) -> RunConfig:
-        """``cfg`` with the settings this method's stages fix (the fill, the view) put in."""
+        """``cfg`` with the settings this method fixes put in: its ``settings`` (nested overrides,
+        how a named variant pins its values), then its stages' (the fill, the view). Without token
+        targets there is no vote and no MixToken (Token Labeling's, for an aux head that learned),
+        and MixToken needs whole views."""
+        if self.settings:
+            cfg = apply_overrides(cfg, self.settings)
+        if not self.relabel or (self.sparse and (self.distillation.view or cfg.distill.view) == "kept"):
+            cfg = dataclasses.replace(cfg, distill=dataclasses.replace(
+                cfg.distill, mixtoken=0.0, vote=cfg.distill.vote if self.relabel else 0.0))
         if self.inversion.fill is not None:
             cfg = dataclasses.replace(cfg, inversion=dataclasses.replace(cfg.inversion, stopped_fill=self.inversion.fill))
         if self.distillation.view is not None:

@@ -236,15 +236,19 @@ def relabel(ensemble: Ensemble, batch: SyntheticBatch, scores: PatchScores, cfg:
 
     # Stopped patches.
     stopped = ~kept
-    if stopped.any() and cfg.stopped != "ignore":
-        if cfg.stopped == "uniform":
-            background = torch.full((num_classes,), 1.0 / num_classes, device=device)
+    if stopped.any() and cfg.stopped != "ignore" and cfg.stopped_weight > 0:
+        if cfg.stopped == "image":  # each image's own soft label, on its kept view
+            with torch.no_grad():
+                logits = ensemble(batch.images, _kept_view(batch, n)).logits  # [B, L]
+            per_image = F.softmax(logits / cfg.temperature, dim=-1)
+            targets[stopped] = per_image.unsqueeze(1).expand(-1, n, -1)[stopped]
+        elif cfg.stopped == "uniform":
+            targets[stopped] = torch.full((num_classes,), 1.0 / num_classes, device=device)
         else:
             if background is None:
                 raise ValueError("relabel.stopped = 'blank' needs the data's background value")
-            background = blank_target(ensemble, background, cfg.temperature, batch.images.shape[1])
-        targets[stopped] = background
-        weights[stopped], source[stopped] = 1.0, BACKGROUND
+            targets[stopped] = blank_target(ensemble, background, cfg.temperature, batch.images.shape[1])
+        weights[stopped], source[stopped] = cfg.stopped_weight, BACKGROUND
     return TokenTargets(targets=targets, weights=weights, source=source, agreement=agreement)
 
 

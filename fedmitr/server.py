@@ -24,10 +24,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fedmitr.config import RunConfig
 from fedmitr.data import ImageDataset
-from fedmitr.distill import Pool, TeacherCache, new_student
+from fedmitr.distill import Pool, TeacherCache, gradient_variance, new_student, readouts
 from fedmitr.ensemble import Ensemble
 from fedmitr.events import EventHandler, Metric, Progress, SyntheticRound, ignore
-from fedmitr.inversion import SyntheticBatch
+from fedmitr.inversion import SyntheticBatch, gradient_spread, stop_iterations
 from fedmitr.methods import Rounds, get_method
 from fedmitr.relabel import PatchScores, TokenTargets, add_counts, diagnostic_counts, diagnostics, keep_mask
 from fedmitr.runtime import Workers
@@ -70,6 +70,14 @@ class MethodResult:
     final_losses: dict[str, float] = field(default_factory=dict)  # named losses of the last distillation step
     relabel: dict[str, Any] = field(default_factory=dict)  # what the patches were taught (fedmitr.relabel.diagnostics)
     synthetic: SyntheticSet | None = None  # every synthetic image, for the run directory (not in metrics.json)
+    # The student read every way on the evaluation split (fedmitr.distill.readouts): class token alone,
+    # aux head alone (max and mean over tokens), and Token Labeling's vote for a grid of lambdas.
+    readouts: dict[str, Any] = field(default_factory=dict)
+    vote: float = 0.0  # lambda of the vote that `accuracy` and `curve` use (0: the class token alone)
+    aux_head: torch.nn.Linear | None = None  # the student's aux head, saved beside the model for the vote
+    # The paper's two gradient claims: the student's minibatch gradient variance with and without token
+    # targets (fedmitr.distill.gradient_variance), and the inversion's pixel-gradient spread.
+    gradient: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The method's entry in ``metrics.json``."""
@@ -78,6 +86,12 @@ class MethodResult:
             out.update(curve=self.curve, stage_seconds=self.stage_seconds, synthetic_images=self.synthetic_images,
                        inversion_iterations=self.inversion_iterations, active_patches=self.active_patches,
                        patches=self.patches, final_losses=self.final_losses, relabel=self.relabel)
+        if self.readouts:
+            out.update(vote=self.vote, cls_accuracy=self.readouts["cls"],
+                       aux_accuracy={"max": self.readouts["aux_max"], "mean": self.readouts["aux_mean"]},
+                       vote_accuracy=self.readouts["vote"])
+        if self.gradient:
+            out["gradient_variance"] = self.gradient
         return out
 
 
@@ -104,6 +118,7 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
     generator = torch.Generator().manual_seed(cfg.seed + 17 + 7919 * w.rank)
     torch.manual_seed(cfg.seed + 17)  # the student's aux head: the same on every process
     student = new_student(cfg, dataset, ensemble, device)
+    vote = cfg.distill.vote if method.relabel else 0.0  # an aux head never taught has no vote
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
     average = student_average(student.vit, cfg.distill.ema)
     pool = Pool()
@@ -116,6 +131,7 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
     progress = _progress(method.name, rounds * (inv.iterations + steps), ctx.on_event)
     losses: dict[str, float] = {}
     rounds_made: list[SyntheticRound] = []
+    inversions: list[SyntheticBatch] = []
 
     for r in range(1, rounds + 1):
         # 1. Invert: a balanced batch of labels, continuing the class cycle of earlier rounds
@@ -126,6 +142,7 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
             allow_flip=dataset.allow_flip, student=student.vit, fill_value=fill_value,
             on_step=lambda it, values: progress(f"round {r}/{rounds}: inversion {it}/{inv.iterations}", values))
         seconds["inversion"] += batch.seconds
+        inversions.append(batch)
 
         # 2. Targets: information density of every patch, H, and (relabel methods) per-patch targets.
         t0 = time.perf_counter()
@@ -162,12 +179,28 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
 
         # 4. Evaluate: one point of the accuracy curve.
         t0 = time.perf_counter()
-        curve.append(Ensemble([student.vit if average is None else average.module]).evaluate(dataset.test))
+        model = student.vit if average is None else average.module
+        curve.append(readouts(model, student.aux_head, dataset.test, votes=(vote,))["vote"][f"{vote:g}"]
+                     if vote else Ensemble([model]).evaluate(dataset.test))
         seconds["evaluate"] += time.perf_counter() - t0
         ctx.on_event(Metric("accuracy", curve[-1], method.name, step=r))
 
+    model = (student.vit if average is None else average.module).eval()
+    t0 = time.perf_counter()
+    read = readouts(model, student.aux_head, dataset.test) if method.relabel else {}
+    gradient: dict[str, Any] = {}
+    if cfg.distill.gradient_probe and w.size == 1:
+        student.train()
+        gradient["distill"] = gradient_variance(student, ensemble, tensors, cfg=cfg, minibatches=cfg.distill.gradient_probe,
+                                                seed=cfg.seed + 29, allow_flip=dataset.allow_flip, cache=cache)
+        student.eval()
+    spread = gradient_spread(inversions, stop_iterations(inv))
+    if spread is not None:
+        gradient["inversion"] = spread
+    seconds["evaluate"] += time.perf_counter() - t0
     return MethodResult(
-        method.name, curve[-1], model=(student.vit if average is None else average.module).eval(), curve=curve, stage_seconds=seconds,
+        method.name, curve[-1], model=model, curve=curve, stage_seconds=seconds, readouts=read, vote=vote,
+        aux_head=student.aux_head.eval() if method.relabel else None, gradient=gradient,
         synthetic_images=len(pool), inversion_iterations=inv.iterations,
         active_patches=int(pool.keep_idx[-1].shape[1]), patches=int(batch.stop_step.shape[1]), final_losses=losses,
         relabel=diagnostics(counts), synthetic=SyntheticSet.from_rounds(rounds_made),
