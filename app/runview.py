@@ -328,7 +328,7 @@ class RunView:
     def relabel_summary(self, method: str | None) -> str:
         """The finished run's relabel diagnostics of ``method`` (empty while it runs)."""
         entry = ((self.metrics or {}).get("methods") or {}).get(method or "", {})
-        return views.relabel_summary(entry.get("relabel"), self.class_names or None)
+        return views.relabel_summary(entry.get("relabel"), self.class_names or None, entry)
 
     def shown_method(self) -> str | None:
         """The method the gallery follows: the latest to synthesise, and at the end the headline

@@ -121,7 +121,7 @@ def try_checkpoint(view: RunView | None, source: str, *, own_method: str | None,
     run on the Run tab (the example)."""
     from fedmitr import hub
     from fedmitr.data import open_dataset
-    from fedmitr.models import patch_grid, sparse_forward
+    from fedmitr.models import patch_grid, sparse_forward, vote_logits
 
     if dataset not in BUNDLED:
         raise _refuse(f"Choose a bundled dataset: {', '.join(BUNDLED)}.", title="Cannot evaluate")
@@ -146,24 +146,32 @@ def try_checkpoint(view: RunView | None, source: str, *, own_method: str | None,
             where = where[0].upper() + where[1:]
             # A recorded run (the example) replays from its own events; a live run is on the Run tab.
             ref, replayable = f"{RUN_DIR}{run.out_dir}", bool(run.recorded)
-        result = hub.evaluate_checkpoint(model, dataset)
+        result = hub.evaluate_checkpoint(model, dataset, info.get("aux_head"))
     except USER_ERRORS as err:
         raise _refuse(str(err), title="Cannot load") from None
     ds = open_dataset(dataset)
     pick = torch.linspace(0, len(ds.test) - 1, count).long()
     with torch.no_grad():
         out = sparse_forward(model, ds.test.images[pick])
+    predicted = out.logits
+    if "vote_accuracy" in result:  # what fedmitr predicts: the vote
+        predicted = vote_logits(model, info["aux_head"][0], ds.test.images[pick], result["vote"])
     names, grid = ds.class_names, patch_grid(model)
     images = ds.to_unit(ds.test.images[pick]).numpy()
     items = []
     for k in range(count):
-        pred, true = int(out.logits[k].argmax()), int(ds.test.labels[pick[k]])
+        pred, true = int(predicted[k].argmax()), int(ds.test.labels[pick[k]])
         caption = f"pred {names[pred]} · true {names[true]}"
         items.append((views.attention_overlay(images[k], out.cls_attention[k].numpy(), grid, caption), None))
     trained_on = info.get("dataset", {}).get("name")
     note = f" (trained on {trained_on})" if trained_on and trained_on != dataset else ""
-    return (f"**{where}** on {result['dataset']}{note}: test accuracy **{result['accuracy']:.1%}** over "
-            f"{result['num_test']} images. The tint is the class token's attention on each patch (bright: most "
+    if "vote_accuracy" in result:
+        accuracy = (f"test accuracy **{result['vote_accuracy']:.1%}** over {result['num_test']} images with fedmitr's "
+                    f"vote (the class token plus {result['vote']:g} × the aux head's largest vote over the patch "
+                    f"tokens; {result['accuracy']:.1%} with the class token alone, as timm predicts)")
+    else:
+        accuracy = f"test accuracy **{result['accuracy']:.1%}** over {result['num_test']} images"
+    return (f"**{where}** on {result['dataset']}{note}: {accuracy}. The tint is the class token's attention on each patch (bright: most "
             f"attended)." + (" It carries its whole run: **Replay it** to see every stage on the Run tab."
                              if replayable else ""),
             items, gr.update(visible=replayable), ref if replayable else "")

@@ -402,9 +402,29 @@ def relabel_map(event: SyntheticRound, i: int, class_names: Sequence[str] | None
     return fig
 
 
-def relabel_summary(diagnostics: Mapping | None, class_names: Sequence[str] | None = None) -> str:
-    """The run's relabel diagnostics in a few lines (``metrics.json``'s ``relabel`` of a method)."""
-    return diagnostics_text(diagnostics, class_names)
+def relabel_summary(diagnostics: Mapping | None, class_names: Sequence[str] | None = None,
+                    entry: Mapping | None = None) -> str:
+    """The run's relabel diagnostics in a few lines (``metrics.json``'s ``relabel`` of a method),
+    then what the patch tokens learned (from the method's ``entry``, when it has readouts)."""
+    text = diagnostics_text(diagnostics, class_names)
+    learned = tokens_learned_text(entry)
+    return f"{text}\n\n{learned}" if text and learned else text or learned
+
+
+def tokens_learned_text(entry: Mapping | None) -> str:
+    """One line: the student's aux head alone on the real test images (``metrics.json``'s
+    ``aux_accuracy``), against chance, and how the method predicts."""
+    aux = (entry or {}).get("aux_accuracy")
+    if not aux:
+        return ""
+    chance = 1 / max(1, len((entry.get("relabel") or {}).get("label_histogram") or [0] * 10))
+    vote = entry.get("vote") or 0
+    how = (f"it votes: the prediction is the class token plus {vote:g} × the aux head's largest logit over the "
+           f"patch tokens ({entry['accuracy']:.1%}; the class token alone {entry['cls_accuracy']:.1%})"
+           if vote else f"the prediction is the class token's alone ({entry['cls_accuracy']:.1%})")
+    return (f"**What the patch tokens learned:** the aux head alone, on the real test images, is right "
+            f"{aux['max']:.1%} of the time (max over tokens; {aux['mean']:.1%} with the mean; chance {chance:.0%}); "
+            f"{how}.")
 
 
 # --- accuracy curves ------------------------------------------------------------------------------

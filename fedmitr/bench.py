@@ -197,7 +197,8 @@ PAIRS = (
     ("sparse-kd", "dense-kd", "sparse inversion"),
     ("fedmitr", "fedmitr-noise", "the background fill"),
     ("fedmitr", "fedmitr-kept", "the whole view"),
-    ("fedmitr", "fedmitr-keptview", "against the earlier default"),
+    ("fedmitr", "fedmitr-keptview", "against the kept-view default"),
+    ("fedmitr", "fedmitr-v5", "against v5, the default before the token targets taught classes"),
 )
 
 
@@ -228,6 +229,41 @@ def paired_table(records: list[dict[str, Any]], pairs: tuple[tuple[str, str, str
     return "\n".join(lines)
 
 
+def tokens_table(records: list[dict[str, Any]]) -> str:
+    """What the patch tokens learned and the paper's gradient claims, per setting and method (mean
+    over cells): the aux head alone on the evaluation split (max / mean over tokens), the class token
+    alone and the vote; the student's minibatch gradient variance (relative to the mean gradient's
+    squared norm) for KD alone and KD + token loss; the inversion's pixel-gradient spread across
+    iterations after the last stop. Empty when no record has them."""
+    rows = [r for r in records if r.get("aux_accuracy") or r.get("gradient_variance")]
+    if not rows:
+        return ""
+
+    def mean(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+        values = [v for v in values if v is not None]
+        return f"{scale * statistics.mean(values):.{digits}f}" if values else "-"
+
+    lines = ["| setting | method | cells | aux alone, max / mean | class token | vote (λ) | gradient variance, KD "
+             "/ KD + token (relative) | inversion gradient spread |", "|---|---|---|---|---|---|---|---|"]
+    for setting in dict.fromkeys(_setting(r) for r in rows):
+        for m in _cells([r for r in rows if _setting(r) == setting], "method"):
+            mine = [r for r in rows if _setting(r) == setting and r["method"] == m]
+            aux = [r["aux_accuracy"] for r in mine if r.get("aux_accuracy")]
+            grads = [r.get("gradient_variance", {}) for r in mine]
+            kd = [g["distill"]["kd"]["relative"] for g in grads if "distill" in g]
+            both = [g["distill"]["kd+token"]["relative"] for g in grads if "kd+token" in g.get("distill", {})]
+            spread = [g["inversion"]["over_iterations"] for g in grads if "inversion" in g]
+            votes = sorted({r.get("vote", 0) for r in mine})
+            lines.append(
+                f"| {setting} | {m} | {len(mine)} | "
+                + (f"{mean([a['max'] for a in aux])} / {mean([a['mean'] for a in aux])}" if aux else "-")
+                + f" | {mean([r.get('cls_accuracy') for r in mine])} | "
+                + (f"{mean([r['accuracy'] for r in mine])} ({', '.join(f'{v:g}' for v in votes)})"
+                   if any(votes) else "-")
+                + f" | {mean(kd, 1.0, 3)} / {mean(both, 1.0, 3)} | {mean(spread, 1.0, 3)} |")
+    return "\n".join(lines)
+
+
 def summarise(records: list[dict[str, Any]], command: str) -> str:
     """``bench.md``: the regime map, then per setting the accuracy table, the speed-up and stage seconds."""
     lines = [f"How it was produced: `{command}`", "",
@@ -237,6 +273,12 @@ def summarise(records: list[dict[str, Any]], command: str) -> str:
     paired = paired_table(records)
     if paired:
         lines += ["## Paired differences on the same clients (points: the mean, then each seed)", "", paired, ""]
+    tokens = tokens_table(records)
+    if tokens:
+        lines += ["## What the patch tokens learned, and the gradient claims (mean over cells)", "",
+                  "Accuracies in %. Gradient variance: mean_i ||g_i − ḡ||² / ||ḡ||² over 16 minibatches of the final "
+                  "pool, backbone parameters. Inversion spread: std / mean across iterations (after the last stop) "
+                  "of the mean pixel-gradient norm.", "", tokens, ""]
     for setting in dict.fromkeys(_setting(r) for r in records):
         rows = [r for r in records if _setting(r) == setting]
         alphas, methods = _cells(rows, "alpha"), _cells(rows, "method")

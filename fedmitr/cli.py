@@ -386,8 +386,13 @@ def cmd_share(args: argparse.Namespace) -> int:
         if trained_on and dataset != trained_on:
             print(f"fedmitr: warning: this model was trained on {trained_on}; its accuracy on {dataset} says little "
                   f"about it (other images, other classes)", file=sys.stderr)
-        result = hub.evaluate_checkpoint(model, dataset)
-        print(f"{result['dataset']}: test accuracy {result['accuracy']:.1%} on {result['num_test']} images\n")
+        result = hub.evaluate_checkpoint(model, dataset, info.get("aux_head"))
+        if "vote_accuracy" in result:
+            print(f"{result['dataset']}: test accuracy {result['vote_accuracy']:.1%} on {result['num_test']} images "
+                  f"with fedmitr's vote (class token + {result['vote']:g} x the aux head's max over patch tokens); "
+                  f"{result['accuracy']:.1%} with the class token alone, as timm predicts\n")
+        else:
+            print(f"{result['dataset']}: test accuracy {result['accuracy']:.1%} on {result['num_test']} images\n")
         print(confusion_table(result["confusion"], result["class_names"]))
     return 0
 

@@ -31,8 +31,9 @@ from fedmitr.config import ModelConfig
 from fedmitr.errors import ConfigError, HubError, excerpt, redact
 from fedmitr.methods import METHODS, headline
 from fedmitr.online import hub_offline, hub_reachable
+from fedmitr.models import vote_logits
 from fedmitr.relabel import diagnostics_text
-from fedmitr.rundir import EXPORTED, RunDir
+from fedmitr.rundir import EXPORTED, RunDir, load_aux_head
 
 # timm's registered ViT whose builder a scratch ViT's ``model_args`` override entirely: the Hub
 # config names it as the architecture, so timm.create_model can rebuild the model from the args.
@@ -89,6 +90,8 @@ def export(run_dir: str | Path, out_dir: str | Path, *, method: str | None = Non
                 shutil.copy2(run.client_path(c["index"]), tmp / "clients" / run.client_path(c["index"]).name)
         if include_synthetic:
             synthetic_dataset(run, method).save_to_disk(str(tmp / "synthetic"))
+        if run.aux_file(method).is_file():  # the aux head, for Token Labeling's vote (timm ignores it)
+            shutil.copy2(run.aux_file(method), tmp / EXPORTED["aux_head"])
         if run.events_file.is_file():  # the whole run, replayable in the app's Try tab
             shutil.copy2(run.events_file, tmp / "fedmitr_events.jsonl")
         model_card(run, method, arch).save(tmp / "README.md")
@@ -128,12 +131,15 @@ def load(model_ref: str) -> tuple[VisionTransformer, dict[str, Any]]:
 
 def _run_info(model_ref: str) -> dict[str, Any]:
     """The run record a shared checkpoint carries (empty for a timm checkpoint from elsewhere), with
-    ``has_events``: whether its whole run can be replayed."""
+    ``has_events``: whether its whole run can be replayed, and ``aux_head``: ``(nn.Linear, vote)``
+    when it carries its aux head for Token Labeling's vote (else None)."""
     folder = _shared_folder(model_ref, ("fedmitr_metrics.json",))
     path = folder / EXPORTED["metrics"] if folder is not None else None
     if path is None or not path.is_file():
         return {}
-    return {**json.loads(path.read_text()), "has_events": _shared_folder(model_ref, (EXPORTED["events"],)) is not None}
+    aux = _shared_folder(model_ref, (EXPORTED["aux_head"],))
+    return {**json.loads(path.read_text()), "has_events": _shared_folder(model_ref, (EXPORTED["events"],)) is not None,
+            "aux_head": load_aux_head(aux / EXPORTED["aux_head"]) if aux is not None else None}
 
 
 def _shared_folder(model_ref: str, files: tuple[str, ...]) -> Path | None:
@@ -333,16 +339,24 @@ def model_card(run: RunDir, method: str, arch: str):
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     m, cfg = run.metrics, run.config
-    acc = m["methods"][method]["accuracy"]
+    entry = m["methods"][method]
     ds = m["dataset"]
+    # timm's prediction is the class token alone; with a vote, fedmitr's is the vote (both are reported).
+    voted = bool(entry.get("vote")) and "cls_accuracy" in entry
+    acc = entry["cls_accuracy"] if voted else entry["accuracy"]
+    results = [EvalResult(task_type="image-classification", dataset_type=ds["name"], dataset_name=ds["name"],
+                          dataset_split="test", metric_type="accuracy", metric_value=round(acc, 4),
+                          metric_name="Test accuracy (class token, as timm predicts)" if voted else "Test accuracy")]
+    if voted:
+        results.append(EvalResult(task_type="image-classification", dataset_type=ds["name"], dataset_name=ds["name"],
+                                  dataset_split="test", metric_type="accuracy", metric_value=round(entry["accuracy"], 4),
+                                  metric_name=f"Test accuracy (fedmitr's vote, lambda {entry['vote']:g})"))
     card_data = ModelCardData(
         library_name="timm", license=LICENSE, pipeline_tag="image-classification",
         tags=["federated-learning", "one-shot-federated-learning", "fedmitr", "vision-transformer",
               "model-inversion", "knowledge-distillation", "image-classification"],
         model_name=card_title(method, ds["name"]),
-        eval_results=[EvalResult(task_type="image-classification", dataset_type=ds["name"], dataset_name=ds["name"],
-                                 dataset_split="test", metric_type="accuracy", metric_value=round(acc, 4),
-                                 metric_name="Test accuracy")],
+        eval_results=results,
     )
     spec = METHODS.get(method)
     # What the method did in this run, from its config and relabel diagnostics (never a claim the run
@@ -360,6 +374,7 @@ def model_card(run: RunDir, method: str, arch: str):
         clients=", ".join(f"{c['accuracy']:.1%}" for c in m["clients"]),
         privacy=_privacy_text(m, method),
         relabel=diagnostics_text(m["methods"][method].get("relabel"), ds.get("class_names")),
+        entry=entry, voted=voted,
     )
 
 
@@ -424,8 +439,14 @@ def curve_png(curve: list[float], methods: dict[str, Any], method: str, size: tu
 # --- evaluation of a shared checkpoint ---------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_checkpoint(model: VisionTransformer, dataset_name: str) -> dict[str, Any]:
-    """Test accuracy and the confusion matrix of a loaded checkpoint on a registry dataset."""
+def evaluate_checkpoint(model: VisionTransformer, dataset_name: str,
+                        aux_head: tuple[torch.nn.Linear, float] | None = None) -> dict[str, Any]:
+    """Test accuracy and the confusion matrix of a loaded checkpoint on a registry dataset.
+
+    ``accuracy`` is timm's: the class token alone. With ``aux_head`` ``(head, vote)`` (what
+    :func:`load` finds beside a fedmitr checkpoint) and a vote > 0, ``vote_accuracy`` is fedmitr's
+    prediction, Token Labeling's vote ``head(cls) + vote * max_i aux(z_i)``, and the confusion
+    matrix is the vote's."""
     from fedmitr.data import open_dataset
     from fedmitr.ensemble import Ensemble
 
@@ -436,8 +457,13 @@ def evaluate_checkpoint(model: VisionTransformer, dataset_name: str) -> dict[str
         raise ConfigError(f"this model takes {got[1]}-channel images and predicts {got[0]} classes; "
                           f"{excerpt(dataset_name)} has {expected[1]} channel(s) and {expected[0]} classes")
     logits = Ensemble([model]).predict_logits(ds.test.images)
+    out: dict[str, Any] = {"accuracy": float((logits.argmax(1) == ds.test.labels).float().mean())}
+    if aux_head is not None and aux_head[1] > 0:
+        head, vote = aux_head
+        logits = vote_logits(model, head, ds.test.images, vote)
+        out.update(vote=vote, vote_accuracy=float((logits.argmax(1) == ds.test.labels).float().mean()))
     pred = logits.argmax(1)
     confusion = torch.zeros(ds.num_classes, ds.num_classes, dtype=torch.long)
     confusion.index_put_((ds.test.labels, pred), torch.ones_like(pred), accumulate=True)
-    return {"dataset": ds.name, "accuracy": float((pred == ds.test.labels).float().mean()),
-            "confusion": confusion.tolist(), "class_names": list(ds.class_names), "num_test": len(ds.test)}
+    return {"dataset": ds.name, **out, "confusion": confusion.tolist(), "class_names": list(ds.class_names),
+            "num_test": len(ds.test)}

@@ -96,6 +96,12 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("images", "inversion.images_per_round", "int", "synthetic images per round", minimum=1),
     Knob("keep", "inversion.keep_per_stop", "float", "share of still-active patches kept at each stop (0, 1]"),
     Knob("relabel", "relabel.mode", "str", "relabel of low-information patches: token, image or neighbourhood"),
+    Knob("stopped", "relabel.stopped", "str", "what a stopped patch teaches: image (its image's soft label), blank "
+                                              "(the background's label), uniform or ignore (nothing)"),
+    Knob("vote", "distill.vote", "float", "Token Labeling's vote: predict with cls + VOTE x max over patch tokens of "
+                                          "the aux head, in [0, 10] (0: the class token alone)", minimum=0),
+    Knob("mixtoken", "distill.mixtoken", "float", "MixToken: probability that a distillation step swaps a box of "
+                                                  "patches between two images, in [0, 1] (0: off)", minimum=0),
     Knob("rounds", "distill.rounds", "int", "synthesis + distillation rounds", minimum=1),
     Knob("init", "model.init", "str", "where the clients start: scratch, fractal (a backbone pretrained on drawn "
                                       "fractals, bundled for the cpu and cpu-49 models) or a `fedmitr pretrain` file"),

@@ -423,3 +423,50 @@ def fedmitr_keptview() -> Method:
                   summary="the earlier default: noise in stopped patches, kept view, H = the kept set (no relabel)",
                   inversion=ModelInversion(sparse=True, fill="noise"),
                   targets=TokenRelabel(high_ratio=1.0, stopped="ignore"), distillation=Distillation(view="kept"))
+
+
+# --- the relabel's variants, by name (docs/results.md, "What the patch tokens learned") -------------
+
+# The default before the patch tokens were taught classes (v5), pinned whatever the defaults become:
+# H = top 20%, the 3x3 neighbourhood relabel, stopped patches taught the background's label, the aux
+# head on the shared backbone, the class token alone at test time, no MixToken.
+V5_SETTINGS: dict[str, dict[str, Any]] = {
+    "relabel": {"mode": "neighbourhood", "high_ratio": 0.2, "stopped": "blank", "stopped_weight": 1.0},
+    "distill": {"token_weight": 0.5, "aux_detach": False, "vote": 0.0, "mixtoken": 0.0},
+}
+VARIANT_VOTE = 0.5  # the vote alone on v5's targets: LV-ViT's lambda
+VARIANT_MIXTOKEN = 0.5  # MixToken alone on v5's targets: half the steps mixed
+
+
+def _v5_with(**distill: Any) -> dict[str, dict[str, Any]]:
+    return {"relabel": dict(V5_SETTINGS["relabel"]), "distill": {**V5_SETTINGS["distill"], **distill}}
+
+
+@register_method
+def fedmitr_v5() -> Method:
+    return Rounds(name="fedmitr-v5", label="FedMITR v5 (earlier default)", colour="#6a040f", role="ablation",
+                  summary="the earlier default: 3x3 relabel, stopped patches taught the background, class token alone",
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(), settings=V5_SETTINGS)
+
+
+@register_method
+def fedmitr_targets() -> Method:
+    return Rounds(name="fedmitr-targets", label="FedMITR, targets alone", colour="#ff7f51", role="ablation",
+                  summary="today's token targets alone: no vote at test time, no MixToken",
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(),
+                  settings={"distill": {"vote": 0.0, "mixtoken": 0.0}})
+
+
+@register_method
+def fedmitr_vote() -> Method:
+    return Rounds(name="fedmitr-vote", label="FedMITR v5 + vote", colour="#7b2cbf", role="ablation",
+                  summary=f"v5's targets, predicting with Token Labeling's vote (lambda {VARIANT_VOTE:g})",
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(), settings=_v5_with(vote=VARIANT_VOTE))
+
+
+@register_method
+def fedmitr_mixtoken() -> Method:
+    return Rounds(name="fedmitr-mixtoken", label="FedMITR v5 + MixToken", colour="#3a86ff", role="ablation",
+                  summary=f"v5's targets, distilled with MixToken (p {VARIANT_MIXTOKEN:g})",
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(),
+                  settings=_v5_with(mixtoken=VARIANT_MIXTOKEN))

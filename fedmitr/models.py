@@ -174,6 +174,24 @@ def token_logits(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor
     return model.head(model.fc_norm(tokens))
 
 
+@torch.no_grad()
+def vote_logits(model: VisionTransformer, aux_head: nn.Linear, images: torch.Tensor, vote: float,
+                batch_size: int = 500) -> torch.Tensor:
+    """Token Labeling's prediction ``head(cls) + vote * max_i aux_head(z_i)`` on real images, ``[N, L]``
+    on the CPU: the class token's logits plus ``vote`` times, for each class, its largest logit
+    over the patch tokens ``z_i`` (resized to the model's input size if needed)."""
+    device, size = next(model.parameters()).device, model_input_size(model)
+    aux_head = aux_head.to(device)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        features = model.forward_features(fit_input(images[start:start + batch_size].to(device), size))
+        logits = model.forward_head(features).float()
+        if vote:
+            logits = logits + vote * aux_head(features[:, model.num_prefix_tokens:]).float().max(1).values
+        out.append(logits.cpu())
+    return torch.cat(out)
+
+
 # --- augmentation on batches, and patch maps that move with it -------------------------------------
 
 @dataclass

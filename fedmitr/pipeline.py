@@ -275,6 +275,8 @@ def write_run_dir(run_dir: RunDir, cfg: RunConfig, metrics: dict[str, Any], *, f
     for name, r in methods.items():
         if r.model is not None:
             run_dir.save_model(name, r.model)
+            if r.aux_head is not None:
+                run_dir.save_aux_head(name, r.aux_head, r.vote)
         if r.synthetic is not None:
             check = (privacy or {}).get(name)
             run_dir.save_synthetic(name, r.synthetic, {

@@ -6,6 +6,7 @@
       events.jsonl                     the run's event stream, one JSON object per line (replayable)
       clients/client_<k>.safetensors   each client's trained model
       models/<method>.safetensors      each single global model
+      models/<method>.aux.safetensors  its aux head on the patch tokens (relabel methods), for the vote
       synthetic/<method>.safetensors   each inversion method's synthetic set (fedmitr.synthetic)
 
 :class:`RunDir` is the only code that knows these names: the pipeline writes through it, and the
@@ -37,7 +38,8 @@ from fedmitr.synthetic import SyntheticSet
 
 CONFIG, METRICS, EVENTS = "config.json", "metrics.json", "events.jsonl"
 # The same files in an exported or pushed checkpoint folder (fedmitr.hub.export), beside timm's own.
-EXPORTED = {"config": "fedmitr_config.json", "metrics": "fedmitr_metrics.json", "events": "fedmitr_events.jsonl"}
+EXPORTED = {"config": "fedmitr_config.json", "metrics": "fedmitr_metrics.json", "events": "fedmitr_events.jsonl",
+            "aux_head": "fedmitr_aux_head.safetensors"}
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -81,6 +83,9 @@ class RunDir:
     def model_file(self, method: str) -> Path:
         return self.path / "models" / f"{method}.safetensors"
 
+    def aux_file(self, method: str) -> Path:
+        return self.path / "models" / f"{method}.aux.safetensors"
+
     def synthetic_file(self, method: str) -> Path:
         return self.path / "synthetic" / f"{method}.safetensors"
 
@@ -118,6 +123,10 @@ class RunDir:
 
         self.model_file(method).parent.mkdir(parents=True, exist_ok=True)
         save_file(_cpu_state(model), str(self.model_file(method)))
+
+    def save_aux_head(self, method: str, aux_head: Any, vote: float) -> None:
+        """The aux head of ``method``'s student and the vote's lambda it was read with (metadata)."""
+        save_aux_head(self.aux_file(method), aux_head, vote)
 
     def save_synthetic(self, method: str, synthetic: SyntheticSet, extra: dict[str, Any] | None = None) -> None:
         self.synthetic_file(method).parent.mkdir(parents=True, exist_ok=True)
@@ -277,6 +286,33 @@ def _atomic_write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def save_aux_head(path: Path, aux_head: Any, vote: float) -> None:
+    """An aux head (``weight`` [L, D], ``bias`` [L]) with the vote's lambda in the file's metadata."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_cpu_state(aux_head), str(path), metadata={"vote": f"{vote:g}", "format": "fedmitr-aux-head"})
+
+
+def load_aux_head(path: Path) -> tuple[Any, float]:
+    """``(nn.Linear, vote)`` from :func:`save_aux_head`'s file; a clear error for any other file."""
+    import torch.nn as nn
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        state = load_file(str(path))
+        weight, bias = state["weight"], state["bias"]
+        vote = float(meta["vote"])
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file is one error
+        raise ConfigError(f"{excerpt(str(path), 80)} is not a fedmitr aux head ({type(err).__name__})") from None
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": bias})
+    return head.eval(), vote
 
 
 def _cpu_state(model: Any) -> dict[str, Any]:
