@@ -165,6 +165,7 @@ class DistillConfig:
     aux_detach: bool = False
     # Token Labeling's vote: predict with head(cls) + vote * max_i aux(z_i) (0: the class token alone).
     vote: float = 0.0
+    aux_lr_scale: float = 1.0  # the aux head's learning rate as a multiple of `lr` (a probe on fixed features learns fast)
     mixtoken: float = 0.0  # probability that a distillation step uses MixToken (whole views only; 0 = off)
     mixtoken_teacher: str = "mixed"  # MixToken's class target, one of MIXTOKEN_TEACHERS
     # Record the variance of the student's minibatch gradients (with and without the token loss) at the end.
@@ -261,6 +262,7 @@ class RunConfig:
                f"distillation needs rounds >= 1, steps_per_round >= 0, batch_size >= 1 "
                f"(got {k.rounds}, {k.steps_per_round}, {k.batch_size})")
         _check(0 <= k.vote <= 10, f"distill vote must be in [0, 10] (got {k.vote}); 0 = the class token alone")
+        _check(0 < k.aux_lr_scale <= 100, f"distill aux_lr_scale must be in (0, 100] (got {k.aux_lr_scale})")
         _check(0 <= k.mixtoken <= 1, f"distill mixtoken must be in [0, 1] (got {k.mixtoken}); 0 = off")
         _check(k.mixtoken_teacher in MIXTOKEN_TEACHERS,
                f"distill mixtoken_teacher must be one of {', '.join(MIXTOKEN_TEACHERS)} (got {excerpt(k.mixtoken_teacher)})")

@@ -119,7 +119,11 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
     torch.manual_seed(cfg.seed + 17)  # the student's aux head: the same on every process
     student = new_student(cfg, dataset, ensemble, device)
     vote = cfg.distill.vote if method.relabel else 0.0  # an aux head never taught has no vote
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
+    aux = list(student.aux_head.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in student.parameters() if all(p is not a for a in aux)]},
+         {"params": aux, "lr": cfg.distill.lr * cfg.distill.aux_lr_scale}],
+        lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
     average = student_average(student.vit, cfg.distill.ema)
     pool = Pool()
     patch = ensemble.input_size // ensemble.grid
