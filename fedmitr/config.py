@@ -27,6 +27,7 @@ __all__ = [
     "InversionConfig",
     "RelabelConfig",
     "DistillConfig",
+    "GeneratorConfig",
     "RunConfig",
     "RELABEL_MODES",
     "PRESETS",
@@ -173,6 +174,27 @@ class DistillConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GeneratorConfig:
+    """The generator baselines (`dense-gen`, DENSE; `co-boosting`, Co-Boosting): each round a small
+    conv generator G(z) is trained against the ensemble, and its images join the pool."""
+
+    iterations: int = 60  # Adam steps on G and z per round (like inversion.iterations)
+    lr: float = 1e-3  # Adam learning rate of G and z (DENSE's lr_g)
+    nz: int = 64  # latent size of z
+    width: int = 64  # channels of G's first feature map (halved before the last layer)
+    adv_weight: float = 1.0  # adversarial term: reward the student's disagreement with the ensemble (0 = off)
+    # What stands in for DENSE's BatchNorm-statistics term (ViTs have no BatchNorm): the images' total
+    # variation, as inversion's prior (0 = none). Chosen on validation (docs/results.md).
+    prior_weight: float = 0.0
+    hard: float = 1.0  # Co-Boosting: exponent h of the hard-sample weight (1 - p_y)^h on the CE
+    weight_lr: float = 0.01  # Co-Boosting: signed-gradient step on the ensemble's per-client weights (mu)
+    weight_decay: float = 0.9  # Co-Boosting: the step shrinks by this factor every round (its wdc)
+    weight_passes: int = 1  # Co-Boosting: passes over the pool per round for the weights
+    perturb_steps: int = 1  # Co-Boosting: signed-gradient steps that make each distillation batch harder
+    perturb_eps: float = 0.05  # Co-Boosting: size of each of those steps, in normalised pixels
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     preset: str = "cpu"  # name of the preset these values started from
     seed: int = 0  # seeds the split, the models, the inversion and the distillation
@@ -185,6 +207,7 @@ class RunConfig:
     inversion: InversionConfig = field(default_factory=InversionConfig)
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,6 +291,18 @@ class RunConfig:
                f"distill mixtoken_teacher must be one of {', '.join(MIXTOKEN_TEACHERS)} (got {excerpt(k.mixtoken_teacher)})")
         _check(isinstance(k.gradient_probe, int) and 0 <= k.gradient_probe <= 256,
                f"distill gradient_probe must be a whole number in [0, 256] (got {excerpt(k.gradient_probe)})")
+        g = self.generator
+        _check(isinstance(g.iterations, int) and g.iterations >= 1 and g.lr > 0 and g.nz >= 1 and g.width >= 2,
+               f"generator needs iterations >= 1, lr > 0, nz >= 1 and width >= 2 (got {g.iterations}, {g.lr}, "
+               f"{g.nz}, {g.width})")
+        _check(g.adv_weight >= 0 and g.prior_weight >= 0 and g.hard >= 0,
+               f"generator adv_weight, prior_weight and hard must be >= 0 (got {g.adv_weight}, {g.prior_weight}, "
+               f"{g.hard})")
+        _check(g.weight_lr >= 0 and 0 < g.weight_decay <= 1 and g.weight_passes >= 0,
+               f"generator needs weight_lr >= 0, weight_decay in (0, 1] and weight_passes >= 0 (got {g.weight_lr}, "
+               f"{g.weight_decay}, {g.weight_passes})")
+        _check(g.perturb_steps >= 0 and g.perturb_eps >= 0,
+               f"generator perturb_steps and perturb_eps must be >= 0 (got {g.perturb_steps}, {g.perturb_eps})")
         _check(k.init in DISTILL_INITS, f"distill init must be one of {', '.join(DISTILL_INITS)} (got {excerpt(k.init)})")
         return self
 

@@ -94,9 +94,12 @@ class Pool:
     keep_mask: list[torch.Tensor] = field(default_factory=list)  # [B, N] bool, the same as a mask
     targets: list[torch.Tensor] = field(default_factory=list)  # [B, N, L] token targets (relabel only)
     weights: list[torch.Tensor] = field(default_factory=list)  # [B, N] token weights (relabel only)
+    labels: list[torch.Tensor] = field(default_factory=list)  # [B] the class each image was made for
+    pixel_bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # the valid normalised pixel range
 
     def add(self, batch: SyntheticBatch, targets: TokenTargets | None) -> None:
         self.images.append(batch.images)
+        self.labels.append(batch.labels)
         self.keep_idx.append(batch.keep_idx)
         self.keep_mask.append(keep_mask(batch, batch.stop_step.shape[1]))
         if targets is not None:
@@ -110,7 +113,8 @@ class Pool:
         return PoolTensors(images=torch.cat(self.images), keep_mask=torch.cat(self.keep_mask),
                            kept=int(self.keep_idx[-1].shape[1]),
                            targets=torch.cat(self.targets) if self.targets else None,
-                           weights=torch.cat(self.weights) if self.weights else None)
+                           weights=torch.cat(self.weights) if self.weights else None,
+                           labels=torch.cat(self.labels), pixel_bounds=self.pixel_bounds)
 
 
 @dataclass(kw_only=True)
@@ -120,11 +124,14 @@ class PoolTensors:
     kept: int  # M, kept patches per image (the same for every image of a run)
     targets: torch.Tensor | None  # [P, N, L]
     weights: torch.Tensor | None  # [P, N]
+    labels: torch.Tensor | None = None  # [P] the class each image was made for
+    pixel_bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # the valid normalised pixel range
 
     def batch(self, idx: torch.Tensor) -> "PoolTensors":
         return PoolTensors(images=self.images[idx], keep_mask=self.keep_mask[idx], kept=self.kept,
                            targets=None if self.targets is None else self.targets[idx],
-                           weights=None if self.weights is None else self.weights[idx])
+                           weights=None if self.weights is None else self.weights[idx],
+                           labels=None if self.labels is None else self.labels[idx], pixel_bounds=self.pixel_bounds)
 
     @property
     def sparse(self) -> bool:

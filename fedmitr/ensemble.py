@@ -38,10 +38,16 @@ class EnsembleOutput:
 class Ensemble:
     """K client models of one architecture, queried together (see the module docstring)."""
 
-    def __init__(self, models: Sequence[VisionTransformer], num_samples: Sequence[int] | None = None):
+    def __init__(self, models: Sequence[VisionTransformer], num_samples: Sequence[int] | None = None,
+                 weights: torch.Tensor | None = None):
         if not models:
             raise ValueError("an ensemble needs at least one model")
         self.models = list(models)
+        # Per-client weights of the average (Co-Boosting learns them); None: the plain mean.
+        self.weights = None if weights is None else weights.detach().float().cpu()
+        if self.weights is not None and (self.weights.shape != (len(self.models),) or float(self.weights.sum()) <= 0):
+            raise ValueError(f"weights must hold one non-negative weight per model with a positive sum "
+                             f"(got {tuple(self.weights.shape)} for {len(self.models)} models)")
         self.num_samples = list(num_samples) if num_samples is not None else [1] * len(self.models)
         if len(self.num_samples) != len(self.models):
             raise ValueError(f"num_samples must hold one count per model (got {len(self.num_samples)} for "
@@ -49,6 +55,20 @@ class Ensemble:
 
     def __len__(self) -> int:
         return len(self.models)
+
+    def weighted(self, weights: torch.Tensor) -> "Ensemble":
+        """The same clients averaged with ``weights`` [K] (non-negative, normalised to sum to 1)."""
+        return Ensemble(self.models, self.num_samples, weights)
+
+    def _combine(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The clients' ``values`` averaged: the plain mean, or weighted by :attr:`weights`."""
+        if self.weights is None:
+            total = 0.0
+            for v in values:
+                total = total + v
+            return total / len(values)
+        w = (self.weights / self.weights.sum()).to(values[0].device)
+        return sum(wk * v for wk, v in zip(w, values))
 
     @property
     def grid(self) -> int:
@@ -84,14 +104,11 @@ class Ensemble:
     def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> EnsembleOutput:
         """The ensemble on ``images`` [B, C, H, W], restricted to the patches ``keep_idx`` [B, M]
         (None: every patch). Differentiable with respect to ``images``."""
-        logits, attention = 0.0, 0.0
         # Unfold and gather the active pixel patches once for all clients (same architecture).
         patches = None if keep_idx is None else gather_tokens(patchify(self.models[0], images), keep_idx)
-        for m in self.models:
-            out = sparse_forward(m, images, keep_idx, patches)
-            logits = logits + out.logits.float()
-            attention = attention + out.cls_attention.float()
-        return EnsembleOutput(logits / len(self.models), attention / len(self.models))
+        outs = [sparse_forward(m, images, keep_idx, patches) for m in self.models]
+        return EnsembleOutput(self._combine([o.logits.float() for o in outs]),
+                              self._combine([o.cls_attention.float() for o in outs]))
 
     __call__ = forward
 
@@ -120,7 +137,8 @@ class Ensemble:
         out = []
         for start in range(0, images.shape[0], batch_size):
             x = fit_input(images[start:start + batch_size].to(device), size)
-            out.append(torch.stack([m(x).float() for m in self.models]).mean(0).cpu())
+            each = [m(x).float() for m in self.models]
+            out.append((torch.stack(each).mean(0) if self.weights is None else self._combine(each)).cpu())
         return torch.cat(out)
 
     def evaluate(self, split: Split) -> float:

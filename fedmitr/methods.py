@@ -199,15 +199,59 @@ class ModelInversion:
 
     sparse: bool
     fill: str | None = None
+    word: ClassVar[str] = "inversion"  # what the progress line calls a synthesis step
 
-    def __call__(self, ensemble: Ensemble, labels: torch.Tensor, cfg: InversionConfig, *,
+    def iterations(self, cfg: RunConfig) -> int:
+        """Optimisation steps per round (the progress bar's share of synthesis)."""
+        return cfg.inversion.iterations
+
+    def __call__(self, ensemble: Ensemble, labels: torch.Tensor, cfg: RunConfig, *,
                  pixel_bounds: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
                  allow_flip: bool = False, student: Any = None, fill_value: torch.Tensor | None = None,
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> SyntheticBatch:
         from fedmitr.inversion import invert
 
-        return invert(ensemble, labels, cfg, pixel_bounds=pixel_bounds, sparse=self.sparse, generator=generator,
-                      allow_flip=allow_flip, student=student, fill_value=fill_value, on_step=on_step)
+        return invert(ensemble, labels, cfg.inversion, pixel_bounds=pixel_bounds, sparse=self.sparse,
+                      generator=generator, allow_flip=allow_flip, student=student, fill_value=fill_value,
+                      on_step=on_step)
+
+
+@dataclass(frozen=True)
+class GeneratorSynthesis:
+    """Stage 2 by a generator (:func:`fedmitr.generators.generate`): a conv generator trained against
+    the ensemble each round, DENSE's way, or Co-Boosting's with ``hard`` (the hard-sample weight and
+    the adversarial term on every image). Its images have no patch mask (``sparse`` is False)."""
+
+    hard: bool = False
+    sparse: ClassVar[bool] = False
+    fill: ClassVar[str | None] = None
+    word: ClassVar[str] = "generator"
+
+    def iterations(self, cfg: RunConfig) -> int:
+        return cfg.generator.iterations
+
+    def __call__(self, ensemble: Ensemble, labels: torch.Tensor, cfg: RunConfig, *,
+                 pixel_bounds: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
+                 allow_flip: bool = False, student: Any = None, fill_value: torch.Tensor | None = None,
+                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> SyntheticBatch:
+        from fedmitr.generators import generate
+
+        return generate(ensemble, labels, cfg.generator, pixel_bounds=pixel_bounds, generator=generator,
+                        student=student, hard=self.hard, on_step=on_step)
+
+
+@dataclass(frozen=True)
+class ClientWeighting:
+    """A teacher stage (Co-Boosting's): after each round's synthesis, the ensemble's per-client
+    weights learn from the pool (:func:`fedmitr.generators.learn_client_weights`), and the weighted
+    ensemble teaches from then on."""
+
+    def __call__(self, ensemble: Ensemble, images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig, *,
+                 round_index: int, generator: torch.Generator) -> Ensemble:
+        from fedmitr.generators import learn_client_weights
+
+        return learn_client_weights(ensemble, images, labels, cfg.generator, round_index=round_index,
+                                    generator=generator)
 
 
 @dataclass(frozen=True)
@@ -272,14 +316,39 @@ class Distillation:
                             allow_flip=allow_flip, cache=cache, before_step=before_step)
 
 
+@dataclass(frozen=True)
+class HardSampleDistillation(Distillation):
+    """Stage 4 on harder samples (Co-Boosting's): each batch's pixels first take
+    ``generator.perturb_steps`` signed-gradient steps that raise the student's disagreement with the
+    ensemble (:func:`fedmitr.generators.perturb`), then one distillation step learns from them (the
+    teacher on the perturbed pixels, so no cached logits)."""
+
+    def __call__(self, student: GlobalModel, ensemble: Ensemble, pool: PoolTensors, idx: torch.Tensor, *,
+                 optimizer: torch.optim.Optimizer, cfg: RunConfig, generator: torch.Generator,
+                 allow_flip: bool = False, cache: TeacherCache | None = None,
+                 before_step: Callable[[], None] | None = None) -> dict[str, float]:
+        import torch
+
+        from fedmitr.distill import distill_step
+        from fedmitr.generators import perturb
+
+        batch = pool.batch(idx)
+        if cfg.generator.perturb_steps > 0 and pool.pixel_bounds is not None:
+            batch = dataclasses.replace(batch, images=perturb(student, ensemble, batch.images, cfg.generator,
+                                                              pixel_bounds=pool.pixel_bounds))
+        return distill_step(student, ensemble, batch, torch.arange(len(idx), device=idx.device), optimizer=optimizer,
+                            cfg=cfg, generator=generator, allow_flip=allow_flip, cache=None, before_step=before_step)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Rounds(Method):
     """Build one global ViT from synthetic images, in rounds of invert -> targets -> distil ->
     evaluate (:func:`fedmitr.server.run_rounds`)."""
 
-    inversion: ModelInversion = field(default_factory=lambda: ModelInversion(sparse=False))
+    inversion: ModelInversion | GeneratorSynthesis = field(default_factory=lambda: ModelInversion(sparse=False))
     targets: ClassTargets | TokenRelabel = field(default_factory=ClassTargets)
     distillation: Distillation = field(default_factory=Distillation)
+    teacher: ClientWeighting | None = None  # a stage that changes the ensemble after each round (None: fixed)
     # Nested config overrides this method always runs with, e.g. {"distill": {"vote": 0.0}}: a named
     # variant pins the values it stands for, whatever the run's defaults become.
     settings: Mapping[str, Any] = field(default_factory=dict)
@@ -470,3 +539,30 @@ def fedmitr_mixtoken() -> Method:
                   summary=f"v5's targets, distilled with MixToken (p {VARIANT_MIXTOKEN:g})",
                   inversion=ModelInversion(sparse=True), targets=TokenRelabel(),
                   settings=_v5_with(mixtoken=VARIANT_MIXTOKEN))
+
+
+# --- the paper's generator baselines (fedmitr.generators) ----------------------------------------------
+
+@register_method
+def dense_gen() -> Method:
+    return Rounds(name="dense-gen", label="DENSE (generator)", colour="#588157", role="baseline",
+                  summary="DENSE: a conv generator trained against the ensemble each round, then KD (baseline)",
+                  description="DENSE (Zhang et al., NeurIPS 2022): each round a small conv generator is trained so "
+                              "that the client ensemble predicts the sampled labels on its images while the global "
+                              "model disagrees with the ensemble; the global model is distilled on the pool of its "
+                              "images.",
+                  inversion=GeneratorSynthesis(hard=False), targets=ClassTargets())
+
+
+@register_method
+def co_boosting() -> Method:
+    # The ensemble's weights change every round, so the teacher's logits cannot be cached.
+    return Rounds(name="co-boosting", label="Co-Boosting", colour="#bc6c25", role="baseline",
+                  summary="Co-Boosting: hard-sample generator, a learned ensemble weighting and perturbed samples, "
+                          "then KD (baseline)",
+                  description="Co-Boosting (Dai et al., ICLR 2024): each round a conv generator is trained on "
+                              "hard-sample-weighted cross-entropy against the ensemble plus an adversarial term; the "
+                              "ensemble's per-client weights then learn from the pool of images and teach from then "
+                              "on; the global model is distilled on perturbed, harder versions of the pool's images.",
+                  inversion=GeneratorSynthesis(hard=True), targets=ClassTargets(), teacher=ClientWeighting(),
+                  distillation=HardSampleDistillation(), settings={"distill": {"teacher_cache": False}})

@@ -78,6 +78,7 @@ class MethodResult:
     # The paper's two gradient claims: the student's minibatch gradient variance with and without token
     # targets (fedmitr.distill.gradient_variance), and the inversion's pixel-gradient spread.
     gradient: dict[str, Any] = field(default_factory=dict)
+    client_weights: list[list[float]] = field(default_factory=list)  # the ensemble's learned weights after each round
 
     def to_dict(self) -> dict[str, Any]:
         """The method's entry in ``metrics.json``."""
@@ -92,6 +93,8 @@ class MethodResult:
                        vote_accuracy=self.readouts["vote"])
         if self.gradient:
             out["gradient_variance"] = self.gradient
+        if self.client_weights:
+            out["client_weights"] = self.client_weights
         return out
 
 
@@ -125,14 +128,15 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
          {"params": aux, "lr": cfg.distill.lr * cfg.distill.aux_lr_scale}],
         lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
     average = student_average(student.vit, cfg.distill.ema)
-    pool = Pool()
+    pool = Pool(pixel_bounds=dataset.pixel_bounds())
     patch = ensemble.input_size // ensemble.grid
     cache = TeacherCache(ensemble, shift_px=cfg.distill.shift_px, flip=cfg.distill.flip and dataset.allow_flip) \
         if cfg.distill.teacher_cache else None
     counts: dict[str, Any] | None = None
     curve: list[float] = []
     seconds = {"inversion": 0.0, "relabel": 0.0, "distill": 0.0, "evaluate": 0.0}
-    progress = _progress(method.name, rounds * (inv.iterations + steps), ctx.on_event)
+    progress = _progress(method.name, rounds * (method.inversion.iterations(cfg) + steps), ctx.on_event)
+    client_weights: list[list[float]] = []
     losses: dict[str, float] = {}
     rounds_made: list[SyntheticRound] = []
     inversions: list[SyntheticBatch] = []
@@ -141,10 +145,11 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
         # 1. Invert: a balanced batch of labels, continuing the class cycle of earlier rounds
         # (each process inverts its share of them).
         labels = (torch.arange(inv.images_per_round) + (r - 1) * inv.images_per_round) % dataset.num_classes
+        synth_steps = method.inversion.iterations(cfg)
         batch = method.inversion(
-            ensemble, labels[w.share(len(labels))], inv, pixel_bounds=dataset.pixel_bounds(), generator=generator,
+            ensemble, labels[w.share(len(labels))], cfg, pixel_bounds=dataset.pixel_bounds(), generator=generator,
             allow_flip=dataset.allow_flip, student=student.vit, fill_value=fill_value,
-            on_step=lambda it, values: progress(f"round {r}/{rounds}: inversion {it}/{inv.iterations}", values))
+            on_step=lambda it, values: progress(f"round {r}/{rounds}: {method.inversion.word} {it}/{synth_steps}", values))
         seconds["inversion"] += batch.seconds
         inversions.append(batch)
 
@@ -165,6 +170,9 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
         t0 = time.perf_counter()
         pool.add(batch, targets)
         tensors = pool.tensors()
+        if method.teacher is not None:  # the ensemble itself learns from the pool (Co-Boosting's weights)
+            ensemble = method.teacher(ensemble, tensors.images, tensors.labels, cfg, round_index=r, generator=generator)
+            client_weights.append([] if ensemble.weights is None else [float(v) for v in ensemble.weights])
         if cache is not None:
             cache.add(batch.images, keep_mask(batch, batch.stop_step.shape[1]) if kept_view else None,
                       kept=batch.keep_idx.shape[1], patch=patch)
@@ -204,7 +212,7 @@ def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:
     seconds["evaluate"] += time.perf_counter() - t0
     return MethodResult(
         method.name, curve[-1], model=model, curve=curve, stage_seconds=seconds, readouts=read, vote=vote,
-        aux_head=student.aux_head.eval() if method.relabel else None, gradient=gradient,
+        aux_head=student.aux_head.eval() if method.relabel else None, gradient=gradient, client_weights=client_weights,
         synthetic_images=len(pool), inversion_iterations=inv.iterations,
         active_patches=int(pool.keep_idx[-1].shape[1]), patches=int(batch.stop_step.shape[1]), final_losses=losses,
         relabel=diagnostics(counts), synthetic=SyntheticSet.from_rounds(rounds_made),
