@@ -66,17 +66,26 @@ def bench_cell(cfg: RunConfig, equal_time: bool | tuple[str, ...], on_event: Eve
     speedup = _speedup(inversion_seconds)
     for rec in records:
         rec["inversion_speedup"] = speedup
+    dense = [inversion_seconds[m] for m in inversion_seconds if not METHODS[m].sparse and not METHODS[m].generative]
     if equal_time and speedup:
         for name in cfg.methods:
             if METHODS[name].sparse and (equal_time is True or name in equal_time):
                 images = max(1, round(cfg.inversion.images_per_round * speedup))
                 records.append({**record(f"{name}@time", "wall-clock", images), "inversion_speedup": speedup})
+    if equal_time and dense:
+        # A generator method named (or all, with True) gets as many images per round as dense inversion's
+        # seconds allow at its own synthesis speed.
+        for name in cfg.methods:
+            if METHODS[name].generative and (equal_time is True or name in equal_time) and inversion_seconds[name] > 0:
+                ratio = statistics.mean(dense) / inversion_seconds[name]
+                images = max(1, round(cfg.inversion.images_per_round * ratio))
+                records.append({**record(f"{name}@time", "wall-clock", images), "synthesis_ratio": ratio})
     return records
 
 
 def _speedup(inversion_seconds: dict[str, float]) -> float | None:
     """Dense over sparse inversion seconds (same iterations and images), from any dense/sparse pair."""
-    dense = [inversion_seconds[m] for m in inversion_seconds if not METHODS[m].sparse]
+    dense = [inversion_seconds[m] for m in inversion_seconds if not METHODS[m].sparse and not METHODS[m].generative]
     sparse = [inversion_seconds[m] for m in inversion_seconds if METHODS[m].sparse]
     if not dense or not sparse:
         return None

@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (default: 0,1)")
     bench.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock reruns")
     bench.add_argument("--equal-time", default=None, metavar="METHODS",
-                       help="comma-separated sparse methods to rerun at equal wall-clock (default: every sparse "
-                            "method that runs)")
+                       help="comma-separated sparse or generator methods to rerun with dense inversion's "
+                            "synthesis seconds (default: every such method that runs)")
     bench.add_argument("--out", default="bench", help="output directory (default: bench)")
     bench.add_argument("--speed-only", action="store_true",
                        help="only time dense vs sparse inversion (equal iterations and images) on one set of "
@@ -351,10 +351,10 @@ def cmd_bench(args: argparse.Namespace, command: str) -> int:
     equal_time: bool | tuple[str, ...] = not args.no_equal_time
     if args.equal_time is not None and equal_time:
         equal_time = parse_methods(args.equal_time)
-        sparse = [m for m in cfg.methods if METHODS[m].sparse]
+        sparse = [m for m in cfg.methods if METHODS[m].sparse or METHODS[m].generative]
         wrong = [m for m in equal_time if m not in sparse]
         if wrong:
-            raise ConfigError(f"--equal-time takes sparse methods that run ({', '.join(sparse) or 'none'}); "
+            raise ConfigError(f"--equal-time takes sparse or generator methods that run ({', '.join(sparse) or 'none'}); "
                               f"not {', '.join(excerpt(m) for m in wrong[:3])}")
     from fedmitr import bench
 

@@ -340,6 +340,7 @@ def _tiny() -> RunConfig:
         clients=ClientTrainConfig(epochs=4, batch_size=32),
         inversion=InversionConfig(images_per_round=16, iterations=12),
         distill=DistillConfig(rounds=2, steps_per_round=5, batch_size=16),
+        generator=GeneratorConfig(iterations=12),
     )
 
 

@@ -85,7 +85,7 @@ def new_student(cfg: RunConfig, dataset: ImageDataset, ensemble: Ensemble, devic
     return GlobalModel(vit, dataset.num_classes, aux_detach=cfg.distill.aux_detach).to(device)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Pool:
     """Every synthetic image so far, with what distillation needs. Tensors live on the device."""
 

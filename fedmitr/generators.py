@@ -46,7 +46,7 @@ class ConvGenerator(nn.Module):
     sigmoid scaled into the valid pixel range. A size not divisible by 4 is resized at the end.
     """
 
-    def __init__(self, nz: int, channels: int, size: int, width: int, low: torch.Tensor, high: torch.Tensor):
+    def __init__(self, nz: int, channels: int, size: int, *, width: int, low: torch.Tensor, high: torch.Tensor):
         super().__init__()
         self.start, self.size, self.width = max(1, size // 4), size, width
         self.project = nn.Sequential(nn.Linear(nz, width * self.start * self.start), nn.BatchNorm1d(width * self.start ** 2))
@@ -104,7 +104,7 @@ def generate(ensemble: Ensemble, labels: torch.Tensor, cfg: GeneratorConfig, *,
     b = labels.shape[0]
     labels = labels.to(device)
     low, high = (t.to(device) for t in pixel_bounds)
-    g = ConvGenerator(cfg.nz, channels, size, cfg.width, low, high).to(device)
+    g = ConvGenerator(cfg.nz, channels, size, width=cfg.width, low=low, high=high).to(device)
     reset(g, generator)
     z = torch.randn((b, cfg.nz), generator=generator).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": g.parameters()}, {"params": [z]}], lr=cfg.lr, betas=(0.5, 0.999))

@@ -88,6 +88,11 @@ class Method(ABC):
         """Whether patch tokens get their own targets (the app's relabel map says so)."""
         return False
 
+    @property
+    def generative(self) -> bool:
+        """Whether the method synthesises with a generator rather than by optimising pixels."""
+        return False
+
     @abstractmethod
     def run(self, ctx: ServerContext) -> MethodResult:
         """Run on the trained clients of ``ctx``; ``seconds`` is filled in by the caller."""
@@ -362,6 +367,10 @@ class Rounds(Method):
     @property
     def relabel(self) -> bool:
         return self.targets.relabel
+
+    @property
+    def generative(self) -> bool:
+        return isinstance(self.inversion, GeneratorSynthesis)
 
     def configure(self, cfg: RunConfig) -> RunConfig:
         """``cfg`` with the settings this method fixes put in: its ``settings`` (nested overrides,

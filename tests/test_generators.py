@@ -23,11 +23,11 @@ TINY = preset_config("tiny")
 
 def test_the_generator_makes_images_of_the_right_shape_inside_the_pixel_range(bounds):
     low, high = bounds
-    g = ConvGenerator(16, 1, 28, 8, low, high)
+    g = ConvGenerator(16, 1, 28, width=8, low=low, high=high)
     x = g(torch.randn(5, 16))
     assert x.shape == (5, 1, 28, 28)
     assert torch.all(x >= low) and torch.all(x <= high)
-    odd = ConvGenerator(16, 3, 30, 8, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    odd = ConvGenerator(16, 3, 30, width=8, low=torch.zeros(1, 3, 1, 1), high=torch.ones(1, 3, 1, 1))
     assert odd(torch.randn(2, 16)).shape == (2, 3, 30, 30)  # a size not divisible by 4 is resized
 
 

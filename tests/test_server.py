@@ -47,7 +47,7 @@ def test_every_method_runs_end_to_end(name, context):
     # The events: a progress step per inversion iteration and distillation step, one synthetic
     # round and one curve point per round.
     steps = [e for e in events if isinstance(e, Progress) and "relabel" not in e.message]
-    per_round = TINY.inversion.iterations + TINY.distill.steps_per_round
+    per_round = spec.inversion.iterations(TINY) + TINY.distill.steps_per_round
     assert [e.step for e in steps] == list(range(1, rounds * per_round + 1))
     assert all(e.total == rounds * per_round and e.stage == name for e in steps)
     synthetic = [e for e in events if isinstance(e, SyntheticRound)]
