@@ -208,6 +208,8 @@ PAIRS = (
     ("fedmitr", "fedmitr-kept", "the whole view"),
     ("fedmitr", "fedmitr-keptview", "against the kept-view default"),
     ("fedmitr", "fedmitr-v5", "against v5, the default before the token targets taught classes"),
+    ("fedmitr", "dense-gen", "against DENSE"),
+    ("fedmitr", "co-boosting", "against Co-Boosting"),
 )
 
 
