@@ -52,6 +52,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {v} | " + " | ".join(row) + f" | {mean} | {paired} | "
               + (f"{100 * statistics.mean(aux):.1f}" if aux else "–") + " | "
               + (f"{best[0]}: {100 * statistics.mean(best[1]):.1f}" if best else "–") + " |")
+    print("\nThe paper's gradient claims, mean over the cells each variant ran: the student's minibatch gradient "
+          "variance relative to the mean gradient's squared norm (KD alone / KD + token loss), and the spread "
+          "(std / mean across iterations after the last stop) of the inversion's pixel-gradient norm.\n")
+    print("| variant | cells | gradient variance, KD | KD + token | inversion gradient spread |")
+    print("|---|---|---|---|---|")
+    for v in variants:
+        grads = [by[(v, c)].get("gradient_variance") or {} for c in cells if (v, c) in by]
+        kd = [g["distill"]["kd"]["relative"] for g in grads if "distill" in g]
+        both = [g["distill"]["kd+token"]["relative"] for g in grads if "kd+token" in g.get("distill", {})]
+        spread = [g["inversion"]["over_iterations"] for g in grads if "inversion" in g]
+
+        def fmt(values: list[float]) -> str:
+            return f"{statistics.mean(values):.3f}" if values else "–"
+
+        print(f"| {v} | {len(grads)} | {fmt(kd)} | {fmt(both)} | {fmt(spread)} |")
     return 0
 
 
