@@ -7,9 +7,9 @@
 # and the merge at the end takes every finished cell (or run it by hand at any time):
 #   .venv/bin/fedmitr bench --merge bench/*/bench.json --out assets/bench
 # The 16-token from-scratch cells also run IID (alpha "iid").
-# SEEDS (default 0,1,2), METHODS (default: the references, dense-kd, sparse-kd, fedmitr and the
-# ablations of its mechanisms: fedmitr-noise (fill), fedmitr-kept (view), fedmitr-keptview (the
-# earlier default); dense-relabel is left out) and
+# SEEDS (default 0,1,2), METHODS (default: the references, dense-kd, sparse-kd, fedmitr, fedmitr-v5
+# (the default before the token targets taught classes) and the paper's generator baselines dense-gen
+# (DENSE) and co-boosting (Co-Boosting); the other ablations are left out) and
 # EQUAL_TIME (default none; e.g. "fedmitr" adds the @time rows) choose the size. CELLS replaces the
 # queue's order with your own, e.g. CELLS="cpu-49:fractal:0.1:1 cpu:scratch:0.5:2".
 set -euo pipefail
@@ -18,7 +18,7 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 SEEDS="${SEEDS:-0,1,2}"
 AFTER="${AFTER:-}"  # pids to wait for before each worker starts (a map resumed beside running cells)
-METHODS="${METHODS:-fedavg,ensemble,dense-kd,sparse-kd,fedmitr,fedmitr-noise,fedmitr-kept,fedmitr-keptview}"
+METHODS="${METHODS:-fedavg,ensemble,dense-kd,sparse-kd,fedmitr,fedmitr-v5,dense-gen,co-boosting}"
 time_flags=(--no-equal-time); [ -n "${EQUAL_TIME:-}" ] && time_flags=(--equal-time "$EQUAL_TIME")
 mkdir -p bench && rm -rf bench/*.claim  # claims of a map that was stopped
 cells=()  # 16 tokens first (fast cells), then 49; pretrained before scratch; then seed, then alpha
