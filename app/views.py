@@ -293,7 +293,7 @@ TAUGHT = (
     ("label", GENERATED_COLOUR, "the generated label y (high information)"),
     ("relabel", RELABEL_COLOUR, "the ensemble's relabel (kept, low information)"),
     ("gated", "#f9d7b5", "nothing: the clients disagreed or the ensemble was unsure (gated)"),
-    ("background", "#7b8794", "a background target (stopped patch)"),
+    ("background", "#7b8794", "a stopped patch's target: its image's soft label, or the background's (relabel.stopped)"),
     ("nothing", "#e5e7eb", "nothing (stopped patch: left out of the token loss)"),
 )
 

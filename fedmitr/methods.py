@@ -397,6 +397,9 @@ class Rounds(Method):
         """What this method did, in a few sentences, from the run's config and its relabel
         diagnostics (``metrics.json``'s ``relabel``): never a relabel the run did not make."""
         cfg = self.configure(cfg)
+        if self.generative:
+            return (f"It made this model with **{self.label}**: {self.description or self.summary} The global model "
+                    f"learns from the generator's images through its class token alone.")
         if not self.sparse:
             made = "dense model inversion of the client ensemble (synthetic images optimised on every patch)"
         else:
@@ -421,14 +424,28 @@ class Rounds(Method):
         else:
             targets = ("a token loss that teaches every kept patch the generated label: no patch was relabelled in this "
                        "run, because the high-information set H held every kept patch")
-        taught_background = taught.get("background", 0) > 0 if relabel is not None else cfg.relabel.stopped != "ignore"
+        r, k = cfg.relabel, cfg.distill
+        taught_background = (taught.get("background", 0) > 0 if relabel is not None
+                             else r.stopped != "ignore" and r.stopped_weight > 0)
         if self.relabel and self.sparse and taught_background:
-            targets += "; the stopped patches are taught the ensemble's label of the background"
+            what = {"blank": "the ensemble's label of the background", "uniform": "every class alike",
+                    "image": "their own image's soft label"}[r.stopped]
+            weight = f" (at weight {r.stopped_weight:g})" if r.stopped_weight != 1 else ""
+            targets += f"; the stopped patches are taught {what}{weight}"
         elif self.relabel and self.sparse:
             targets += "; the stopped patches teach nothing"
+        if self.relabel and k.aux_detach:
+            targets += ("; the token targets train an aux head on stop-gradient patch features, so they do not move "
+                        "the shared backbone")
         sees = ("whole images, every patch, as a real test image is seen"
-                if not self.sparse or cfg.distill.view == "whole" else "only the patches inversion kept")
-        return f"It made this model with **{self.label}**: {made}; {targets}; and distillation into one ViT that sees {sees}."
+                if not self.sparse or k.view == "whole" else "only the patches inversion kept")
+        if self.relabel and k.mixtoken > 0:
+            sees += (f", with MixToken on {k.mixtoken:.0%} of the steps (a box of patches swapped between two images, "
+                     f"each patch keeping its own target)")
+        predicts = (f" It predicts with Token Labeling's vote: the class token's logits plus {k.vote:g} × the aux "
+                    f"head's largest logit over the patch tokens." if self.relabel and k.vote else "")
+        return (f"It made this model with **{self.label}**: {made}; {targets}; and distillation into one ViT that sees "
+                f"{sees}.{predicts}")
 
 
 # --- the built-in methods --------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_relabel_map_says_what_each_patch_taught_and_why():
     np.testing.assert_array_equal(np.floor(np.asarray(targets.z).ravel()), source[0])
     why = np.asarray(targets.customdata).reshape(16, 2)
     assert why[0, 0].startswith("nothing (stopped patch") and "stopped at iteration 2" in why[0, 0]
-    assert why[3, 0].startswith("a background target") and why[13, 0].startswith("nothing: the clients disagreed")
+    assert why[3, 0].startswith("a stopped patch's target") and why[13, 0].startswith("nothing: the clients disagreed")
     assert why[0, 1] == "0.00" and why[12, 1] == "1.00"
     text = np.asarray(targets.text).ravel()
     assert text[0] == "–" and text[3] == "bg" and text[7] == str(event.token_labels[0][7])
