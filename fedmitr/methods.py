@@ -517,7 +517,8 @@ def fedmitr_keptview() -> Method:
     return Rounds(name="fedmitr-keptview", label="FedMITR (earlier default)", colour="#9e2a2b", role="ablation",
                   summary="the earlier default: noise in stopped patches, kept view, H = the kept set (no relabel)",
                   inversion=ModelInversion(sparse=True, fill="noise"),
-                  targets=TokenRelabel(high_ratio=1.0, stopped="ignore"), distillation=Distillation(view="kept"))
+                  targets=TokenRelabel(high_ratio=1.0, stopped="ignore"), distillation=Distillation(view="kept"),
+                  settings={"distill": {"aux_detach": False}})
 
 
 # --- the relabel's variants, by name (docs/results.md, "What the patch tokens learned") -------------

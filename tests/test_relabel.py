@@ -83,7 +83,8 @@ def test_the_neighbourhood_window_leaves_stopped_patches_out(ensemble, sparse_ba
 def test_stopped_patches_teach_a_background_target_when_asked(ensemble, sparse_batch, bounds, stopped):
     scores = score_patches(ensemble, sparse_batch, 4)
     black = bounds[0]  # the digits' background, the fill of their stopped patches
-    out = relabel(ensemble, sparse_batch, scores, RelabelConfig(stopped=stopped), num_classes=10, background=black)
+    out = relabel(ensemble, sparse_batch, scores, RelabelConfig(stopped=stopped, stopped_weight=1.0), num_classes=10,
+                  background=black)
     kept = keep_mask(sparse_batch, 16)
     assert (out.source[~kept] == BACKGROUND).all() and (out.weights[~kept] == 1).all()
     expected = torch.full((10,), 0.1) if stopped == "uniform" else blank_target(ensemble, black, 1.0, 1)

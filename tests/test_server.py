@@ -54,7 +54,7 @@ def test_every_method_runs_end_to_end(name, context):
     assert [e.round for e in synthetic] == list(range(1, rounds + 1))
     relabel_steps = [e for e in events if isinstance(e, Progress) and "relabel" in e.message]
     relabelled = any(e.token_relabelled.any() for e in synthetic)  # none when H is the whole kept set
-    assert bool(relabel_steps) == (relabelled and TINY.relabel.mode == "neighbourhood")
+    assert bool(relabel_steps) == (relabelled and spec.configure(TINY).relabel.mode == "neighbourhood")
     curve = [e for e in events if isinstance(e, Metric)]
     assert [(e.source, e.step, e.value) for e in curve] == [(name, r + 1, a) for r, a in enumerate(result.curve)]
     last = synthetic[-1]
@@ -152,7 +152,8 @@ def test_token_weight_zero_gives_exactly_sparse_kds_global_model(ensemble, tiny_
     """The control: with the token loss weighed 0, FedMITR is sparse-kd, bit for bit. Relabel adds a
     loss and nothing else (no other draw, no other image, no other step)."""
     cfg = TINY.__class__(**{**TINY.__dict__, "distill": TINY.distill.__class__(
-        **{**TINY.distill.__dict__, "token_weight": 0.0, "token_view": "full"})})
+        **{**TINY.distill.__dict__, "token_weight": 0.0, "token_view": "full", "mixtoken": 0.0,
+           "aux_detach": False})})
     ctx = ServerContext(cfg, tiny_data, ensemble, torch.device("cpu"))
     sparse, ours = run_method("sparse-kd", ctx), run_method("fedmitr", ctx)
     assert sparse.curve == ours.curve
@@ -202,8 +203,8 @@ def test_the_earlier_default_is_reachable_by_name_and_gives_its_numbers(context,
     # ... and it is exactly fedmitr run with the earlier settings.
     from fedmitr.config import apply_overrides
 
-    cfg = apply_overrides(TINY, {"inversion": {"stopped_fill": "noise"}, "distill": {"view": "kept"},
-                                 "relabel": {"high_ratio": 1.0, "stopped": "ignore"}})
+    cfg = apply_overrides(TINY, {"inversion": {"stopped_fill": "noise"}, "distill": {"view": "kept", "aux_detach": False},
+                                 "relabel": {"high_ratio": 1.0, "stopped": "ignore", "mode": "neighbourhood"}})
     same = run_method("fedmitr", ServerContext(cfg, tiny_data, ensemble, torch.device("cpu")))
     assert same.curve == old.curve and same.final_losses == old.final_losses
 

@@ -97,7 +97,7 @@ def test_mixtoken_swaps_a_box_of_whole_patches_with_the_partner_image():
 @pytest.mark.parametrize("teacher", ["mixed", "area"])
 def test_mixtoken_steps_differ_from_plain_steps_and_keep_each_patch_s_target(ensemble, teacher):
     cfg = apply_overrides(TINY, {"distill": {"shift_px": 0, "mixtoken": 1.0, "mixtoken_teacher": teacher}})
-    plain = apply_overrides(TINY, {"distill": {"shift_px": 0}})
+    plain = apply_overrides(TINY, {"distill": {"shift_px": 0, "mixtoken": 0.0}})
     pool = _pool()
     # Every patch's target is its own one-hot class: a patch of image i teaches class i % 10.
     pool = dataclasses.replace(pool, targets=F.one_hot(torch.arange(12) % 10, 10).float()[:, None].expand(-1, 16, -1))
