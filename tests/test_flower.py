@@ -281,7 +281,8 @@ def test_the_readme_steps_train_the_clients_of_fedmitr_run(federation, tmp_path)
     assert set(metrics["methods"]) == {"fedavg", "ensemble", "fedmitr"}
     assert all(0 <= m["accuracy"] <= 1 for m in metrics["methods"].values())
     assert len(metrics["methods"]["fedmitr"]["curve"]) == config["distill"]["rounds"]
-    assert {p.name for p in (out / "models").glob("*.safetensors")} == {"fedavg.safetensors", "fedmitr.safetensors"}
+    assert {p.name for p in (out / "models").glob("*.safetensors")} == {"fedavg.safetensors", "fedmitr.safetensors",
+                                                                     "fedmitr.aux.safetensors"}
     assert (out / "synthetic" / "fedmitr.safetensors").exists()
     assert [c["index"] for c in metrics["clients"]] == [0, 1, 2]
     assert metrics["partition"]["alpha"] == 0.5 and len(metrics["partition"]["class_counts"]) == 3
