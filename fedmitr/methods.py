@@ -593,3 +593,12 @@ def co_boosting() -> Method:
                               "on; the global model is distilled on perturbed, harder versions of the pool's images.",
                   inversion=GeneratorSynthesis(hard=True), targets=ClassTargets(), teacher=ClientWeighting(),
                   distillation=HardSampleDistillation(), settings={"distill": {"teacher_cache": False}})
+
+
+@register_method
+def fedmitr_weighted() -> Method:
+    # Co-Boosting's learned ensemble on FedMITR: the weights change every round, so no teacher cache.
+    return Rounds(name="fedmitr-weighted", label="FedMITR, learned client weights", colour="#9c6644", role="ablation",
+                  summary="FedMITR taught by Co-Boosting's learned, per-client weighted ensemble",
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(), teacher=ClientWeighting(),
+                  settings={"distill": {"teacher_cache": False}})
