@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["variant"], cell(r)): r for r in records}
     variants = list(dict.fromkeys(r["variant"] for r in records))
     cells = sorted({cell(r) for r in records}, key=lambda c: (c[0], c[1], float(c[2]) if c[2] != "iid" else 1e9, c[3]))
-    shared = [c for c in cells if all((v, c) in by for v in variants)]
     names = [f"{p}{'/' + i if i != 'scratch' else ''} α{a} s{s}" for p, i, a, s in cells]
     print(f"Validation accuracy in % ({args.key}); mean over the cells each variant ran (how many); "
           f"paired: the mean difference to {args.against} on the same clients.\n")
@@ -48,14 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in cells:
             for lam, acc in (by[(v, c)].get("vote_accuracy") or {}).items() if (v, c) in by else ():
                 votes.setdefault(lam, []).append(acc)
-        for c in ():
-            for lam, acc in (by[(v, c)].get("vote_accuracy") or {}).items():
-                votes.setdefault(lam, []).append(acc)
         best = max(votes.items(), key=lambda kv: statistics.mean(kv[1])) if votes else None
         print(f"| {v} | " + " | ".join(row) + f" | {mean} | {paired} | "
               + (f"{100 * statistics.mean(aux):.1f}" if aux else "–") + " | "
               + (f"{best[0]}: {100 * statistics.mean(best[1]):.1f}" if best else "–") + " |")
-    del shared
     print("\nThe paper's gradient claims, mean over the cells each variant ran: the student's minibatch gradient "
           "variance relative to the mean gradient's squared norm (KD alone / KD + token loss), and the spread "
           "(std / mean across iterations after the last stop) of the inversion's pixel-gradient norm.\n")
