@@ -154,31 +154,38 @@ def _values(records, setting, method, alpha) -> list[float]:
             if _setting(r) == setting and r["method"] == method and r["alpha"] == alpha]
 
 
-def comparison_names() -> tuple[str, str, str]:
-    """(the method, its dense-inversion + KD baseline, its no-relabel ablation), found in the
+def comparison_names() -> tuple[str, str, str, str]:
+    """(the method, its dense-inversion + KD baseline, its no-relabel ablation, its form with the
+    plain ensemble as teacher: the method itself when it has no learned teacher), found in the
     registry by what the methods are, not by name."""
     ours = headline()
     dense = find_rounds(sparse=False, relabel=False)
     no_relabel = find_rounds(sparse=ours.sparse, relabel=False)
-    if dense is None or no_relabel is None:
-        raise ConfigError("the regime map needs a dense-inversion + KD method and a no-relabel ablation registered")
-    return ours.name, dense, no_relabel
+    weighted = getattr(ours, "teacher", None) is not None
+    plain = find_rounds(sparse=ours.sparse, relabel=ours.relabel) if weighted else ours.name
+    if dense is None or no_relabel is None or plain is None:
+        raise ConfigError("the regime map needs a dense-inversion + KD method, a no-relabel ablation and (for a "
+                          "method with a learned teacher) its plain-ensemble form registered")
+    return ours.name, dense, no_relabel, plain
 
 
 def regime_map(records: list[dict[str, Any]]) -> str:
     """Where the method wins: per setting and alpha, its mean accuracy minus each rival's, in points,
-    and the two mechanisms apart (relabel: method − its no-relabel ablation; sparsity: that
-    ablation − dense inversion + KD).
+    and its mechanisms apart (relabel: its plain-ensemble form − its no-relabel ablation; the learned
+    client weights: the method − its plain-ensemble form; sparsity: the no-relabel ablation − dense
+    inversion + KD).
 
     A difference is marked **bold** when it exceeds both methods' seed standard deviations
     ("beyond the spread"); one seed gives no spread and no mark.
     """
-    ours, dense, no_relabel = comparison_names()
+    ours, dense, no_relabel, plain = comparison_names()
     label = METHODS[ours].label
-    rivals = [(dense, ours), (dense, f"{ours}@time"), (no_relabel, ours), (dense, no_relabel)]
+    rivals = [(dense, ours), (dense, f"{ours}@time"), (no_relabel, ours), (no_relabel, plain), (plain, ours),
+              (dense, no_relabel)]
     lines = [f"| setting | α | seeds | {label} | − {dense} (equal iterations) | − {dense} (equal time) "
-             f"| − {no_relabel} (relabel's effect) | {no_relabel} − {dense} (sparsity's effect) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| − {no_relabel} | {plain} − {no_relabel} (relabel's effect) | − {plain} (client weights' effect) "
+             f"| {no_relabel} − {dense} (sparsity's effect) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for setting in dict.fromkeys(_setting(r) for r in records):
         for alpha in _cells([r for r in records if _setting(r) == setting], "alpha"):
             mine = _values(records, setting, ours, alpha)
@@ -187,7 +194,7 @@ def regime_map(records: list[dict[str, Any]]) -> str:
             cells = []
             for rival, name in rivals:
                 a, b = _values(records, setting, name, alpha), _values(records, setting, rival, alpha)
-                if not a or not b:
+                if not a or not b or rival == name:
                     cells.append("-")
                     continue
                 diff = 100 * (statistics.mean(a) - statistics.mean(b))
@@ -202,10 +209,12 @@ def regime_map(records: list[dict[str, Any]]) -> str:
 # What each paired difference isolates: (method, rival, what the difference measures).
 PAIRS = (
     ("fedmitr", "dense-kd", "against the baseline"),
-    ("fedmitr", "sparse-kd", "the token targets"),
+    ("fedmitr", "sparse-kd", "against its no-relabel ablation"),
+    ("fedmitr", "fedmitr-unweighted", "the learned client weights"),
+    ("fedmitr-unweighted", "sparse-kd", "the token targets"),
     ("sparse-kd", "dense-kd", "sparse inversion"),
-    ("fedmitr", "fedmitr-noise", "the background fill"),
-    ("fedmitr", "fedmitr-kept", "the whole view"),
+    ("fedmitr-unweighted", "fedmitr-noise", "the background fill"),
+    ("fedmitr-unweighted", "fedmitr-kept", "the whole view"),
     ("fedmitr", "fedmitr-keptview", "against the kept-view default"),
     ("fedmitr", "fedmitr-v5", "against v5, the default before the token targets taught classes"),
     ("fedmitr", "dense-gen", "against DENSE"),
@@ -421,7 +430,7 @@ def benchmark_pair(records: list[dict[str, Any]], setting: str, alpha: float | N
     """FedMITR beside dense inversion + KD in the benchmark's cell nearest to a run (same setting;
     the nearest alpha): mean accuracy and server seconds of both over the seeds they share, and the
     paired difference per seed. None when the benchmark has no such setting."""
-    ours, dense_name, _ = comparison_names()
+    ours, dense_name, *_ = comparison_names()
     rows = [r for r in records if _setting(r) == setting and r.get("budget", "iterations") == "iterations"]
     alphas = [a for a in _cells(rows, "alpha") if _values(rows, setting, ours, a) and
               _values(rows, setting, dense_name, a)]

@@ -150,11 +150,13 @@ def check_config(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def find_rounds(*, sparse: bool, relabel: bool) -> str | None:
-    """The first registered built-in-style :class:`Rounds` method with this inversion and these
-    targets (how the benchmark pairs a method with its ablations, without naming them)."""
+def find_rounds(*, sparse: bool, relabel: bool, weighted: bool = False) -> str | None:
+    """The first registered built-in-style :class:`Rounds` method with this inversion (model
+    inversion, not a generator), these targets and, with ``weighted``, a learned teacher (how the
+    benchmark pairs a method with its ablations, without naming them)."""
     for name, m in METHODS.items():
-        if m.synthesises and m.sparse == sparse and m.relabel == relabel:
+        if (m.synthesises and not getattr(m, "generative", False) and m.sparse == sparse and m.relabel == relabel
+                and (getattr(m, "teacher", None) is not None) == weighted):
             return name
     return None
 
@@ -442,6 +444,9 @@ class Rounds(Method):
         if self.relabel and k.mixtoken > 0:
             sees += (f", with MixToken on {k.mixtoken:.0%} of the steps (a box of patches swapped between two images, "
                      f"each patch keeping its own target)")
+        if self.teacher is not None:
+            targets += ("; the client ensemble teaches with per-client weights learned each round from the synthetic "
+                        "pool (Co-Boosting's weighting)")
         predicts = (f" It predicts with Token Labeling's vote: the class token's logits plus {k.vote:g} × the aux "
                     f"head's largest logit over the patch tokens." if self.relabel and k.vote else "")
         return (f"It made this model with **{self.label}**: {made}; {targets}; and distillation into one ViT that sees "
@@ -486,8 +491,20 @@ def dense_relabel() -> Method:
 
 @register_method
 def fedmitr() -> Method:
+    # The ensemble teaches with Co-Boosting's learned per-client weights (chosen on validation,
+    # docs/results.md): they change every round, so the teacher's logits are not cached.
     return Rounds(name="fedmitr", label="FedMITR", colour="#d1495b", role="method",
-                  summary="sparse inversion + token relabel + distillation (the method)",
+                  summary="sparse inversion + token relabel + distillation from a learned client weighting (the method)",
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(), teacher=ClientWeighting(),
+                  settings={"distill": {"teacher_cache": False}})
+
+
+@register_method
+def fedmitr_unweighted() -> Method:
+    # The weights' ablation, and the default before them: every client's vote counts alike.
+    return Rounds(name="fedmitr-unweighted", label="FedMITR, equal client weights", colour="#9c6644",
+                  role="ablation", summary="FedMITR taught by the plain ensemble, every client alike (ablation: no "
+                                           "learned client weights)",
                   inversion=ModelInversion(sparse=True), targets=TokenRelabel())
 
 
@@ -593,12 +610,3 @@ def co_boosting() -> Method:
                               "on; the global model is distilled on perturbed, harder versions of the pool's images.",
                   inversion=GeneratorSynthesis(hard=True), targets=ClassTargets(), teacher=ClientWeighting(),
                   distillation=HardSampleDistillation(), settings={"distill": {"teacher_cache": False}})
-
-
-@register_method
-def fedmitr_weighted() -> Method:
-    # Co-Boosting's learned ensemble on FedMITR: the weights change every round, so no teacher cache.
-    return Rounds(name="fedmitr-weighted", label="FedMITR, learned client weights", colour="#9c6644", role="ablation",
-                  summary="FedMITR taught by Co-Boosting's learned, per-client weighted ensemble",
-                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(), teacher=ClientWeighting(),
-                  settings={"distill": {"teacher_cache": False}})

@@ -149,13 +149,14 @@ def test_registration_refuses_a_taken_or_malformed_name(registry):
 
 
 def test_token_weight_zero_gives_exactly_sparse_kds_global_model(ensemble, tiny_data):
-    """The control: with the token loss weighed 0, FedMITR is sparse-kd, bit for bit. Relabel adds a
-    loss and nothing else (no other draw, no other image, no other step)."""
+    """The control: with the token loss weighed 0, FedMITR on the plain ensemble (fedmitr-unweighted)
+    is sparse-kd, bit for bit. Relabel adds a loss and nothing else (no other draw, no other image, no
+    other step)."""
     cfg = TINY.__class__(**{**TINY.__dict__, "distill": TINY.distill.__class__(
         **{**TINY.distill.__dict__, "token_weight": 0.0, "token_view": "full", "mixtoken": 0.0,
            "aux_detach": False})})
     ctx = ServerContext(cfg, tiny_data, ensemble, torch.device("cpu"))
-    sparse, ours = run_method("sparse-kd", ctx), run_method("fedmitr", ctx)
+    sparse, ours = run_method("sparse-kd", ctx), run_method("fedmitr-unweighted", ctx)
     assert sparse.curve == ours.curve
     theirs, mine = sparse.model.state_dict(), ours.model.state_dict()
     assert all(torch.equal(theirs[k], mine[k]) for k in theirs)
@@ -200,12 +201,12 @@ def test_the_earlier_default_is_reachable_by_name_and_gives_its_numbers(context,
     old = run_method("fedmitr-keptview", context())
     assert old.curve == pytest.approx(EARLIER_DEFAULT["curve"], abs=1e-6)
     assert old.final_losses == pytest.approx(EARLIER_DEFAULT["losses"], rel=1e-4)
-    # ... and it is exactly fedmitr run with the earlier settings.
+    # ... and it is exactly FedMITR on the plain ensemble run with the earlier settings.
     from fedmitr.config import apply_overrides
 
     cfg = apply_overrides(TINY, {"inversion": {"stopped_fill": "noise"}, "distill": {"view": "kept", "aux_detach": False},
                                  "relabel": {"high_ratio": 1.0, "stopped": "ignore", "mode": "neighbourhood"}})
-    same = run_method("fedmitr", ServerContext(cfg, tiny_data, ensemble, torch.device("cpu")))
+    same = run_method("fedmitr-unweighted", ServerContext(cfg, tiny_data, ensemble, torch.device("cpu")))
     assert same.curve == old.curve and same.final_losses == old.final_losses
 
 
