@@ -153,11 +153,14 @@ def _views(images: torch.Tensor, keep: torch.Tensor | None, shifts: Shifts, kept
 class TeacherCache:
     """The ensemble's logits of every view a distillation step can draw, computed once per image.
 
-    The ensemble is fixed, so its logits for a pool image under a given shift (and flip, and so
-    kept view) never change. With ``shift_px`` s there are (2s+1)^2 shifts (twice that with flips):
-    when an image enters the pool its logits for all of them are computed in one batch per view,
-    instead of once per step that draws it. Beyond ``max_views`` views per image (the gpu preset's
-    16 px shifts: 1,089) nothing is cached and the steps compute the teacher as before.
+    The clients are fixed, so each client's logits for a pool image under a given shift (and flip,
+    and so kept view) never change. With ``shift_px`` s there are (2s+1)^2 shifts (twice that with
+    flips): when an image enters the pool every client's logits for all of them are computed in one
+    batch per view, instead of once per step that draws it. The cache keeps the clients apart, so an
+    ensemble whose client weights change between rounds (Co-Boosting's) still reads it: a lookup
+    averages them with the weights of the ensemble it is given. Beyond ``max_views`` views per image
+    (the gpu preset's 16 px shifts: 1,089) nothing is cached and the steps compute the teacher as
+    before.
     """
 
     def __init__(self, ensemble: Ensemble, *, shift_px: int, flip: bool, max_views: int = 50):
@@ -165,7 +168,7 @@ class TeacherCache:
         side = 2 * shift_px + 1
         self.num_views = side * side * (2 if flip else 1)
         self.enabled = self.num_views <= max_views
-        self.table: torch.Tensor | None = None  # [P, V, L]: pool image x view
+        self.table: torch.Tensor | None = None  # [P, V, K, L]: pool image x view x client
 
     def view_index(self, shifts: Shifts, b: int) -> torch.Tensor:
         """Which of the cached views each of ``b`` images drew."""
@@ -190,13 +193,15 @@ class TeacherCache:
             shifts = Shifts(dy=full + dy if self.shift_px else None, dx=full + dx if self.shift_px else None,
                             flip=torch.full((b,), bool(flip)) if self.flip else None, max_shift=self.shift_px)
             view, keep_idx = _views(images, keep, shifts, kept, patch)
-            out.append(self.ensemble(view, keep_idx).logits)
-        new = torch.stack(out, dim=1)  # [B, V, L]
+            out.append(self.ensemble.client_logits(view, keep_idx).transpose(0, 1))  # [B, K, L]
+        new = torch.stack(out, dim=1)  # [B, V, K, L]
         self.table = new if self.table is None else torch.cat([self.table, new])
 
-    def lookup(self, idx: torch.Tensor, shifts: Shifts) -> torch.Tensor:
-        """``[B, L]``: the cached logits of pool images ``idx`` under ``shifts``."""
-        return self.table[idx, self.view_index(shifts, len(idx)).to(self.table.device)]
+    def lookup(self, idx: torch.Tensor, shifts: Shifts, ensemble: Ensemble | None = None) -> torch.Tensor:
+        """``[B, L]``: the ensemble's logits of pool images ``idx`` under ``shifts``, its clients'
+        cached logits averaged with ``ensemble``'s weights (None: the ensemble the cache was made with)."""
+        rows = self.table[idx, self.view_index(shifts, len(idx)).to(self.table.device)]  # [B, K, L]
+        return (ensemble or self.ensemble).combine(rows.transpose(0, 1))
 
 
 @dataclass
@@ -253,7 +258,7 @@ def step_losses(student: GlobalModel, ensemble: Ensemble, pool: PoolTensors, idx
         box = sample_mixtoken(patch_grid(student.vit), generator, view.device)
     use_cache = cache is not None and cache.enabled and not (box is not None and k.mixtoken_teacher == "mixed")
     if use_cache:
-        teacher_logits = cache.lookup(idx, shifts)
+        teacher_logits = cache.lookup(idx, shifts, ensemble)
     else:
         with torch.no_grad():
             teacher_logits = ensemble(view if box is None else mix_images(view, box, patch), keep_idx).logits

@@ -112,6 +112,16 @@ class Ensemble:
 
     __call__ = forward
 
+    def client_logits(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``[K, B, L]``: each client's logits on the view, before the average (what
+        :meth:`combine` averages into exactly :meth:`forward`'s logits, with any weights)."""
+        patches = None if keep_idx is None else gather_tokens(patchify(self.models[0], images), keep_idx)
+        return torch.stack([sparse_forward(m, images, keep_idx, patches).logits.float() for m in self.models])
+
+    def combine(self, client_logits: torch.Tensor) -> torch.Tensor:
+        """``[B, L]``: clients' logits ``[K, B, L]`` averaged as :meth:`forward` averages them."""
+        return self._combine(list(client_logits))
+
     def client_outputs(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> list[SparseOutput]:
         """Each client's own output on the view (logits, attention, final patch tokens): where the
         clients' agreement matters, not only their mean."""

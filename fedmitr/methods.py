@@ -492,11 +492,10 @@ def dense_relabel() -> Method:
 @register_method
 def fedmitr() -> Method:
     # The ensemble teaches with Co-Boosting's learned per-client weights (chosen on validation,
-    # docs/results.md): they change every round, so the teacher's logits are not cached.
+    # docs/results.md); the teacher's cache keeps the clients apart, so it serves the moving weights.
     return Rounds(name="fedmitr", label="FedMITR", colour="#d1495b", role="method",
                   summary="sparse inversion + token relabel + distillation from a learned client weighting (the method)",
-                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(), teacher=ClientWeighting(),
-                  settings={"distill": {"teacher_cache": False}})
+                  inversion=ModelInversion(sparse=True), targets=TokenRelabel(), teacher=ClientWeighting())
 
 
 @register_method

@@ -55,14 +55,16 @@ def test_patches_with_weight_zero_are_left_out_of_the_token_loss(ensemble):
 
 
 def test_cached_teacher_logits_equal_the_ones_computed_at_every_step(ensemble):
-    """The cache computes each view once; a step that computes the teacher itself gets the same logits."""
+    """The cache computes each view once; a step that computes the teacher itself gets the same logits,
+    with the plain average or with learned client weights."""
     from fedmitr.models import apply_shifts, sample_shifts, view_keep_idx
 
     pool = _pool(n=40, kept=6)
     cache = TeacherCache(ensemble, shift_px=1, flip=False)
     cache.add(pool.images[:25], pool.keep_mask[:25], kept=6, patch=7)  # two rounds of the pool
     cache.add(pool.images[25:], pool.keep_mask[25:], kept=6, patch=7)
-    assert cache.enabled and cache.num_views == 9 and cache.table.shape == (40, 9, 10)
+    assert cache.enabled and cache.num_views == 9 and cache.table.shape == (40, 9, len(ensemble), 10)
+    weighted = ensemble.weighted(torch.linspace(0.2, 1.0, len(ensemble)))
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         idx = torch.randint(0, 40, (16,), generator=gen)
@@ -71,6 +73,10 @@ def test_cached_teacher_logits_equal_the_ones_computed_at_every_step(ensemble):
         with torch.no_grad():
             direct = ensemble(view, view_keep_idx(pool.keep_mask[idx], shifts, 7, 6)).logits
         torch.testing.assert_close(cache.lookup(idx, shifts), direct, rtol=0, atol=1e-5)
+        with torch.no_grad():  # an ensemble whose weights moved reads the same cache
+            direct = weighted(view, view_keep_idx(pool.keep_mask[idx], shifts, 7, 6)).logits
+        torch.testing.assert_close(cache.lookup(idx, shifts, weighted), direct, rtol=0, atol=1e-5)
+        assert not torch.allclose(cache.lookup(idx, shifts), direct)
     assert not TeacherCache(ensemble, shift_px=16, flip=True).enabled  # 2,178 views: computed per step instead
 
 
