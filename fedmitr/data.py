@@ -100,9 +100,19 @@ class ImageDataset:
 # --- helpers shared by every loader ----------------------------------------------------------------
 
 def _normalise(unit: torch.Tensor) -> tuple[torch.Tensor, tuple[float, ...], tuple[float, ...]]:
-    """``unit`` [N, C, H, W] in [0, 1] -> normalised images, mean, std (per channel, of this data)."""
-    mean = unit.mean(dim=(0, 2, 3))
-    std = unit.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    """``unit`` [N, C, H, W] in [0, 1] -> normalised images, mean, std (per channel, of this data).
+
+    The statistics are reduced on one torch thread, whatever the process uses: a sum's order
+    depends on the thread count, and its last bits reach every normalised pixel and so every client
+    trained on them (the app, on one thread, and the command line, on two, trained different clients
+    from the same settings). The normalisation itself is elementwise: the same on any thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mean = unit.mean(dim=(0, 2, 3))
+        std = unit.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    finally:
+        torch.set_num_threads(threads)
     images = (unit - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     return images.contiguous(), tuple(mean.tolist()), tuple(std.tolist())
 
