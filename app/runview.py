@@ -78,6 +78,8 @@ class RunView:
     step: int = 0
     total: int = 0
     message: str = ""
+    # Every stage running now -> (step, total, message): the methods run side by side on a CPU.
+    running: dict[str, tuple[int, int, str]] = field(default_factory=dict)
     device: str = ""
     class_counts: np.ndarray | None = None
     class_names: tuple[str, ...] = ()
@@ -116,6 +118,7 @@ class RunView:
         self.clock = self._now() if at is None else float(at)
         if isinstance(event, StageStarted):
             self.stage, self.step, self.total, self.message = event.stage, 0, event.total or 0, ""
+            self.running[event.stage] = (0, event.total or 0, "")
             self.stage_started[event.stage] = self.clock
             if event.info:
                 self.stage_info[event.stage] = event.info
@@ -125,9 +128,12 @@ class RunView:
             return {"status"}
         if isinstance(event, Progress):
             self.stage, self.step, self.total, self.message = event.stage, event.step, event.total, event.message
+            if event.stage not in self.finished:
+                self.running[event.stage] = (event.step, event.total, event.message)
             return {"status"}
         if isinstance(event, StageFinished):
             self.finished[event.stage] = event.seconds
+            self.running.pop(event.stage, None)
             self._log(f"[{event.stage}] done in {event.seconds:.1f} s")
             return {"status"}
         if isinstance(event, PartitionReady):
@@ -241,11 +247,10 @@ class RunView:
         if self.state != "running" or self.plan is None or (now is None and self.run_started is None):
             return None
         now = self.elapsed(now)
-        current = self.stage if self.stage is not None and self.stage not in self.finished else None
-        fraction = self.plan.fraction(current, self.step, self.total) if current else 0.0
-        elapsed = now - self.stage_started.get(current, now) if current else 0.0
-        return timeline.remaining_seconds(self.plan.seconds, self.finished, current=current, fraction=fraction,
-                                          elapsed=elapsed)
+        running = {stage: (self.plan.fraction(stage, step, total), now - self.stage_started.get(stage, now))
+                   for stage, (step, total, _) in self.running.items() if stage not in self.finished}
+        return timeline.remaining_seconds(self.plan.seconds, self.finished, running=running,
+                                          parallel=self.plan.parallel, lanes=self.plan.lanes)
 
     def fraction(self) -> float:
         """Overall progress 0..1: 1 only once the run is done. With a plan, the share of the time
@@ -272,8 +277,9 @@ class RunView:
             weights["privacy"] = rest * 0.02
         scale = sum(weights.values())
         done = sum(weights.get(s, 0) for s in self.finished)
-        if self.stage and self.stage not in self.finished and self.total:
-            done += weights.get(self.stage, 0) * min(1.0, self.step / self.total)
+        for stage, (step, total, _) in self.running.items():
+            if stage not in self.finished and total:
+                done += weights.get(stage, 0) * min(1.0, step / total)
         return done / scale
 
     def references(self) -> dict[str, float]:
@@ -394,7 +400,7 @@ class RunView:
         for s in self.stages:
             if s in self.finished:
                 cls, mark = "done", "✓"
-            elif s == self.stage and self.state == "running":
+            elif s in self.running and self.state == "running":
                 cls, mark = "active", "●"
             else:
                 cls, mark = "todo", "○"
@@ -406,9 +412,15 @@ class RunView:
             head = (f"Queued: position {self.queue_position} in line for the device "
                     f"(another session's run is using it{f', {ahead} waiting before you' if ahead else ''})")
         elif self.state == "running":
-            head = f"Running: {html.escape(self.stage or 'starting')}"
-            if self.message:
-                head += f" · {html.escape(self.message)}"
+            now = [(stage, message) for stage, (_, _, message) in self.running.items() if stage not in self.finished]
+            if len(now) > 1:  # methods side by side
+                head = "Running side by side: " + "; ".join(
+                    html.escape(stage + (f" · {message}" if message else "")) for stage, message in now)
+            else:
+                stage, message = now[0] if now else (self.stage, self.message)
+                head = f"Running: {html.escape(stage or 'starting')}"
+                if message:
+                    head += f" · {html.escape(message)}"
         elif self.recorded:
             head = self.recorded
         else:

@@ -247,7 +247,8 @@ def render(page: Page, view: RunView, dirty: set[str], index: list) -> tuple[dic
 def plan_of(cfg: RunConfig, reference: dict[str, Any] | None, *, num_train: int | None = None) -> Plan | None:
     """The time plan of a run of ``cfg`` (None when there is no recorded run to scale, or it cannot be read)."""
     try:
-        return stage_plan(cfg, reference, num_train=num_train)
+        device = startup_device()
+        return stage_plan(cfg, reference, num_train=num_train, device=device.type if device is not None else "cpu")
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:  # an old or partial metrics.json
         log.warning("no time estimate (%s: %s)", type(err).__name__, err)
         return None

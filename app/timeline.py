@@ -118,10 +118,14 @@ class Plan:
 
     seconds: dict[str, float]
     layouts: dict[str, RoundLayout] = field(default_factory=dict)
+    # The stages that run side by side (the methods in worker processes, fedmitr.side_by_side), and
+    # how many at a time: 1 runs every stage one after another.
+    parallel: frozenset[str] = frozenset()
+    lanes: int = 1
 
     @property
     def total(self) -> float:
-        return float(sum(self.seconds.values()))
+        return remaining_seconds(self.seconds, {}, parallel=self.parallel, lanes=self.lanes, speed=1.0)
 
     def fraction(self, stage: str | None, step: int, total: int) -> float:
         """The share of ``stage``'s time done after ``step`` of ``total`` of its progress steps."""
@@ -152,11 +156,14 @@ def train_size(cfg: Any, reference: Mapping[str, Any]) -> int:
     return int(n * 0.8) if cfg.data.evaluate_on == "validation" else n
 
 
-def stage_plan(cfg: Any, reference: Mapping[str, Any] | None, *, num_train: int | None = None) -> Plan | None:
+def stage_plan(cfg: Any, reference: Mapping[str, Any] | None, *, num_train: int | None = None,
+               device: str = "cpu") -> Plan | None:
     """Planned seconds of every stage of a run of ``cfg`` on this machine, in run order ("data",
     "clients", each method, "privacy" when a method synthesises images), scaled from
     ``reference``: the ``metrics.json`` of a run recorded here. ``num_train``: the training images
-    of the run, when they are loaded already (default: :func:`train_size`).
+    of the run, when they are loaded already (default: :func:`train_size`). On a CPU (``device``)
+    the methods that synthesise run side by side as the run will run them
+    (:func:`fedmitr.side_by_side.planned_workers`).
 
     Each stage takes the recorded run's seconds per step, times the steps ``cfg`` asks for, and
     per step :func:`_per_step` of the work a step does there: client steps of ``batch_size``
@@ -227,56 +234,85 @@ def stage_plan(cfg: Any, reference: Mapping[str, Any] | None, *, num_train: int 
             m.get("seconds", 0.0) for m in ref_methods.values())
         extra = max(0.0, reference["seconds"].get("total", ref_stages) - ref_stages)
         plan["privacy"] = extra * _per_step(k / ref_k * n / reference["dataset"]["num_train"] * scale)
-    return Plan(plan, layouts)
+    from fedmitr.side_by_side import planned_workers
+
+    lanes = planned_workers(tuple(cfg.methods), device=device)
+    parallel = frozenset(m for m in cfg.methods if m in METHODS and METHODS[m].synthesises) if lanes else frozenset()
+    return Plan(plan, layouts, parallel=parallel, lanes=max(1, lanes))
 
 
 # --- the time left -----------------------------------------------------------------------------------
 
 def speed_factor(plan: Mapping[str, float], done: Mapping[str, float], *, current: str | None = None,
-                 fraction: float = 0.0, elapsed: float = 0.0) -> float:
+                 fraction: float = 0.0, elapsed: float = 0.0,
+                 running: Mapping[str, tuple[float, float]] | None = None) -> float:
     """Measured seconds per planned second so far (1.0: the machine is as fast as planned; 2.0: it
-    takes twice as long). ``done``: measured seconds of the finished stages; ``current`` is
-    ``fraction`` (0..1) done after ``elapsed`` seconds, and counts once :data:`TRUST_FRACTION` of it
-    is done. Smoothed towards 1 by :data:`PRIOR_SECONDS` of planned time, so that a few seconds of
-    evidence move it little."""
+    takes twice as long). ``done``: measured seconds of the finished stages; each running stage
+    (``running``: stage -> (fraction done, seconds in it); ``current`` is one more) counts once
+    :data:`TRUST_FRACTION` of it is done. Smoothed towards 1 by :data:`PRIOR_SECONDS` of planned
+    time, so that a few seconds of evidence move it little."""
+    running = _running(running, current, fraction, elapsed)
     measured = sum(seconds for stage, seconds in done.items() if stage in plan)
     planned = sum(plan[stage] for stage in done if stage in plan)
-    if current is not None and current in plan and current not in done and fraction > 0:
-        # The current stage counts as its rate becomes trustworthy: its first steps are slow
-        # (the first batches, the first evaluation) and say little about the rest.
-        trust = min(1.0, fraction / TRUST_FRACTION)
-        measured += elapsed * trust
-        planned += plan[current] * min(1.0, fraction) * trust
+    for stage, (part, seconds) in running.items():
+        if stage in plan and stage not in done and part > 0:
+            # A running stage counts as its rate becomes trustworthy: its first steps are slow
+            # (the first batches, the first evaluation) and say little about the rest.
+            trust = min(1.0, part / TRUST_FRACTION)
+            measured += seconds * trust
+            planned += plan[stage] * min(1.0, part) * trust
     return (measured + PRIOR_SECONDS) / (planned + PRIOR_SECONDS)
 
 
+def _running(running: Mapping[str, tuple[float, float]] | None, current: str | None, fraction: float,
+             elapsed: float) -> dict[str, tuple[float, float]]:
+    out = {stage: (min(1.0, max(0.0, f)), e) for stage, (f, e) in (running or {}).items()}
+    if current is not None:
+        out.setdefault(current, (min(1.0, max(0.0, fraction)), elapsed))
+    return out
+
+
 def remaining_seconds(plan: Mapping[str, float], done: Mapping[str, float], *, current: str | None = None,
-                      fraction: float = 0.0, elapsed: float = 0.0) -> float:
+                      fraction: float = 0.0, elapsed: float = 0.0,
+                      running: Mapping[str, tuple[float, float]] | None = None,
+                      parallel: frozenset[str] | set[str] = frozenset(), lanes: int = 1,
+                      speed: float | None = None) -> float:
     """Seconds until the run ends.
 
     ``plan``: planned seconds of every stage, in run order (:func:`stage_plan`); ``done``: the
-    measured seconds of the finished stages; ``current``: the stage running now, ``fraction``
-    (0..1) of its steps done after ``elapsed`` seconds in it.
+    measured seconds of the finished stages; ``running``: the stages running now, each ``(fraction
+    done, seconds in it)`` (``current``, ``fraction`` and ``elapsed``: one running stage).
 
-    The current stage's rest is ``elapsed * (1 - fraction) / fraction`` once :data:`TRUST_FRACTION`
+    A running stage's rest is ``elapsed * (1 - fraction) / fraction`` once :data:`TRUST_FRACTION`
     of it is done, blended with its plan before; every stage not yet started takes its plan times
-    :func:`speed_factor`.
+    :func:`speed_factor` (or ``speed``). The stages in ``parallel`` run ``lanes`` at a time: each
+    not yet started takes the lane that frees first, in run order, and they end with the last lane.
     """
-    fraction = min(1.0, max(0.0, fraction))
-    speed = speed_factor(plan, done, current=current, fraction=fraction, elapsed=elapsed)
-    left = 0.0
-    if current is not None and current not in done:
-        planned_rest = plan.get(current, 0.0) * speed * (1.0 - fraction)
-        if fraction > 0 and elapsed > 0:
-            measured_rest = elapsed * (1.0 - fraction) / fraction
-            trust = min(1.0, fraction / TRUST_FRACTION)
-            left += trust * measured_rest + (1.0 - trust) * planned_rest
+    running = _running(running, current, fraction, elapsed)
+    if speed is None:
+        speed = speed_factor(plan, done, running=running)
+    rest: dict[str, float] = {}
+    for stage, (part, seconds) in running.items():
+        if stage in done:
+            continue
+        planned_rest = plan.get(stage, 0.0) * speed * (1.0 - part)
+        if part > 0 and seconds > 0:
+            trust = min(1.0, part / TRUST_FRACTION)
+            rest[stage] = trust * seconds * (1.0 - part) / part + (1.0 - trust) * planned_rest
         else:
-            left += planned_rest
+            rest[stage] = planned_rest
+    serial = sum(r for stage, r in rest.items() if stage not in parallel)
+    loads = sorted(r for stage, r in rest.items() if stage in parallel)[-max(1, lanes):]
+    loads += [0.0] * (max(1, lanes) - len(loads))
     for stage, seconds in plan.items():
-        if stage not in done and stage != current:
-            left += seconds * speed
-    return max(0.0, left)
+        if stage in done or stage in rest:
+            continue
+        if stage in parallel:
+            i = loads.index(min(loads))
+            loads[i] += seconds * speed
+        else:
+            serial += seconds * speed
+    return max(0.0, serial + max(loads))
 
 
 def progress_fraction(elapsed_total: float, remaining: float) -> float:

@@ -196,12 +196,12 @@ class ProgressPrinter:
         self.quiet, self.brief = quiet, brief
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.bar = None
-        self._shown_tenth = -1
+        self.bars: dict[str, Any] = {}  # stage -> its tqdm bar (methods run side by side have one each)
+        self._shown_tenth: dict[str, int] = {}
 
     def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line, file=self.stream)
+        if self.bars:
+            next(iter(self.bars.values())).write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
 
@@ -211,14 +211,12 @@ class ProgressPrinter:
         if isinstance(event, BenchCell):
             self.write(f"[bench {event.index}/{event.total}] {event.cell} seed={event.seed}")
         elif isinstance(event, StageStarted):
-            self.close()
+            self.close(event.stage)
             if not self.brief:
                 self.write(f"[{event.stage}] started" + (f" ({event.info})" if event.info else ""))
                 if event.total and self.tty:
-                    from tqdm import tqdm
-
-                    self.bar = tqdm(total=event.total, desc=event.stage, file=self.stream, leave=False)
-            self._shown_tenth = -1
+                    self._bar(event.stage, event.total)
+            self._shown_tenth[event.stage] = -1
         elif isinstance(event, Progress) and not self.brief:
             self._progress(event)
         elif isinstance(event, Metric):
@@ -227,26 +225,37 @@ class ProgressPrinter:
             step = f" round {event.step}" if event.step is not None else ""
             self.write(f"  {event.source}{step}: {event.name} = {_shown(event.name, event.value)}")
         elif isinstance(event, StageFinished):
-            self.close()
+            self.close(event.stage)
             if not self.brief:
                 self.write(f"[{event.stage}] done in {event.seconds:.1f} s")
 
     def _progress(self, event: Progress) -> None:
         detail = event.message + "".join(f" {k}={v:.3f}" for k, v in event.values.items())
-        if self.bar is not None:
-            self.bar.n = event.step
-            self.bar.set_postfix_str(detail, refresh=False)
-            self.bar.refresh()
+        if self.tty and event.stage not in self.bars and event.total:
+            self._bar(event.stage, event.total)  # a method's first report (side by side: no total at its start)
+        bar = self.bars.get(event.stage)
+        if bar is not None:
+            bar.total = event.total
+            bar.n = event.step
+            bar.set_postfix_str(detail, refresh=False)
+            bar.refresh()
             return
         tenth = int(10 * event.step / max(1, event.total))
-        if tenth > self._shown_tenth:
-            self._shown_tenth = tenth
+        if tenth > self._shown_tenth.get(event.stage, -1):
+            self._shown_tenth[event.stage] = tenth
             self.write(f"  {event.stage} {event.step}/{event.total} {detail}")
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+    def _bar(self, stage: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bars[stage] = tqdm(total=total, desc=stage, file=self.stream, leave=False, position=len(self.bars))
+
+    def close(self, stage: str | None = None) -> None:
+        """Close the progress bar of ``stage`` (None: every bar)."""
+        for name in [stage] if stage is not None else list(self.bars):
+            bar = self.bars.pop(name, None)
+            if bar is not None:
+                bar.close()
 
 
 def _shown(name: str, value: float) -> str:

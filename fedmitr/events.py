@@ -28,9 +28,10 @@ class DeviceInfo:
 
     def __str__(self) -> str:
         mixed = f", {self.precision} autocast" if self.precision not in ("no", "") else ""
+        processes = f"{self.processes} process" + ("es" if self.processes != 1 else "")
         if self.type == "cuda":
-            return f"{self.name} (cuda, {self.processes} process(es){mixed})"
-        return f"{self.type} ({self.threads} threads, {self.processes} process(es){mixed})"
+            return f"{self.name} (cuda, {processes}{mixed})"
+        return f"{self.type} ({self.threads} thread{'s' if self.threads != 1 else ''}, {processes}{mixed})"
 
 
 @dataclass(frozen=True)

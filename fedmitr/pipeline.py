@@ -36,6 +36,7 @@ from fedmitr.privacy import NearestReal, nearest_real, real_set
 from fedmitr.rundir import RunDir, check_out_dir
 from fedmitr.runtime import DeviceInfo, Workers, describe_device, make_accelerator, set_seed
 from fedmitr.server import MethodResult, ServerContext, run_method
+from fedmitr.side_by_side import method_workers, run_methods
 
 
 @dataclass
@@ -173,12 +174,24 @@ def serve(cfg: RunConfig, fed: Federation, *, run_dir: RunDir | None = None, on_
     t_start = time.perf_counter() if started is None else started
     workers = Workers.of(fed.accelerator)
     server = ServerContext(cfg, fed.dataset, fed.ensemble, fed.accelerator.device, on_event=on_event, workers=workers)
-    methods: dict[str, MethodResult] = {}
-    for name in cfg.methods:
-        on_event(StageStarted(name, info=get_method(name).summary))
-        methods[name] = result = run_method(name, server)
-        on_event(Metric("accuracy", result.accuracy, name))
-        on_event(StageFinished(name, result.seconds))
+    finished: dict[str, MethodResult] = {}
+
+    def done(result: MethodResult) -> None:
+        finished[result.name] = result
+        on_event(Metric("accuracy", result.accuracy, result.name))
+        on_event(StageFinished(result.name, result.seconds))
+
+    side_by_side = None
+    if fed.accelerator.device.type == "cpu" and workers.size == 1:
+        # Each method on one torch thread, side by side in worker processes where that pays: its
+        # numbers depend on the seed and the settings alone (fedmitr.side_by_side).
+        side_by_side = method_workers(fed.accelerator, cfg.methods)
+        run_methods(cfg, fed.dataset, fed.ensemble, workers=side_by_side, on_event=on_event, on_result=done)
+    else:  # a GPU, or the processes of torchrun / accelerate launch: one method after another, together
+        for name in cfg.methods:
+            on_event(StageStarted(name, info=get_method(name).summary))
+            done(run_method(name, server))
+    methods = {name: finished[name] for name in cfg.methods}
     checks = privacy_check(fed, methods, on_event) if privacy and any(r.synthetic for r in methods.values()) else {}
     seconds = {**fed.seconds, "total": time.perf_counter() - t_start}
 
@@ -186,6 +199,8 @@ def serve(cfg: RunConfig, fed: Federation, *, run_dir: RunDir | None = None, on_
     if checks:
         metrics["privacy"] = {name: check.summary() for name, check in checks.items()}
     metrics["processes"] = process_record(workers, fed, methods)
+    if side_by_side is not None:  # on a CPU: every method on one thread, in this many workers (0: here)
+        metrics["method_workers"] = side_by_side
     metrics.update(extra_metrics or {})
     on_event(RunFinished(metrics))
     if run_dir is not None and fed.accelerator.is_main_process:

@@ -23,7 +23,7 @@ def test_run_view_folds_events_and_tracks_progress():
     assert view.apply(PartitionReady(np.ones((3, 10), dtype=int), tuple("0123456789"))) == {"partition", "clients"}
     view.apply(StageFinished("data", 0.1))
     view.apply(StageStarted("clients", total=12, info="ignored text", device=DeviceInfo("cpu", "cpu", 1, 2)))
-    assert view.device == "cpu (2 threads, 1 process(es))"
+    assert view.device == "cpu (2 threads, 1 process)"
     view.apply(Progress("clients", 6, 12, "client 2/3, epoch 2/4"))
     half = view.fraction()
     assert 0.3 < half < 0.6
@@ -65,3 +65,19 @@ def test_run_view_curve_metrics_go_to_curves():
     assert view.curves == {"fedmitr": {1: 0.2, 2: 0.3}}
     assert "fedmitr" not in view.method_accuracy
 
+
+
+def test_methods_side_by_side_are_both_shown_running():
+    view = RunView(run_cfg(("fedavg", "dense-kd", "fedmitr")))
+    for stage in ("data", "clients", "fedavg"):
+        view.apply(StageStarted(stage))
+        view.apply(StageFinished(stage, 1.0))
+    view.apply(StageStarted("dense-kd"))
+    view.apply(StageStarted("fedmitr"))
+    view.apply(Progress("dense-kd", 3, 10, "round 1/2: inversion 3/12"))
+    view.apply(Progress("fedmitr", 5, 10, "round 1/2: inversion 5/12"))
+    html = view.status_html()
+    assert "Running side by side" in html and "inversion 3/12" in html and "inversion 5/12" in html
+    assert html.count("fm-active") == 2
+    view.apply(StageFinished("fedmitr", 2.0))
+    assert "Running: dense-kd" in view.status_html() and view.status_html().count("fm-active") == 1

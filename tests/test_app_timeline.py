@@ -148,3 +148,25 @@ def test_the_card_counts_down_while_the_run_goes():
         lines.append(view.remaining(now=k * per_step))
     assert lines[0] > lines[1] > lines[2] > 0  # it counts down
     assert "left" in view.time_line()
+
+
+def test_methods_side_by_side_end_with_their_last_lane():
+    plan = {"data": 1.0, "clients": 10.0, "fedavg": 0.5, "dense-kd": 40.0, "fedmitr": 30.0, "privacy": 2.0}
+    side = frozenset({"dense-kd", "fedmitr"})
+    assert remaining_seconds(plan, {}, speed=1.0) == pytest.approx(83.5)  # one after another
+    assert remaining_seconds(plan, {}, parallel=side, lanes=2, speed=1.0) == pytest.approx(53.5)
+    assert Plan(plan, parallel=side, lanes=2).total == pytest.approx(53.5)
+    # Both running, dense-kd half done in 20 s, fedmitr a quarter in 10 s (trusted rates): 20 and 30 s left.
+    done = {"data": 1.0, "clients": 10.0, "fedavg": 0.5}
+    left = remaining_seconds(plan, done, running={"dense-kd": (0.5, 20.0), "fedmitr": (0.25, 10.0)}, parallel=side,
+                             lanes=2)
+    assert left == pytest.approx(30.0 + 2.0, rel=0.01)  # the slower lane, then the privacy check
+
+
+def test_a_plan_runs_the_synthesising_methods_side_by_side_as_the_run_will(monkeypatch):
+    cfg = apply_overrides(preset_config("cpu"), {"methods": ["fedavg", "ensemble", "dense-kd", "fedmitr"]})
+    monkeypatch.setenv("FEDMITR_CLIENT_WORKERS", "2")
+    plan = timeline.stage_plan(cfg, EXAMPLE.metrics)
+    assert plan.lanes == 2 and plan.parallel == {"dense-kd", "fedmitr"}
+    assert plan.total < sum(plan.seconds.values()) - min(plan.seconds["dense-kd"], plan.seconds["fedmitr"]) + 1
+    assert timeline.stage_plan(cfg, EXAMPLE.metrics, device="cuda").lanes == 1

@@ -47,7 +47,7 @@ def test_the_app_and_the_command_line_train_the_same_clients_and_give_the_same_m
     subprocess.run([sys.executable, "-c", APP_PATH, str(app)], check=True, env=_env(1), cwd=tmp_path,
                    capture_output=True)
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (cli, app))
-    assert a["device"].startswith("cpu (2 threads") and b["device"].startswith("cpu (1 threads")
+    assert a["device"].startswith("cpu (2 threads") and b["device"].startswith("cpu (1 thread,")
     assert a["processes"]["digests"]["clients"] == b["processes"]["digests"]["clients"]
     for path in sorted((cli / "clients").iterdir()):
         assert path.read_bytes() == (app / "clients" / path.name).read_bytes()

@@ -63,7 +63,7 @@ def test_events_arrive_in_pipeline_order(tiny_run, tiny_cfg):
     started = {e.stage: e for e in events if isinstance(e, StageStarted)}
     assert started["clients"].total == steps
     assert started["clients"].device.type == "cpu" and started["clients"].device.processes == 1
-    assert started["clients"].info == str(started["clients"].device)  # e.g. "cpu (1 threads, 1 process(es))"
+    assert started["clients"].info == str(started["clients"].device)  # e.g. "cpu (1 thread, 1 process)"
     ready = next(e for e in events if isinstance(e, PartitionReady))
     assert np.array_equal(ready.class_counts, result.partition.class_counts)
     assert ready.class_names == result.dataset.class_names

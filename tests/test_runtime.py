@@ -37,8 +37,8 @@ def test_describe_device_is_typed_and_prints_as_before():
     torch.set_num_threads(1)
     device = describe_device(make_accelerator(cpu=True))
     assert device == DeviceInfo("cpu", "cpu", 1, 1)
-    assert str(device) == "cpu (1 threads, 1 process(es))"
-    assert str(DeviceInfo("cuda", "NVIDIA H100", 2, 8)) == "NVIDIA H100 (cuda, 2 process(es))"
+    assert str(device) == "cpu (1 thread, 1 process)"
+    assert str(DeviceInfo("cuda", "NVIDIA H100", 2, 8)) == "NVIDIA H100 (cuda, 2 processes)"
 
 
 def _setup():
@@ -103,6 +103,6 @@ def test_torchrun_with_two_processes_forms_one_group_and_writes_once(tmp_path):
     digests = metrics["processes"]["digests"]
     assert set(digests) >= {"clients", "model:fedmitr", "pool:fedmitr"}
     assert all(len(set(v)) == 1 and len(v) == 2 for v in digests.values())
-    assert "2 process(es)" in metrics["device"]
+    assert "2 processes" in metrics["device"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written files
     shutil.rmtree(out)
