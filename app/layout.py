@@ -120,6 +120,7 @@ class Page:
     curves_plot: Any
     bench_note: Any
     results: Any
+    results_note: Any
     files: Any
     privacy_pair: Any
     privacy_text: Any
@@ -284,8 +285,9 @@ def build_page(device: str) -> tuple[Page, Controls]:
                             gr.Markdown(TEXT["results"], elem_classes="fm-explain")
                             results = gr.Dataframe(value=pd.DataFrame(columns=views.RESULT_HEADERS),
                                                    headers=views.RESULT_HEADERS, interactive=False, wrap=True,
-                                                   show_label=False, elem_id="results",
+                                                   show_label=False, elem_id="results", max_height=2000,
                                                    column_widths=["26%", "22%", "14%", "38%"])
+                            results_note = gr.Markdown("", elem_id="results-note", elem_classes="fm-explain")
                             files = gr.File(label="Downloads: global model, config and metrics",
                                             file_count="multiple", interactive=False, elem_id="downloads")
                             gr.Markdown("These files are deleted when you close this tab (and after 6 hours at "
@@ -300,7 +302,7 @@ def build_page(device: str) -> tuple[Page, Controls]:
     page = Page(status=status, partition_plot=partition_plot, clients_plot=clients_plot, gallery=gallery,
                 gallery_method=gallery_method, legend=legend, relabel_plot=relabel_plot,
                 relabel_summary=relabel_summary, curves_plot=curves_plot,
-                bench_note=bench_note, results=results, files=files, privacy_pair=privacy_pair,
+                bench_note=bench_note, results=results, results_note=results_note, files=files, privacy_pair=privacy_pair,
                 privacy_text=privacy_text, share_method=share_method, try_method=try_tab.own, log_box=log_box,
                 view_state=view_state, gallery_index=gallery_index, estimate=controls.estimate)
     controls.try_tab, controls.tabs = try_tab, tabs

@@ -201,7 +201,7 @@ def first_update(page: Page, view: RunView) -> dict[Any, Any]:
         page.clients_plot: views.placeholder_figure("Client accuracies appear after local training."),
         page.gallery: [], page.gallery_method: gr.update(choices=[], value=None), page.legend: gallery_hint(),
         page.relabel_plot: views.placeholder_figure(RELABEL_PLACEHOLDER, height=420), page.relabel_summary: "",
-        page.curves_plot: view.curves_chart(), page.results: pd.DataFrame(columns=views.RESULT_HEADERS),
+        page.curves_plot: view.curves_chart(), page.results: pd.DataFrame(columns=views.RESULT_HEADERS), page.results_note: "",
         page.files: None, page.log_box: "", page.view_state: view, page.gallery_index: [],
         page.privacy_pair: None, page.privacy_text: views.PRIVACY_HINT, page.bench_note: BENCH_HINT,
         page.share_method: gr.update(choices=[], value=None), page.try_method: gr.update(choices=[], value=None),
@@ -233,8 +233,8 @@ def render(page: Page, view: RunView, dirty: set[str], index: list) -> tuple[dic
         update[page.relabel_summary] = view.relabel_summary(shown)
         update[page.gallery_index] = index
     if "final" in dirty and view.metrics is not None:
-        update[page.results] = pd.DataFrame(views.results_rows(view.metrics, benchmark_pair_of(view.cfg)),
-                                            columns=views.RESULT_HEADERS)
+        update[page.results] = pd.DataFrame(views.results_rows(view.metrics), columns=views.RESULT_HEADERS)
+        update[page.results_note] = views.results_note(view.metrics, benchmark_pair_of(view.cfg))
         first = view.models[0] if view.models else None
         update[page.share_method] = gr.update(choices=view.models, value=first)
         update[page.try_method] = gr.update(choices=view.models, value=first, label=f"Global model of {view.name}")

@@ -230,8 +230,14 @@ def stage_plan(cfg: Any, reference: Mapping[str, Any] | None, *, num_train: int 
                                     inversion / max(1e-9, inversion + distill))
     if synthesises:
         # The privacy check and the writing of the run: what the recorded run spent beyond its stages.
-        ref_stages = reference["seconds"].get("data", 0.0) + reference["seconds"]["clients"] + sum(
-            m.get("seconds", 0.0) for m in ref_methods.values())
+        # Its methods' wall-clock: side by side in `method_workers` lanes when it ran them so.
+        ref_lanes = int(reference.get("method_workers") or 0)
+        ref_side = {m: r.get("seconds", 0.0) for m, r in ref_methods.items()
+                    if ref_lanes and m in METHODS and METHODS[m].synthesises}
+        ref_wall = sum(r.get("seconds", 0.0) for m, r in ref_methods.items() if m not in ref_side) + (
+            remaining_seconds(ref_side, {}, parallel=frozenset(ref_side), lanes=ref_lanes, speed=1.0)
+            if ref_side else 0.0)
+        ref_stages = reference["seconds"].get("data", 0.0) + reference["seconds"]["clients"] + ref_wall
         extra = max(0.0, reference["seconds"].get("total", ref_stages) - ref_stages)
         plan["privacy"] = extra * _per_step(k / ref_k * n / reference["dataset"]["num_train"] * scale)
     from fedmitr.side_by_side import planned_workers

@@ -472,25 +472,15 @@ def accuracy_curves(curves: Mapping[str, Mapping[int, float]], references: Mappi
 RESULT_HEADERS = ["model", "accuracy", "time (s)", "notes"]  # accuracy on the test split
 
 
-def results_rows(metrics: Mapping, benchmark: Mapping | None = None) -> list[list]:
+def results_rows(metrics: Mapping) -> list[list]:
     """Rows of the final results table from a run's ``metrics.json`` content.
 
     Time is the server-side time of a method, and the local training time for the client rows.
-    ``benchmark`` (:func:`fedmitr.bench.benchmark_pair`): when the run did not include the baseline
-    itself, the benchmark's paired figure for this setting, FedMITR beside dense inversion + KD with
-    both server times, as rows of the same table.
+    When the run has both the headline method and its dense inversion + KD baseline, the headline's
+    note gives their difference on this run's clients (:func:`results_note` has the benchmark's).
     """
-    rows, bench_rows = [], []
-    if benchmark is not None and benchmark["baseline"] not in metrics.get("methods", {}):
-        ours, base = benchmark["method"], benchmark["baseline"]
-        where = (f"the benchmark, same setting (α={benchmark['alpha']}), mean of {len(benchmark['seeds'])} seed(s), "
-                 f"1 thread")
-        diffs = ", ".join(f"{100 * d:+.1f}" for d in benchmark["paired"])
-        bench_rows.append([f"{method_label(base)} (benchmark)", f"{benchmark['accuracy'][base]:.1%}",
-                           _seconds(benchmark["seconds"][base]), f"{where}; not run here"])
-        bench_rows.append([f"{method_label(ours)} (benchmark)", f"{benchmark['accuracy'][ours]:.1%}",
-                     _seconds(benchmark["seconds"][ours]),
-                           f"{where}; paired on the same clients: {diffs} points against {method_label(base)}"])
+    rows = []
+    paired = _run_pair(metrics)
     num_clients = len(metrics.get("clients", []))
     inversion = [n for n, m in metrics.get("methods", {}).items() if "synthetic_images" in m]
     for name, m in metrics.get("methods", {}).items():
@@ -503,8 +493,9 @@ def results_rows(metrics: Mapping, benchmark: Mapping | None = None) -> list[lis
             note = f"needs all {num_clients} client models at test time"
         else:
             note = "one global model"
+        if paired is not None and name == paired[0]:
+            note += f"; {100 * paired[2]:+.1f} points against {method_label(paired[1])} on the same clients (this run)"
         rows.append([method_label(name), f"{m['accuracy']:.1%}", _seconds(m["seconds"]), note])
-    rows += bench_rows  # after the run's own methods, before its clients
     clients = metrics.get("clients", [])
     if clients:
         accs = [c["accuracy"] for c in clients]
@@ -514,6 +505,36 @@ def results_rows(metrics: Mapping, benchmark: Mapping | None = None) -> list[lis
         rows.append([f"best client ({clients[best]['index'] + 1})", f"{accs[best]:.1%}",
                      _seconds(clients[best]["seconds"]), "the best single local model"])
     return rows
+
+
+def _run_pair(metrics: Mapping) -> tuple[str, str, float] | None:
+    """(the headline method, its dense inversion + KD baseline, headline − baseline accuracy) when the
+    run has both, else None."""
+    from fedmitr.bench import comparison_names
+
+    ours, base, *_ = comparison_names()
+    methods = metrics.get("methods", {})
+    if ours not in methods or base not in methods:
+        return None
+    return ours, base, methods[ours]["accuracy"] - methods[base]["accuracy"]
+
+
+def results_note(metrics: Mapping, benchmark: Mapping | None) -> str:
+    """The line under the results table: the benchmark's paired figure for this setting (``benchmark``,
+    :func:`fedmitr.bench.benchmark_pair`), beside this run's own difference when it ran both."""
+    if benchmark is None:
+        return ""
+    ours, base = benchmark["method"], benchmark["baseline"]
+    diffs = ", ".join(f"{100 * d:+.1f}" for d in benchmark["paired"])
+    mean = 100 * (benchmark["accuracy"][ours] - benchmark["accuracy"][base])
+    text = (f"In the benchmark, same setting (α={benchmark['alpha']}), mean of {len(benchmark['seeds'])} seed(s), "
+            f"1 thread per method: {method_label(ours)} {benchmark['accuracy'][ours]:.1%} "
+            f"({_seconds(benchmark['seconds'][ours])} s) against {method_label(base)} "
+            f"{benchmark['accuracy'][base]:.1%} ({_seconds(benchmark['seconds'][base])} s), {mean:+.1f} points; "
+            f"per seed, on the same clients: {diffs}.")
+    if _run_pair(metrics) is None:
+        text += f" This run did not include {method_label(base)}."
+    return text
 
 
 def _seconds(value: float) -> str:

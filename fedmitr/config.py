@@ -47,7 +47,9 @@ DISTILL_INITS = ("fresh", "fedavg")
 TOKEN_VIEWS = ("full", "same")
 MIXTOKEN_TEACHERS = ("mixed", "area")  # MixToken's class target: the ensemble on the mixed pixels, or mixed by area
 REFERENCE_METHODS = ("fedavg", "ensemble")  # the methods without synthesis: cheap references
-DEFAULT_METHODS = (*REFERENCE_METHODS, "fedmitr")  # and the headline method
+# The references, the headline method's dense inversion + KD baseline and the headline method: a default
+# run shows FedMITR beside what it is measured against, on the same clients (side by side on a CPU).
+DEFAULT_METHODS = (*REFERENCE_METHODS, "dense-kd", "fedmitr")
 # Beyond this the Dirichlet draw is an IID split in all but name (and near 1e308 it overflows).
 MAX_ALPHA = 1e4
 

@@ -109,7 +109,7 @@ def test_dataset_choices_list_bundled_first():
 
 
 def test_default_methods_are_registered_methods():
-    assert form.FormValues.for_preset("cpu").methods == ["fedavg", "ensemble", "fedmitr"]
+    assert form.FormValues.for_preset("cpu").methods == ["fedavg", "ensemble", "dense-kd", "fedmitr"]
     assert set(form.FormValues.for_preset("cpu").methods) <= set(METHODS)
 
 

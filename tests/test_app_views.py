@@ -156,18 +156,20 @@ def test_results_rows_from_metrics():
     assert views.results_rows(metrics)[1][2] == "153"  # no decimals past 100 s: the column stays narrow
 
 
-def test_a_run_without_the_baseline_shows_the_benchmarks_paired_figure_in_the_table():
+def test_the_table_gives_this_runs_paired_difference_and_the_note_under_it_the_benchmarks():
     metrics = {"methods": {"fedavg": {"accuracy": 0.3, "seconds": 0.1},
                            "fedmitr": {"accuracy": 0.75, "seconds": 90.0, "synthetic_images": 500}}}
     pair = {"method": "fedmitr", "baseline": "dense-kd", "alpha": "0.5", "seeds": [0, 1, 2],
             "accuracy": {"fedmitr": 0.78, "dense-kd": 0.76}, "seconds": {"fedmitr": 150.0, "dense-kd": 180.0},
             "paired": [0.03, -0.01, 0.04]}
-    rows = views.results_rows(metrics, pair)[2:]  # after the run's own two methods
-    assert rows[0][:3] == ["dense inversion + KD (benchmark)", "76.0%", "180"] and "not run here" in rows[0][3]
-    assert rows[1][:3] == ["FedMITR (benchmark)", "78.0%", "150"] and "+3.0, -1.0, +4.0 points" in rows[1][3]
-    assert "mean of 3 seed(s)" in rows[1][3]
+    assert len(views.results_rows(metrics)) == 2 and "points against" not in views.results_rows(metrics)[1][3]
+    note = views.results_note(metrics, pair)
+    assert "FedMITR 78.0% (150 s) against dense inversion + KD 76.0% (180 s), +2.0 points" in note
+    assert "+3.0, -1.0, +4.0" in note and "mean of 3 seed(s)" in note and "did not include" in note
     metrics["methods"]["dense-kd"] = {"accuracy": 0.7, "seconds": 120.0, "synthetic_images": 500}
-    assert all("benchmark" not in r[0] for r in views.results_rows(metrics, pair))  # it ran: the live figure
+    rows = views.results_rows(metrics)
+    assert "+5.0 points against dense inversion + KD on the same clients (this run)" in rows[1][3]
+    assert "did not include" not in views.results_note(metrics, pair) and views.results_note(metrics, None) == ""
 
 
 def test_mask_overlay_without_tint_shows_the_image_itself():
