@@ -279,19 +279,12 @@ class _Worker:
     def __init__(self, shards: list[_Shard], init_state: dict[str, torch.Tensor], out_dir: Path,
                  lines: "queue.Queue[tuple]"):
         import pickle
-        import subprocess
-        import sys
         import threading
 
-        import fedmitr
+        from fedmitr.runtime import worker_process
 
         self.errors: list[str] = []
-        root = str(Path(fedmitr.__file__).resolve().parents[1])  # this fedmitr, also from a checkout
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-        self.proc = subprocess.Popen([sys.executable, "-c", "from fedmitr.clients import _worker_main; _worker_main()",
-                                      str(out_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
+        self.proc = worker_process("fedmitr.clients:_worker_main", str(out_dir))
 
         def send() -> None:
             try:
@@ -354,8 +347,6 @@ def _train_in_workers(shards: list[_Shard], init_state: dict[str, torch.Tensor],
 
     Leaving early (a Stop raised by ``on_event``, a failed worker) kills the workers at once.
     """
-    import tempfile
-
     import pickle
     import tempfile
 

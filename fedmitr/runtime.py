@@ -89,6 +89,24 @@ class Workers:
                 p.grad.copy_(reduce(p.grad, reduction="mean"))
 
 
+def worker_process(entry: str, *args: str) -> "subprocess.Popen[bytes]":
+    """A one-thread worker process of this fedmitr (also from a checkout): ``python -c "from MODULE
+    import FN; FN()" ARGS``, for ``entry`` "MODULE:FN", with pipes on stdin, stdout and stderr. A plain
+    subprocess, so no ``if __name__ == "__main__"`` guard is needed in a user's script."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fedmitr
+
+    module, fn = entry.split(":")
+    root = str(Path(fedmitr.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return subprocess.Popen([sys.executable, "-c", f"from {module} import {fn}; {fn}()", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
 def describe_device(accelerator: Accelerator) -> DeviceInfo:
     dev = accelerator.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type

@@ -25,14 +25,13 @@ import os
 import pickle
 import queue
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -43,6 +42,7 @@ from fedmitr.ensemble import Ensemble
 from fedmitr.errors import excerpt
 from fedmitr.events import EventHandler, Progress, StageStarted
 from fedmitr.methods import get_method
+from fedmitr.runtime import worker_process
 from fedmitr.server import MethodResult, ServerContext, run_method
 
 __all__ = ["method_workers", "one_thread", "planned_workers", "run_methods"]
@@ -89,7 +89,7 @@ def one_thread() -> Iterator[None]:
 
 
 def run_methods(cfg: RunConfig, dataset: ImageDataset, ensemble: Ensemble, *, workers: int,
-                on_event: EventHandler, on_result: Any) -> None:
+                on_event: EventHandler, on_result: Callable[[MethodResult], None]) -> None:
     """Run every method of ``cfg`` on the CPU, each on one torch thread: the methods without
     synthesis here, the others in ``workers`` worker processes (0: here too). ``on_result(result)``
     is called in this thread as each method finishes (in the order they finish)."""
@@ -154,16 +154,9 @@ class _Worker:
     """One worker process and the threads that read what it says (so nothing here ever blocks on it)."""
 
     def __init__(self, context: bytes, out_dir: Path, lines: "queue.Queue[tuple]"):
-        import fedmitr
-
         self.errors: list[str] = []
         self.busy: str | None = None
-        root = str(Path(fedmitr.__file__).resolve().parents[1])  # this fedmitr, also from a checkout
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from fedmitr.side_by_side import _worker_main; _worker_main()", str(out_dir)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.proc = worker_process("fedmitr.side_by_side:_worker_main", str(out_dir))
         self._lock = threading.Lock()
 
         def send_context() -> None:
@@ -217,7 +210,7 @@ class _Worker:
 
 
 def _in_workers(cfg: RunConfig, dataset: ImageDataset, ensemble: Ensemble, names: list[str], workers: int, *,
-                on_event: EventHandler, on_result: Any) -> None:
+                on_event: EventHandler, on_result: Callable[[MethodResult], None]) -> None:
     context = pickle.dumps((cfg, dataset, ensemble), protocol=pickle.HIGHEST_PROTOCOL)
     context = struct.pack("<Q", len(context)) + context
     todo, left = list(names), set(names)
