@@ -27,11 +27,11 @@ from fedmitr.config import RunConfig, apply_overrides, preset_config
 from fedmitr.errors import ConfigError
 from fedmitr.events import BenchCell, EventHandler, Metric, ignore
 from fedmitr.inversion import invert
-from fedmitr.methods import METHODS, check_config, find_rounds, headline
+from fedmitr.methods import METHODS, check_config, find_rounds, headline, run_method
 from fedmitr.pipeline import train
 from fedmitr.rundir import check_out_dir
 from fedmitr.runtime import Workers
-from fedmitr.server import ServerContext, run_method
+from fedmitr.server import ServerContext
 
 
 def alpha_name(alpha: float | None) -> str:

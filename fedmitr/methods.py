@@ -150,6 +150,18 @@ def check_config(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def run_method(name: str, ctx: ServerContext) -> MethodResult:
+    """Run one registered method by name on the trained clients of ``ctx``
+    (:class:`fedmitr.server.ServerContext`); ``seconds`` is its wall-clock."""
+    import time
+
+    method = get_method(name)
+    start = time.perf_counter()
+    result = method.run(ctx)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
 def find_rounds(*, sparse: bool, relabel: bool, weighted: bool = False) -> str | None:
     """The first registered built-in-style :class:`Rounds` method with this inversion (model
     inversion, not a generator), these targets and, with ``weighted``, a learned teacher (how the

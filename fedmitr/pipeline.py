@@ -30,12 +30,12 @@ from fedmitr.ensemble import Ensemble
 from fedmitr.errors import ConfigError
 from fedmitr.events import (EventHandler, Metric, PartitionReady, PrivacyChecked, Progress, RunFinished, StageFinished,
                             StageStarted, fan_out, ignore)
-from fedmitr.methods import check_config, get_method
+from fedmitr.methods import check_config, get_method, run_method
 from fedmitr.models import fit_input
 from fedmitr.privacy import NearestReal, nearest_real, real_set
 from fedmitr.rundir import RunDir, check_out_dir
 from fedmitr.runtime import DeviceInfo, Workers, describe_device, make_accelerator, set_seed
-from fedmitr.server import MethodResult, ServerContext, run_method
+from fedmitr.server import MethodResult, ServerContext
 from fedmitr.side_by_side import method_workers, run_methods
 
 

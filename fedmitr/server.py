@@ -1,7 +1,8 @@
 """The server side of one-shot FL: what it does with the K trained client models it received.
 
-Every method of :data:`fedmitr.methods.METHODS` runs through :func:`run_method` on a
-:class:`ServerContext`. The inversion family (:class:`fedmitr.methods.Rounds`) builds one global
+Every method of :data:`fedmitr.methods.METHODS` runs through :func:`fedmitr.methods.run_method` on
+a :class:`ServerContext` and returns a :class:`MethodResult`. The registry imports this module, never
+the other way round. The inversion family (:class:`fedmitr.methods.Rounds`) builds one global
 ViT from synthetic images, in rounds; :func:`run_rounds` reads top to bottom as the method does it:
 
 1. **invert** the ensemble into a batch of synthetic images (the method's ``inversion`` stage);
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -28,10 +29,12 @@ from fedmitr.distill import Pool, TeacherCache, gradient_variance, new_student, 
 from fedmitr.ensemble import Ensemble
 from fedmitr.events import EventHandler, Metric, Progress, SyntheticRound, ignore
 from fedmitr.inversion import SyntheticBatch, gradient_spread, stop_iterations
-from fedmitr.methods import Rounds, get_method
 from fedmitr.relabel import PatchScores, TokenTargets, add_counts, diagnostic_counts, diagnostics, keep_mask
 from fedmitr.runtime import Workers
 from fedmitr.synthetic import SyntheticSet
+
+if TYPE_CHECKING:  # the registry imports this module, never the other way round
+    from fedmitr.methods import Rounds
 
 
 @dataclass
@@ -96,15 +99,6 @@ class MethodResult:
         if self.client_weights:
             out["client_weights"] = self.client_weights
         return out
-
-
-def run_method(name: str, ctx: ServerContext) -> MethodResult:
-    """Run one registered method by name on the trained clients; ``seconds`` is its wall-clock."""
-    method = get_method(name)
-    start = time.perf_counter()
-    result = method.run(ctx)
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 def run_rounds(method: Rounds, ctx: ServerContext) -> MethodResult:

@@ -41,9 +41,9 @@ from fedmitr.data import ImageDataset
 from fedmitr.ensemble import Ensemble
 from fedmitr.errors import excerpt
 from fedmitr.events import EventHandler, Progress, StageStarted
-from fedmitr.methods import get_method
+from fedmitr.methods import get_method, run_method
 from fedmitr.runtime import worker_process
-from fedmitr.server import MethodResult, ServerContext, run_method
+from fedmitr.server import MethodResult, ServerContext
 
 __all__ = ["method_workers", "one_thread", "planned_workers", "run_methods"]
 

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 from fedmitr.config import apply_overrides, load_config_file, preset_config
+from fedmitr.methods import run_method
 from fedmitr.pipeline import train
-from fedmitr.server import ServerContext, run_method
+from fedmitr.server import ServerContext
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,3 +63,62 @@ def test_no_more_than_five_positional_parameters(path):
         if isinstance(node, ast.ClassDef) and (_dataclass_positional(node) or 0) > MAX_POSITIONAL:
             offenders.append(f"dataclass {node.name} at line {node.lineno}: {_dataclass_positional(node)} positional")
     assert not offenders, offenders
+
+
+# --- no import circles -------------------------------------------------------------------------------
+
+def _module_name(path: Path, root: Path) -> str:
+    return ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at the top or inside a function (a lazy import is
+    still an import); what sits under ``if TYPE_CHECKING:`` is left out (it never runs)."""
+    paths = {_module_name(p, root): p for p in [*root.glob("fedmitr/**/*.py"), *root.glob("app/**/*.py")]}
+    graph = {}
+    for name, path in paths.items():
+        tree = ast.parse(path.read_text())
+        unchecked = {id(n) for node in ast.walk(tree)
+                     if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in unchecked:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = {m for m in found if m in paths and m != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every module that can reach itself again, with the way round."""
+    cycles = []
+    for start in sorted(graph):
+        seen, stack = set(), [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(graph[node]):
+                if nxt == start:
+                    cycles.append(path + [start])
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    return cycles
+
+
+def test_no_module_of_the_package_or_the_app_imports_itself_round_a_circle():
+    """The method registry imports the server loop, never the other way round; and likewise everywhere."""
+    graph = import_graph()
+    assert "fedmitr.server" in graph["fedmitr.methods"]  # Rounds.run hands over to the loop (a lazy import)
+    assert import_cycles(graph) == []
+
+
+def test_the_circle_check_finds_a_lazy_circle(tmp_path):
+    (tmp_path / "fedmitr").mkdir()
+    (tmp_path / "fedmitr" / "a.py").write_text("import fedmitr.b\n")
+    (tmp_path / "fedmitr" / "b.py").write_text("def f():\n    from fedmitr.a import g\n")
+    (tmp_path / "fedmitr" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import fedmitr.a\n")
+    cycles = import_cycles(import_graph(tmp_path))
+    assert ["fedmitr.a", "fedmitr.b", "fedmitr.a"] in cycles and not any("fedmitr.c" in c for c in cycles)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from fedmitr.config import apply_overrides, preset_config
-from fedmitr.methods import METHODS
-from fedmitr.server import ServerContext, run_method
+from fedmitr.methods import METHODS, run_method
+from fedmitr.server import ServerContext
 
 TINY = preset_config("tiny")
 

@@ -10,8 +10,8 @@ import torch
 from fedmitr.config import preset_config
 from fedmitr.errors import ConfigError
 from fedmitr.events import Metric, Progress, SyntheticRound
-from fedmitr.methods import METHODS
-from fedmitr.server import MethodResult, ServerContext, run_method
+from fedmitr.methods import METHODS, run_method
+from fedmitr.server import MethodResult, ServerContext
 
 TINY = preset_config("tiny")
 
