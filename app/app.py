@@ -23,6 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from app import zerogpu  # noqa: E402, F401 - first: it imports `spaces` (ZeroGPU) before anything imports torch
 
 import copy  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
 from typing import Any  # noqa: E402
@@ -36,7 +37,7 @@ from app import form, jobs, replay, stream  # noqa: E402
 from app.layout import CSS, JS, Page, build_page, gallery_hint  # noqa: E402
 from app.runview import RunView  # noqa: E402
 
-__all__ = ["Page", "build_demo", "client_workers", "create_app", "launch_kwargs", "main", "training_threads"]
+__all__ = ["Page", "available_cores", "build_demo", "client_workers", "create_app", "launch_kwargs", "main", "training_threads"]
 
 log = logging.getLogger("fedmitr.app")
 
@@ -226,7 +227,7 @@ def training_threads(cores: int | None = None) -> int:
     """
     if (value := _count_from_env("FEDMITR_THREADS")) is not None:
         return value
-    return max(1, (cores or os.cpu_count() or 1) - 1)
+    return max(1, (cores or available_cores()) - 1)
 
 
 def client_workers(cores: int | None = None) -> int:
@@ -235,8 +236,17 @@ def client_workers(cores: int | None = None) -> int:
     slow each other as torch's threads do."""
     if (value := _count_from_env("FEDMITR_CLIENT_WORKERS")) is not None:
         return value
-    cores = cores or os.cpu_count() or 1
+    cores = cores or available_cores()
     return cores - 1 if cores > 2 else cores
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (``taskset``, a container's cpuset), not
+    every core of the machine as ``os.cpu_count`` says."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _count_from_env(name: str) -> int | None:
@@ -267,6 +277,10 @@ def main() -> None:
     log.info("training jobs use %d torch thread(s), clients %s at a time", torch.get_num_threads(),
              os.environ["FEDMITR_CLIENT_WORKERS"])
     jobs.cleanup_runs()
+    try:  # this machine's speed, once (about a second), for the estimate under Run
+        stream.calibrate(json.loads((replay.EXAMPLE / "recorded.json").read_text()))
+    except (OSError, ValueError) as err:
+        log.warning("no speed probe: %s", err)
     create_app().launch(**launch_kwargs())
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import time
 from pathlib import Path
@@ -30,13 +31,16 @@ from fedmitr.rundir import RunDir
 from app import form, jobs, views
 from app.layout import BENCH_HINT, RELABEL_PLACEHOLDER, Page, gallery_hint
 from app.runview import RunView
-from app.timeline import Plan, format_estimate, format_seconds, stage_plan
+from app.timeline import MachineSpeed, Plan, format_estimate, format_seconds, stage_plan
 
 log = logging.getLogger("fedmitr.app")
 ROOT = Path(__file__).resolve().parent.parent  # the repository (the Space's files)
 
 YIELD_EVERY_S = 1.0  # the most often the page is redrawn while a run streams events (a person reads at this rate)
 _DEVICE: list[DeviceInfo | None] = []
+# This machine's speed against the recorded run's (app.timeline.MachineSpeed): probed at start-up
+# (calibrate), then learnt from every run finished here, so a new tab's estimate follows both.
+SPEED = MachineSpeed()
 
 
 def refuse(message: str, title: str = "Invalid settings") -> gr.Error:
@@ -178,6 +182,10 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference:
         first = headline().name  # the method's own model is offered first
         view.finish(job.metrics, out_dir=str(job.out_dir), files=[str(p) for p in run_dir.downloads()],
                     models=sorted(run_dir.global_models(), key=lambda m: m != first), seconds=view.elapsed())
+        unscaled = plan_of(cfg, reference, num_train=len(job.dataset.train) if job.dataset is not None else None,
+                           speed=1.0)
+        if unscaled is not None:  # the next estimate, in this tab and in a new one, learns from this run
+            SPEED.learn(unscaled.total, float(job.metrics.get("seconds", {}).get("total", 0.0)))
         if job.dataset is not None:  # bundled data, loaded by the check: the privacy view shows real images
             view.attach_training_images(*train_images(job.dataset))
         # The last update carries every panel, so that an API caller's final output is the whole page
@@ -244,11 +252,33 @@ def render(page: Page, view: RunView, dirty: set[str], index: list) -> tuple[dic
     return update, index
 
 
-def plan_of(cfg: RunConfig, reference: dict[str, Any] | None, *, num_train: int | None = None) -> Plan | None:
-    """The time plan of a run of ``cfg`` (None when there is no recorded run to scale, or it cannot be read)."""
+def calibrate(recorded: dict[str, Any] | None) -> MachineSpeed:
+    """Probe this machine's speed once (about a second: :func:`fedmitr.clients.step_seconds` of the
+    recorded run's model), against the probe ``recorded`` (the example's ``recorded.json``) holds."""
+    if recorded and recorded.get("step_seconds") and SPEED.source == "not measured":
+        from fedmitr.clients import step_seconds
+        from fedmitr.config import preset_config
+
+        SPEED.probed(step_seconds(preset_config("cpu").model), float(recorded["step_seconds"]))
+        log.info("this machine runs at %.2fx the recorded run's time (%s)", SPEED.factor, SPEED.source)
+    return SPEED
+
+
+def plan_of(cfg: RunConfig, reference: dict[str, Any] | None, *, num_train: int | None = None,
+            speed: float | None = None) -> Plan | None:
+    """The time plan of a run of ``cfg`` on this machine (None when there is no recorded run to
+    scale, or it cannot be read): at ``speed`` (default: :data:`SPEED`), with the clients' and the
+    methods' workers this process will use."""
     try:
         device = startup_device()
-        return stage_plan(cfg, reference, num_train=num_train, device=device.type if device is not None else "cpu")
+        on = device.type if device is not None else "cpu"
+        workers = None  # as the recorded run, unless the app chose a number (app.app.main)
+        if on != "cpu":
+            workers = 1
+        elif os.environ.get("FEDMITR_CLIENT_WORKERS", "").isdigit():
+            workers = int(os.environ["FEDMITR_CLIENT_WORKERS"])
+        return stage_plan(cfg, reference, num_train=num_train, device=on,
+                          speed=SPEED.factor if speed is None else speed, client_workers=workers)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:  # an old or partial metrics.json
         log.warning("no time estimate (%s: %s)", type(err).__name__, err)
         return None
@@ -327,5 +357,7 @@ def estimate_line(cfg: RunConfig, plan: Plan | None) -> str:
     """About how long a run of ``cfg`` takes here, before it starts (nothing without a plan)."""
     if plan is None:
         return ""
-    return (f"About **{format_estimate(plan.total)}** on this machine (scaled from the recorded run; "
+    speed = ("" if SPEED.source == "not measured" else
+             f" and this machine's speed, {SPEED.factor:.2g}× the recorded run's time from {SPEED.source}")
+    return (f"About **{format_estimate(plan.total)}** on this machine (scaled from the recorded run{speed}; "
             f"{'the gpu preset needs a GPU, ' if cfg.preset == 'gpu' else ''}a rough estimate).")

@@ -157,13 +157,15 @@ def train_size(cfg: Any, reference: Mapping[str, Any]) -> int:
 
 
 def stage_plan(cfg: Any, reference: Mapping[str, Any] | None, *, num_train: int | None = None,
-               device: str = "cpu") -> Plan | None:
+               device: str = "cpu", speed: float = 1.0, client_workers: int | None = None) -> Plan | None:
     """Planned seconds of every stage of a run of ``cfg`` on this machine, in run order ("data",
     "clients", each method, "privacy" when a method synthesises images), scaled from
     ``reference``: the ``metrics.json`` of a run recorded here. ``num_train``: the training images
     of the run, when they are loaded already (default: :func:`train_size`). On a CPU (``device``)
     the methods that synthesise run side by side as the run will run them
-    (:func:`fedmitr.side_by_side.planned_workers`).
+    (:func:`fedmitr.side_by_side.planned_workers`), and the clients train ``client_workers`` at a time
+    (None: as many as in the recorded run). ``speed``: this machine's seconds per second of the
+    recorded run's (:class:`MachineSpeed`); every stage is scaled by it.
 
     Each stage takes the recorded run's seconds per step, times the steps ``cfg`` asks for, and
     per step :func:`_per_step` of the work a step does there: client steps of ``batch_size``
@@ -191,6 +193,9 @@ def stage_plan(cfg: Any, reference: Mapping[str, Any] | None, *, num_train: int 
     steps = client_steps(n // k, cfg.clients) * k
     plan["clients"] = reference["seconds"]["clients"] * steps / max(1, ref_steps) * _per_step(
         cfg.clients.batch_size / ref_clients.batch_size * scale)
+    if client_workers is not None:  # side by side as the recorded run, or fewer at a time (one core)
+        ref_workers = min(ref_k, int(reference.get("client_workers") or client_workers))
+        plan["clients"] *= ref_workers / max(1, min(k, client_workers))
 
     ref_methods = reference.get("methods", {})
     recorded = {name: m for name, m in ref_methods.items() if "stage_seconds" in m}
@@ -244,7 +249,32 @@ def stage_plan(cfg: Any, reference: Mapping[str, Any] | None, *, num_train: int 
 
     lanes = planned_workers(tuple(cfg.methods), device=device)
     parallel = frozenset(m for m in cfg.methods if m in METHODS and METHODS[m].synthesises) if lanes else frozenset()
+    plan = {stage: seconds * speed for stage, seconds in plan.items()}
     return Plan(plan, layouts, parallel=parallel, lanes=max(1, lanes))
+
+
+# --- this machine's speed --------------------------------------------------------------------------
+
+@dataclass
+class MachineSpeed:
+    """Seconds on this machine per second of the recorded run: first from a probe at start-up (a
+    client's training step timed here against the same step timed where the run was recorded,
+    :func:`fedmitr.clients.step_seconds`), then from each run finished here (its measured seconds
+    against its plan at speed 1), which is the better evidence: the whole pipeline, as it ran."""
+
+    factor: float = 1.0
+    source: str = "not measured"
+
+    def probed(self, here: float, recorded: float) -> "MachineSpeed":
+        """From the probe: ``here`` and ``recorded`` seconds per step."""
+        if here > 0 and recorded > 0:
+            self.factor, self.source = here / recorded, "a probe at start-up"
+        return self
+
+    def learn(self, planned: float, measured: float) -> None:
+        """A run finished here in ``measured`` seconds, where the plan at speed 1 said ``planned``."""
+        if planned > 1 and measured > 1:
+            self.factor, self.source = measured / planned, "the last run here"
 
 
 # --- the time left -----------------------------------------------------------------------------------

@@ -118,6 +118,36 @@ def train_client(index: int, data: Split, model: VisionTransformer, cfg: ClientT
     return ClientResult(index, model, n, seconds=time.perf_counter() - start, losses=losses)
 
 
+def step_seconds(model_cfg: ModelConfig, *, batch_size: int = 64, shape: tuple[int, int, int] = (10, 1, 28),
+                 steps: int = 12) -> float:
+    """How fast this machine trains: the median seconds of one client training step of ``model_cfg``
+    on one torch thread (random images of ``shape`` = classes, channels, size; a few warm-up steps
+    first). About a second for the cpu preset's ViT; the app scales its time plan by it."""
+    import statistics
+
+    from fedmitr.runtime import make_accelerator
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        num_classes, channels, size = shape
+        model = build_model(model_cfg, num_classes, channels, size).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        images = torch.randn(batch_size, channels, size, size, generator=generator)
+        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        accelerator = make_accelerator(cpu=True)
+        times = []
+        for i in range(steps + 3):
+            t0 = time.perf_counter()
+            train_step(model, images, labels, optimizer, accelerator=accelerator)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def client_steps(num_samples: int, cfg: ClientTrainConfig) -> int:
     """Optimiser steps of one client's local training: ``epochs`` passes in batches of ``batch_size``."""
     return cfg.epochs * max(1, math.ceil(num_samples / cfg.batch_size))

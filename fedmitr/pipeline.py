@@ -63,6 +63,7 @@ class Federation:
     accelerator: Accelerator
     device: DeviceInfo
     seconds: dict[str, float]  # "data" and "clients", wall-clock
+    client_workers: int = 1  # clients trained at a time in one-thread worker processes (1: here)
 
     @property
     def ensemble(self) -> Ensemble:
@@ -145,7 +146,7 @@ def train(cfg: RunConfig, on_event: EventHandler = ignore, dataset: ImageDataset
     seconds["clients"] = time.perf_counter() - t0
     on_event(StageFinished("clients", seconds["clients"]))
     return Federation(dataset, part, clients, client_accuracy=client_accuracy, patch_accuracy=patch,
-                      accelerator=accelerator, device=device, seconds=seconds)
+                      accelerator=accelerator, device=device, seconds=seconds, client_workers=workers)
 
 
 def run(cfg: RunConfig, out_dir: str | Path | RunDir | None = None, on_event: EventHandler = ignore,
@@ -199,6 +200,7 @@ def serve(cfg: RunConfig, fed: Federation, *, run_dir: RunDir | None = None, on_
     if checks:
         metrics["privacy"] = {name: check.summary() for name, check in checks.items()}
     metrics["processes"] = process_record(workers, fed, methods)
+    metrics["client_workers"] = fed.client_workers
     if side_by_side is not None:  # on a CPU: every method on one thread, in this many workers (0: here)
         metrics["method_workers"] = side_by_side
     metrics.update(extra_metrics or {})

@@ -22,8 +22,12 @@ from pathlib import Path
 out, command, seconds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "a CPU")
 threads = json.loads((out / "run" / "metrics.json").read_text())["device"]
+from fedmitr.clients import step_seconds
+from fedmitr.config import preset_config
+# The speed probe the app runs at start-up, here, right after the run: the app scales the plan by the ratio.
 info = {"command": command, "machine": f"{os.cpu_count()} cores ({cpu}), {threads}",
-        "date": time.strftime("%Y-%m-%d"), "seconds": seconds}
+        "date": time.strftime("%Y-%m-%d"), "seconds": seconds,
+        "step_seconds": round(step_seconds(preset_config("cpu").model), 6)}
 (out / "recorded.json").write_text(json.dumps(info, indent=2) + "\n")
 size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
 print(f"recorded {command} in {seconds} s into {out} ({size:.1f} MB)")

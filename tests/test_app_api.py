@@ -139,6 +139,12 @@ def test_tiny_run_streams_partition_gallery_and_accuracy(client):
     assert "metrics.json" in files and "fedavg.safetensors" in files
     metrics = json.loads(files["metrics.json"].read_text())
     assert set(TINY.methods) == set(metrics["methods"])
+    from app import replay, stream
+    from fedmitr.rundir import RunDir
+
+    # The next estimate, in any tab, learns this machine's speed from the run that just finished.
+    assert stream.SPEED.source == "the last run here" and stream.SPEED.factor > 0
+    assert "from the last run here" in stream.estimate_text(TINY.inputs(), RunDir.open(replay.EXAMPLE / "run").metrics)
     assert metrics["config"]["data"]["num_clients"] == 3 and metrics["config"]["preset"] == "tiny"
     wait_until_idle()
 

@@ -53,9 +53,13 @@ def test_a_missing_example_is_no_error(tmp_path):
     assert replay.example_view(tmp_path) is None
 
 
-def test_the_time_estimate_scales_the_recorded_run(recorded):
-    from app.stream import estimate_seconds, estimate_text
+def test_the_time_estimate_scales_the_recorded_run(recorded, monkeypatch):
+    from app import stream
     from app.form import FormValues
+    from app.stream import estimate_seconds, estimate_text
+    from app.timeline import MachineSpeed
+
+    monkeypatch.setattr(stream, "SPEED", MachineSpeed())  # not what an earlier run in this process taught it
 
     folder, cfg, _ = recorded
     metrics = RunDir.open(folder / "run").metrics

@@ -7,6 +7,11 @@ event stream (assets/example) checks it on a real run's rhythm, replayed at its 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,3 +188,46 @@ def test_a_plan_runs_the_synthesising_methods_side_by_side_as_the_run_will(monke
     assert plan.lanes == 2 and plan.parallel == {"dense-kd", "fedmitr"}
     assert plan.total < sum(plan.seconds.values()) - min(plan.seconds["dense-kd"], plan.seconds["fedmitr"]) + 1
     assert timeline.stage_plan(cfg, EXAMPLE.metrics, device="cuda").lanes == 1
+
+
+def test_the_plan_follows_this_machines_speed_and_its_client_workers():
+    cfg = EXAMPLE.config
+    plan = timeline.stage_plan(cfg, EXAMPLE.metrics)
+    slow = timeline.stage_plan(cfg, EXAMPLE.metrics, speed=2.0)
+    assert slow.total == pytest.approx(2 * plan.total)
+    assert EXAMPLE.metrics["client_workers"] == 2
+    alone = timeline.stage_plan(cfg, EXAMPLE.metrics, client_workers=1)
+    assert alone.seconds["clients"] == pytest.approx(2 * plan.seconds["clients"])  # one at a time, not two
+    assert timeline.stage_plan(cfg, EXAMPLE.metrics, client_workers=2).seconds == plan.seconds
+
+
+def test_the_machine_speed_comes_from_the_probe_then_from_each_finished_run():
+    speed = timeline.MachineSpeed()
+    assert speed.factor == 1.0 and speed.source == "not measured"
+    speed.probed(0.03, 0.02)
+    assert speed.factor == pytest.approx(1.5) and speed.source == "a probe at start-up"
+    speed.learn(planned=100.0, measured=230.0)
+    assert speed.factor == pytest.approx(2.3) and speed.source == "the last run here"
+    speed.learn(planned=0.5, measured=3.0)  # a run too short to say anything: ignored
+    assert speed.factor == pytest.approx(2.3)
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs taskset and two cores")
+def test_pinned_to_one_core_the_app_plans_one_client_and_one_method_at_a_time():
+    """The app on one core (``taskset -c 0``, a slower machine's stand-in): one worker, one lane, and
+    an estimate that grows to match (os.cpu_count would still say two cores)."""
+    code = ("import os, json; from app.app import available_cores, client_workers, training_threads; "
+            "os.environ['FEDMITR_CLIENT_WORKERS'] = str(client_workers()); "
+            "from app import timeline; from fedmitr.rundir import RunDir; from app.replay import EXAMPLE; "
+            "m = RunDir.open(EXAMPLE / 'run'); p = timeline.stage_plan(m.config, m.metrics, client_workers=client_workers()); "
+            "print(json.dumps([available_cores(), client_workers(), training_threads(), p.lanes, p.total]))")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("FEDMITR_CLIENT_WORKERS", None)
+    pinned = json.loads(subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], env=env, cwd=root,
+                                       check=True, capture_output=True, text=True).stdout)
+    both = json.loads(subprocess.run([sys.executable, "-c", code], env=env, cwd=root, check=True,
+                                     capture_output=True, text=True).stdout)
+    assert pinned[:4] == [1, 1, 1, 1] and both[:4] == [2, 2, 1, 2]
+    assert pinned[4] > 1.5 * both[4]  # clients one at a time, dense-kd and FedMITR one after the other
