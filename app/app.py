@@ -99,7 +99,8 @@ def build_demo() -> gr.Blocks:
                             "number > 0 or 'iid' (null is refused). Invalid settings are refused at once.",
         )
         quiet: dict[str, Any] = dict(api_visibility="private", show_progress="hidden")
-        controls.stop_btn.click(stream.stop_job, [page.view_state], [page.status], cancels=[run_event],
+        controls.stop_btn.click(stream.stop_job, [page.view_state], [page.status, page.results, page.estimate],
+                                cancels=[run_event],
                                 concurrency_limit=None, **quiet)
         # The 49-token switch sets the preset and the methods (turned off: the 16-token defaults);
         # the preset, however chosen, sets its knobs and the switch.

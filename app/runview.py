@@ -35,15 +35,32 @@ GALLERY_PER_ROUND = 8  # synthetic images kept and shown per round (one per clas
 MAX_ROUNDS_KEPT = 12  # per method: the first round and the latest ones, so memory stays bounded
 
 
+def gallery_picks(labels: np.ndarray, round_: int, n: int = GALLERY_PER_ROUND) -> np.ndarray:
+    """Indices of the ``n`` images of a round the gallery keeps: one per class, the classes taken in
+    turn from round to round (round 1 starts at the first class, round 2 where round 1 stopped), so
+    that over the rounds every class is shown; then the round's other images, in order."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) == 0:
+        return np.arange(0)
+    start = ((round_ - 1) * n) % len(classes)
+    turn = np.roll(classes, -start)
+    firsts = [int(np.flatnonzero(labels == c)[0]) for c in turn][:n]
+    rest = [i for i in range(len(labels)) if i not in set(firsts)]
+    return np.asarray((firsts + rest)[:n], dtype=int)
+
+
 def _slim(event: SyntheticRound) -> SyntheticRound:
-    """The first few images of a round, pixels as uint8: what the gallery and relabel map need."""
-    n = GALLERY_PER_ROUND
-    images = np.asarray(event.images[:n])
+    """A few images of a round (:func:`gallery_picks`), pixels as uint8: what the gallery and relabel
+    map need."""
+    keep = gallery_picks(event.labels, event.round)
+    images = np.asarray(event.images)[keep]
     if images.dtype != np.uint8:
         images = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return replace(event, images=images, labels=event.labels[:n], stop_step=event.stop_step[:n],
-                   density=event.density[:n], high_mask=event.high_mask[:n], token_labels=event.token_labels[:n],
-                   token_relabelled=event.token_relabelled[:n])
+    per_image = {name: np.asarray(getattr(event, name))[keep]
+                 for name in ("labels", "stop_step", "density", "high_mask", "token_labels", "token_relabelled",
+                              "token_weight", "token_source") if getattr(event, name) is not None}
+    return replace(event, images=images, **per_image)
 
 
 def _write_png(image, folder: Path) -> str:
@@ -88,6 +105,8 @@ class RunView:
     curves: dict[str, dict[int, float]] = field(default_factory=dict)  # method -> round -> accuracy
     rounds: dict[str, list[SyntheticRound]] = field(default_factory=dict)  # method -> slimmed rounds
     round_size: dict[str, int] = field(default_factory=dict)  # method -> synthetic images per round
+    # (method, round) -> where the gallery's images of that round sit in the whole round (gallery_picks)
+    picks: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     tint: bool = True  # draw the stop tint over the gallery and the relabel map
     log: list[str] = field(default_factory=list)
     state: str = "running"  # running | done | cancelled | failed
@@ -151,6 +170,7 @@ class RunView:
         if isinstance(event, SyntheticRound):
             kept = self.rounds.setdefault(event.method, [])
             self.round_size[event.method] = len(event.images)
+            self.picks[(event.method, event.round)] = gallery_picks(event.labels, event.round)
             kept.append(_slim(event))
             if len(kept) > MAX_ROUNDS_KEPT:
                 del kept[1]  # keep round 1 for comparison, drop the oldest of the rest
@@ -217,6 +237,12 @@ class RunView:
             return False
         self.state, self.seconds = "cancelled", self.elapsed()
         return True
+
+    def partial_metrics(self) -> dict[str, Any]:
+        """What a stopped run finished, shaped as ``metrics.json``'s methods: each method that
+        reported its final accuracy, with its seconds (for the results table after a Stop)."""
+        return {"methods": {m: {"accuracy": acc, "seconds": self.finished.get(m, 0.0)}
+                            for m, acc in self.method_accuracy.items()}}
 
     def mark_recorded(self, note: str, name: str = "the recorded run") -> None:
         """This finished view is a replay of a recorded run; ``note`` (HTML) says which, ``name``
@@ -354,7 +380,8 @@ class RunView:
         check = self.privacy.get(method)
         if check is None:
             return None, views.PRIVACY_HINT
-        g = (event.round - 1) * self.round_size.get(method, 0) + image  # the image's place in the method's set
+        place = int(self.picks.get((method, event.round), np.arange(image + 1))[image])  # its place in the round
+        g = (event.round - 1) * self.round_size.get(method, 0) + place  # the image's place in the method's set
         if g >= len(check.nearest_index):
             return None, views.PRIVACY_HINT
         distance = {space: float(d[g]) for space, d in check.distance.items()}
@@ -365,7 +392,7 @@ class RunView:
         j = int(check.nearest_index[g])
         real = (np.clip(train_unit[j], 0, 1) * 255 + 0.5).astype(np.uint8)
         names = self.class_names or tuple(str(c) for c in range(10))
-        picture = views.privacy_pair(event.images[image], real, f"synthetic r{event.round} #{image + 1}",
+        picture = views.privacy_pair(event.images[image], real, f"synthetic r{event.round} #{place + 1}",
                                      f"nearest real: class {names[int(train_labels[j])]}")
         return picture, text
 

@@ -300,12 +300,17 @@ def took_text(view: RunView) -> str:
     return took + f" (estimated before it: about {format_estimate(view.plan.total)})."
 
 
-def stop_job(view: RunView | None, request: gr.Request):
-    """Stop this session's job, waiting or running (Gradio also cancels the run event). Never waits."""
+def stop_job(view: RunView | None, request: gr.Request | None):
+    """Stop this session's job, waiting or running (Gradio also cancels the run event, whose last
+    update then never comes). Never waits. Returns the status card, the results of the methods that
+    finished before the Stop, and the line under Run."""
     jobs.cancel_session(session_of(request))
     if view is not None and view.cancel():
-        return view.status_html()
-    return gr.update()
+        rows = views.results_rows(view.partial_metrics())
+        return (view.status_html(), pd.DataFrame(rows, columns=views.RESULT_HEADERS),
+                f"Stopped after {format_seconds(view.elapsed())}"
+                + (": the methods that finished are in the results." if rows else "."))
+    return gr.update(), gr.update(), gr.update()
 
 
 def benchmark_pair_of(cfg: RunConfig) -> dict[str, Any] | None:

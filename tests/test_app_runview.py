@@ -81,3 +81,34 @@ def test_methods_side_by_side_are_both_shown_running():
     assert html.count("fm-active") == 2
     view.apply(StageFinished("fedmitr", 2.0))
     assert "Running: dense-kd" in view.status_html() and view.status_html().count("fm-active") == 1
+
+
+def test_a_stop_keeps_the_finished_methods_in_the_results_and_ends_the_running_hint():
+    from app import stream
+
+    view = RunView(run_cfg(("fedavg", "ensemble", "fedmitr")))
+    for stage, acc in (("fedavg", 0.3), ("ensemble", 0.8)):
+        view.apply(StageStarted(stage))
+        view.apply(Metric("accuracy", acc, stage))
+        view.apply(StageFinished(stage, 0.2))
+    view.apply(StageStarted("fedmitr"))
+    status, table, hint = stream.stop_job(view, None)
+    assert "Stopped" in status and "Running" not in hint and "finished are in the results" in hint
+    assert list(table["model"]) == ["FedAvg", "ensemble (teacher)"] and list(table["accuracy"]) == ["30.0%", "80.0%"]
+    assert stream.stop_job(view, None)[0] == stream.gr.update()  # a second Stop changes nothing
+
+
+def test_the_gallery_shows_every_class_over_the_rounds_and_the_privacy_view_its_own_image():
+    from app.runview import gallery_picks
+
+    labels = np.arange(100) % 10  # a round of 100 images, the classes in turn
+    shown = [set(labels[gallery_picks(labels, r)]) for r in (1, 2)]
+    assert shown[0] == set(range(8)) and {8, 9} <= shown[1] and len(shown[1]) == 8
+    assert len(gallery_picks(np.zeros(5, dtype=int), 1)) == 5  # one class: the round's images in order
+    view = RunView(run_cfg(("fedmitr",)))
+    event = make_round(round_=2, batch=12)
+    view.apply(event)
+    kept = view.rounds["fedmitr"][0]
+    picks = view.picks[("fedmitr", 2)]
+    assert (kept.labels == np.asarray(event.labels)[picks]).all()
+    assert (kept.stop_step == np.asarray(event.stop_step)[picks]).all()
