@@ -186,13 +186,12 @@ def _controls_column(knobs: form.FormValues) -> Controls:
     methods = gr.CheckboxGroup(label="Methods", choices=list(METHODS), value=list(knobs.methods),
                                elem_id="methods", info=methods_info())
     high_token = gr.Checkbox(label="49 tokens per image (where FedMITR's premise holds)", value=False,
-                             elem_id="high-token", info="Off: the 16-token defaults.")
+                             elem_id="high-token", info=high_token_info())
     with gr.Accordion("What the methods are", open=False):
         gr.Markdown("\n".join(f"- **{n}** ({m.role}): {m.summary}" for n, m in METHODS.items()))
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         preset = gr.Radio(label="Preset", choices=list(PRESETS), value=knobs.preset, elem_id="preset",
-                          info="tiny: seconds (a smoke test); cpu: the demo, a few minutes on 2 cores; "
-                               "gpu: paper-like, needs a GPU and the Hub.")
+                          info=preset_info())
         with gr.Row():
             epochs = gr.Number(label="Local epochs", value=knobs.epochs, step=1, minimum=1, elem_id="epochs")
             rounds = gr.Number(label="Rounds", value=knobs.rounds, step=1, minimum=1, elem_id="rounds")
@@ -216,6 +215,24 @@ def _controls_column(knobs: form.FormValues) -> Controls:
               "rounds": rounds, "seed": seed, "init": init}
     return Controls(inputs=inputs, run_btn=run_btn, stop_btn=stop_btn, high_token=high_token, tint=None,
                     estimate=estimate)
+
+
+# What each preset is for, in a few words (the preset's help names every preset there is).
+PRESET_HELP = {"tiny": "seconds (a smoke test)", "cpu": "the demo, 16 patches of 7 px, a few minutes on 2 cores",
+               "cpu-49": "49 patches of 4 px, where sparse inversion's premise holds better, longer",
+               "gpu": "paper-like, needs a GPU and the Hub"}
+
+
+def preset_info() -> str:
+    return "; ".join(f"{name}: {PRESET_HELP.get(name, 'see fedmitr run --help')}" for name in PRESETS) + "."
+
+
+def high_token_info() -> str:
+    """The 49-token switch's help, from what it sets (app.form.high_token_settings)."""
+    on_preset, on_methods = form.high_token_settings(True)
+    off_preset, off_methods = form.high_token_settings(False)
+    return (f"On: the {on_preset} preset and the methods {', '.join(on_methods)}. "
+            f"Off: the {off_preset} preset and the methods {', '.join(off_methods)}.")
 
 
 def build_page(device: str) -> tuple[Page, Controls]:

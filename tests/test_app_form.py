@@ -165,3 +165,14 @@ def test_a_49_token_method_that_is_not_registered_is_named(monkeypatch):
     monkeypatch.setattr(form, "HIGH_TOKEN_METHODS", ("fedavg", "fedmitr-gone"))
     with pytest.raises(ConfigError, match="fedmitr-gone"):
         form.high_token_settings(True)
+
+
+def test_the_preset_and_49_token_help_say_what_they_set():
+    from app import layout
+    from fedmitr.config import PRESETS
+
+    assert all(f"{name}:" in layout.preset_info() for name in PRESETS)  # cpu-49 included
+    info = layout.high_token_info()
+    preset, methods = form.high_token_settings(True)
+    assert f"the {preset} preset" in info and ", ".join(methods) in info  # every method it ticks, dense-kd too
+    assert "Off: the cpu preset" in info
