@@ -40,7 +40,9 @@ TEXT = {
                "recognises a class in it. **Sparse inversion** stops optimising the patches the ensemble ignores "
                "(tinted: the colour says when) and spends the work on the rest: cheaper, and background noise "
                "stays out. A stopped patch is then filled with the data's background (black for digits), so "
-               "the global model learns from whole images that look like real ones. One row per round. "
+               "the global model learns from whole images laid out as real test images are: a background around "
+               "the patches that carry the class (they still do not look like digits to a person). One row per "
+               "round. "
                "**Click an image** to see its relabel map.",
     "relabel": "**Information density** is each patch's share of the ensemble's attention (class token to patch, "
                "last block), measured on the patches sparse inversion kept (a stopped patch, ×, has none). The "

@@ -35,3 +35,18 @@ def test_share_and_try_take_their_inputs_as_one_dict(monkeypatch):
     assert set(events) == {"push", "try"}
     for name, fn in events.items():
         assert fn.inputs_as_dict and len(fn.inputs) >= 5, name
+
+
+def test_the_gallery_text_and_the_teachers_note_agree_with_the_default_fill():
+    """The default fills stopped patches with the background: nothing may say they keep their noise,
+    nor that the images look like real ones (they do not, to a person)."""
+    from pathlib import Path
+
+    from app.layout import TEXT
+    from fedmitr.config import preset_config
+
+    assert preset_config("cpu").inversion.stopped_fill == "background"
+    note = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text().split("### A note for teachers")[1]
+    note = note.split("\n## ")[0]
+    assert "kept the noise" not in note and "background" in note
+    assert "look like real ones" not in TEXT["gallery"] and "background" in TEXT["gallery"]
