@@ -385,13 +385,14 @@ class RunView:
         if g >= len(check.nearest_index):
             return None, views.PRIVACY_HINT
         distance = {space: float(d[g]) for space, d in check.distance.items()}
-        text = views.privacy_text(distance, check.summary)
         if self.train_images is None:
-            return None, text
+            return None, views.privacy_text(distance, check.summary)
         train_unit, train_labels = self.train_images
         j = int(check.nearest_index[g])
-        real = (np.clip(train_unit[j], 0, 1) * 255 + 0.5).astype(np.uint8)
         names = self.class_names or tuple(str(c) for c in range(10))
+        text = views.privacy_text(distance, check.summary,
+                                  classes=(names[int(event.labels[image])], names[int(train_labels[j])]))
+        real = (np.clip(train_unit[j], 0, 1) * 255 + 0.5).astype(np.uint8)
         picture = views.privacy_pair(event.images[image], real, f"synthetic r{event.round} #{place + 1}",
                                      f"nearest real: class {names[int(train_labels[j])]}")
         return picture, text

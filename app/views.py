@@ -563,8 +563,10 @@ def privacy_pair(synthetic: np.ndarray, real: np.ndarray, left: str, right: str,
     return out
 
 
-def privacy_text(distance: Mapping[str, float], summary: Mapping | None) -> str:
-    """What the distances mean: this image's, and the reference of real images of the same class."""
+def privacy_text(distance: Mapping[str, float], summary: Mapping | None,
+                 classes: tuple[str, str] | None = None) -> str:
+    """What the distances mean: this image's, and the reference of real images of the same class.
+    ``classes``: (the class the synthetic image was made for, the nearest real image's class)."""
     px = distance.get("pixel", float("nan"))
     ft = distance.get("feature", float("nan"))
     text = f"**This image:** pixel distance {px:.3f} (RMS, pixels in [0, 1]), feature distance {ft:.2f}."
@@ -575,6 +577,12 @@ def privacy_text(distance: Mapping[str, float], summary: Mapping | None) -> str:
                  f"Of all this method's synthetic images, {p['closer_than_reference_p5']:.0%} are nearer to a "
                  f"real image than 95% of real images are to theirs (pixels; {f['closer_than_reference_p5']:.0%} "
                  f"in features).")
+    if classes is not None and classes[0] != classes[1]:
+        text += (f" **Another class:** this image was made for {classes[0]}, and the nearest real training image "
+                 f"is a {classes[1]}. The search runs over every class: the nearest image in pixels is the one "
+                 f"with the most ink in the same places, whatever its digit, since a synthetic image draws its "
+                 f"class in a few strokes a person would not read. A nearest image of another class is a sign "
+                 f"that no training image of its own class was copied.")
     return text + " " + PRIVACY_HINT.split(". ", 1)[1]
 
 

@@ -236,3 +236,11 @@ def test_captions_fit_their_panel():
 def test_client_bar_labels_sit_inside_the_bars():
     fig = views.client_accuracy_chart([0.85, 0.4], [10, 20], {"ensemble": 0.86})
     assert fig.data[0].textposition == "inside"
+
+
+def test_a_nearest_real_image_of_another_class_is_explained():
+    distance = {"pixel": 0.2, "feature": 1.5}
+    same = views.privacy_text(distance, None, classes=("3", "3"))
+    other = views.privacy_text(distance, None, classes=("3", "7"))
+    assert "Another class" not in same
+    assert "made for 3" in other and "is a 7" in other and "every class" in other
