@@ -124,7 +124,8 @@ def client_accuracy_chart(client_accuracy: Sequence[float | None], client_sizes:
     ``client_accuracy[k]`` is None while client k is not evaluated yet.
     """
     k = len(client_accuracy)
-    names = [f"client {i + 1}" for i in range(k)]
+    many = k > 10  # beyond ten bars "client 12" labels would overlap: numbers under an axis title instead
+    names = [str(i + 1) if many else f"client {i + 1}" for i in range(k)]
     acc = [np.nan if a is None else float(a) for a in client_accuracy]
     sizes = list(client_sizes) if client_sizes is not None else [None] * k
     hover = [f"client {i + 1}" + (f", {sizes[i]:,} training images" if sizes[i] is not None else "")
@@ -132,7 +133,7 @@ def client_accuracy_chart(client_accuracy: Sequence[float | None], client_sizes:
     fig = go.Figure(go.Bar(
         x=names, y=acc, marker_color=CLIENT_COLOUR, name="one client alone",
         # Inside the bar, at its top: a label above it would cross the reference lines.
-        text=[("" if np.isnan(a) else f"{a:.0%}") for a in acc], textposition="inside", insidetextanchor="end",
+        text=[("" if np.isnan(a) or many else f"{a:.0%}") for a in acc], textposition="inside", insidetextanchor="end",
         textfont=dict(color="#1f2937"),
         customdata=hover, hovertemplate="%{customdata}<br>test accuracy %{y:.1%}<extra></extra>",
     ))
@@ -146,10 +147,12 @@ def client_accuracy_chart(client_accuracy: Sequence[float | None], client_sizes:
             hovertemplate=f"{method_label(name)}: {value:.1%}<extra></extra>",
         ))
     fig.update_yaxes(range=[0, 1.08], tickformat=".0%", title="test accuracy")
-    fig.update_xaxes(type="category", tickangle=0 if k <= 10 else -45)
-    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.14, x=0.5, xanchor="center"), bargap=0.25)
+    fig.update_xaxes(type="category", tickangle=0, title="client" if many else None)
+    # The legend under the axis (and its title, with many clients), never on the tick labels.
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.24 if many else -0.14, x=0.5,
+                                  xanchor="center"), bargap=0.25)
     fig = _base_layout(fig, "Accuracy of each client alone vs. combined", height=380)
-    fig.update_layout(margin=dict(b=70))
+    fig.update_layout(margin=dict(b=95 if many else 70))
     return fig
 
 

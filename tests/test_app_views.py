@@ -244,3 +244,13 @@ def test_a_nearest_real_image_of_another_class_is_explained():
     other = views.privacy_text(distance, None, classes=("3", "7"))
     assert "Another class" not in same
     assert "made for 3" in other and "is a 7" in other and "every class" in other
+
+
+def test_twenty_clients_get_short_level_labels_and_a_legend_below_them():
+    fig = views.client_accuracy_chart([0.5] * 20, [10] * 20, {"fedavg": 0.4})
+    bars = fig.data[0]
+    assert list(bars.x) == [str(i) for i in range(1, 21)] and fig.layout.xaxis.title.text == "client"
+    assert (fig.layout.xaxis.tickangle or 0) == 0 and not any(bars.text)  # no slanted names, no crowded labels
+    assert fig.layout.legend.y < -0.2
+    few = views.client_accuracy_chart([0.5] * 5)
+    assert list(few.data[0].x)[0] == "client 1" and few.data[0].text[0] == "50%"
