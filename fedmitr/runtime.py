@@ -97,10 +97,10 @@ def worker_process(entry: str, *args: str) -> "subprocess.Popen[bytes]":
     import sys
     from pathlib import Path
 
-    import fedmitr
-
     module, fn = entry.split(":")
-    root = str(Path(fedmitr.__file__).resolve().parents[1])
+    # The folder that holds this package, from this file: `fedmitr.__file__` is None when a folder
+    # named fedmitr in the working directory (a clone, say) shadows the package as a namespace.
+    root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.Popen([sys.executable, "-c", f"from {module} import {fn}; {fn}()", *args],

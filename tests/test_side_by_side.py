@@ -52,3 +52,22 @@ def test_a_stop_during_the_methods_ends_their_workers_at_once(tiny_cfg, tiny_dat
     assert seen["workers"] == 2  # both methods were running, each in its worker
     assert not [p for p in me.children() if "side_by_side" in " ".join(p.cmdline())]
     assert took < 0.5
+
+
+def test_a_folder_named_fedmitr_in_the_working_directory_does_not_break_the_workers(tmp_path):
+    """A clone named fedmitr beside the user's script shadows the package as a namespace
+    (``fedmitr.__file__`` is None); the client and method workers still start."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "fedmitr" / "fedmitr").mkdir(parents=True)  # what a clone's folder looks like to Python
+    code = ("import fedmitr; assert getattr(fedmitr, '__file__', None) is None, 'not shadowed'\n"
+            "from fedmitr.config import apply_overrides, preset_config\nfrom fedmitr.pipeline import run\n"
+            "cfg = apply_overrides(preset_config('tiny'), {'methods': 'fedavg,dense-kd,fedmitr'})\n"
+            "m = run(cfg).metrics\nprint(m['client_workers'], m['method_workers'])\n")
+    env = {**os.environ, "FEDMITR_CLIENT_WORKERS": "2", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "2"]
