@@ -90,3 +90,19 @@ def test_blocks_run_as_written(block, scratch):
         done = subprocess.run([sys.executable, "-c", block["body"]], cwd=scratch, env=env, capture_output=True,
                               text=True, timeout=1200)
     assert done.returncode == 0, f"README line {block['line']} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    if block["lang"] == "python":  # what a reader reads: a few lines, not the event stream
+        assert len(done.stdout.splitlines()) <= 20, f"README line {block['line']} prints {len(done.stdout.splitlines())} lines"
+
+
+def test_what_the_readmes_commands_write_into_the_repository_is_ignored_by_git():
+    """`fedmitr run --out runs/...` and `fedmitr export ... export/...` leave no untracked folder."""
+    import shutil
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    text = (ROOT / "README.md").read_text()
+    written = sorted(set(re.findall(r"(?:--out|export \S+) ((?:runs|export)/[\w./-]+)", text)))
+    assert any(p.startswith("export/") for p in written) and any(p.startswith("runs/") for p in written)
+    for path in written:
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert done.returncode == 0, f"{path} (written by a README command) is not ignored by git"
