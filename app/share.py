@@ -9,6 +9,7 @@ written, put in a message or sent back to the browser (the box is cleared after 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from app.runview import RunView
 
 RUN_DIR = "run-dir:"  # a replay reference to a run directory on this machine (app.replay.replay_ref)
 OWN, HUB = "a global model of the run on the Run tab", "a model on the Hugging Face Hub"
+FILE = "a downloaded model (its .safetensors and the run's metrics.json, from Downloads)"
 
 
 def on_space() -> bool:
@@ -35,14 +37,19 @@ def _refuse(message: str, title: str = "Cannot share") -> gr.Error:
     return gr.Error(redact(message), title=title, print_exception=False)
 
 
-def _hub_ready() -> None:
-    """Fail at once, with what to do, when the Hub cannot be reached."""
+PUSH_INSTEAD = "Download the model from the results instead, or use `fedmitr push` where you are online."
+TRY_INSTEAD = ("Try the run on the Run tab instead, or a downloaded model (its .safetensors and the run's "
+               "metrics.json, from a run's Downloads).")
+
+
+def _hub_ready(instead: str = PUSH_INSTEAD, title: str = "Cannot share") -> None:
+    """Fail at once, with what to do instead, when the Hub cannot be reached."""
     if form.hub_offline():
         raise _refuse("The Hugging Face Hub is out of reach: this app runs offline (HF_HUB_OFFLINE is set). "
-                      "Download the model from the results instead, or use `fedmitr push` where you are online.")
+                      + instead, title=title)
     if not form.hub_reachable():
-        raise _refuse("The Hugging Face Hub does not answer from this machine right now; try again later, or "
-                      "download the model from the results.")
+        raise _refuse("The Hugging Face Hub does not answer from this machine right now; try again later. " + instead,
+                      title=title)
 
 
 def _finished_run(view: RunView | None) -> RunView:
@@ -113,8 +120,25 @@ def build_share_panel(view_state: gr.State) -> gr.Dropdown:
 
 # --- try a checkpoint --------------------------------------------------------------------------------
 
+def downloaded_run(files: list[str] | None, folder: Path) -> tuple[Path, str]:
+    """A run folder in ``folder`` made of what a visitor downloaded from the results: one global
+    model's ``<method>.safetensors`` and the run's ``metrics.json`` (which holds its config). Returns
+    (the run folder, the method). A clear error names what is missing."""
+    paths = [Path(f) for f in (files or [])]
+    models = [p for p in paths if p.name.endswith(".safetensors") and not p.name.endswith(".aux.safetensors")]
+    metrics = [p for p in paths if p.name == "metrics.json"]
+    if len(models) != 1 or len(metrics) != 1:
+        raise _refuse("Upload two files from a run's Downloads: one global model (for example fedmitr.safetensors) "
+                      "and that run's metrics.json, which says how the model was built.", title="Cannot load")
+    method = models[0].name.removesuffix(".safetensors")
+    (folder / "models").mkdir(parents=True)
+    shutil.copyfile(metrics[0], folder / "metrics.json")
+    shutil.copyfile(models[0], folder / "models" / models[0].name)
+    return folder, method
+
+
 def try_checkpoint(view: RunView | None, source: str, *, own_method: str | None, hub_id: str, dataset: str,
-                   count: int = 8) -> tuple[str, list, Any, str]:
+                   count: int = 8, files: list[str] | None = None) -> tuple[str, list, Any, str]:
     """Load a checkpoint, test it on a bundled dataset, and show test images with its prediction and
     its class token's attention on each patch. Also returns the Replay button's update and the
     model reference it replays: a shared checkpoint that carries its run's events, or the recorded
@@ -130,10 +154,16 @@ def try_checkpoint(view: RunView | None, source: str, *, own_method: str | None,
             if not (hub_id or "").strip():
                 raise _refuse("Give a model id on the Hub, USER/NAME.", title="Cannot load")
             hub.check_repo_id(hub_id.strip())
-            _hub_ready()
+            _hub_ready(TRY_INSTEAD, title="Cannot load")
             ref = f"hf-hub:{hub_id.strip()}"
             model, info = hub.load(ref)
             where, replayable = hub_id.strip(), info.get("has_events", False)
+        elif source == FILE:
+            with tempfile.TemporaryDirectory(prefix="fedmitr-try-") as tmp:
+                folder, method = downloaded_run(files, Path(tmp) / "run")
+                exported = hub.export(folder, Path(tmp) / "model", method=method)
+                model, info = hub.load(f"local-dir:{exported}")  # the same path a shared checkpoint takes
+            where, ref, replayable = f"The downloaded {views.method_label(method)} model", "", False
         else:
             run = _finished_run(view)
             if own_method not in run.models:
@@ -187,16 +217,20 @@ class TryTab:
 def build_try_tab(view_state: gr.State) -> TryTab:
     """The "Try a checkpoint" tab."""
     with gr.Tab("Try a checkpoint", id="try"):
-        gr.Markdown("Load a global model, from the run on the Run tab (the recorded example, or your own) or "
-                    "from the Hub, test it on a bundled dataset and see what it looks at.",
+        gr.Markdown("Load a global model, from the run on the Run tab (the recorded example, or your own), "
+                    "from the Hub, or from a run's Downloads (the model and metrics.json), test it on a bundled "
+                    "dataset and see what it looks at.",
                     elem_classes="fm-explain")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                source = gr.Radio(label="Model", choices=[OWN, HUB], value=OWN, elem_id="try-source")
+                source = gr.Radio(label="Model", choices=[OWN, HUB, FILE], value=OWN, elem_id="try-source")
                 own = gr.Dropdown(label="Global model of the run on the Run tab", choices=[], value=None,
                                   elem_id="try-own")
                 hub_id = gr.Textbox(label="Model on the Hub", placeholder="USER/NAME", elem_id="try-hub", visible=False)
                 dataset = gr.Dropdown(label="Test on", choices=list(BUNDLED), value="mnist5k", elem_id="try-dataset")
+                # Created after the dataset: the /try API's inputs keep their order, the new one last.
+                upload = gr.File(label="The model's .safetensors and the run's metrics.json", file_count="multiple",
+                                 file_types=[".safetensors", ".json"], elem_id="try-files", visible=False)
                 button = gr.Button("Load and evaluate", variant="primary", elem_id="try-btn")
             with gr.Column(scale=3):
                 summary = gr.Markdown(elem_id="try-summary")
@@ -205,17 +239,18 @@ def build_try_tab(view_state: gr.State) -> TryTab:
                                      allow_preview=False, elem_id="try-gallery")
         replay_ref = gr.State("")
         # One box at a time: the session's models, or a Hub id.
-        source.change(lambda s: (gr.update(visible=s == OWN), gr.update(visible=s == HUB)), [source], [own, hub_id],
-                      queue=False, api_visibility="private", show_progress="hidden")
+        source.change(lambda s: (gr.update(visible=s == OWN), gr.update(visible=s == HUB), gr.update(visible=s == FILE)),
+                      [source], [own, hub_id, upload], queue=False, api_visibility="private", show_progress="hidden")
         def try_from_form(values: dict) -> tuple[str, list, Any, str]:
             """Gradio hands the form over as one dict, component -> value."""
             return try_checkpoint(values[view_state], values[source], own_method=values[own],
-                                  hub_id=values[hub_id], dataset=values[dataset])
+                                  hub_id=values[hub_id], dataset=values[dataset], files=values[upload])
 
         # The last result goes before the next load starts, so no old sentence sits under a new error.
         button.click(lambda: ("", [], gr.update(visible=False), ""), None, [summary, samples, replay, replay_ref],
                      queue=False, api_visibility="private", show_progress="hidden") \
-            .then(try_from_form, {view_state, source, own, hub_id, dataset}, [summary, samples, replay, replay_ref],
+            .then(try_from_form, {view_state, source, own, hub_id, dataset, upload},
+                  [summary, samples, replay, replay_ref],
                   api_name="try", concurrency_limit=2, show_progress="minimal",
                   api_description="Evaluate a checkpoint (the run on the Run tab, or a Hub model) on a bundled "
                                   "dataset.")

@@ -16,9 +16,13 @@ TINY = FormValues(dataset="mnist5k", clients=3, alpha="0.5", methods=["fedavg", 
                   preset="tiny", epochs=2, iterations=8, images=8, keep=0.8, relabel="token", rounds=2, seed=0, init="scratch")
 
 
+RUNS: list[Path] = []  # the app's run folder of this module's server
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with serving_app(tmp_path_factory.mktemp("app-runs")) as url:
+    RUNS[:] = [tmp_path_factory.mktemp("app-runs")]
+    with serving_app(RUNS[0]) as url:
         yield url
 
 
@@ -76,7 +80,7 @@ def test_push_without_a_finished_run_says_so(server):
 
 
 def test_try_evaluates_this_runs_model_and_shows_attention(session):
-    summary, gallery = session.predict(share.OWN, "fedmitr", "", "mnist5k", api_name="/try")
+    summary, gallery = session.predict(share.OWN, "fedmitr", "", "mnist5k", None, api_name="/try")
     assert "test accuracy" in summary and "1000 images" in summary
     assert len(gallery) == 8 and all(Path(item["image"]).exists() for item in gallery)
 
@@ -85,6 +89,23 @@ def test_try_a_hub_model_while_offline_says_so_at_once(session):
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match="offline"):
-        session.predict(share.HUB, None, "someone/model", "mnist5k", api_name="/try")
+        session.predict(share.HUB, None, "someone/model", "mnist5k", None, api_name="/try")
     with pytest.raises(AppError, match="USER/NAME"):
-        session.predict(share.HUB, None, "no slash", "mnist5k", api_name="/try")
+        session.predict(share.HUB, None, "no slash", "mnist5k", None, api_name="/try")
+
+
+def test_try_loads_a_downloaded_model_and_says_what_is_missing(session):
+    """What a visitor downloaded from the results (a model and metrics.json) loads in the Try tab,
+    as the offline Hub's message suggests."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="Try the run on the Run tab instead, or a downloaded model"):
+        session.predict(share.HUB, None, "someone/model", "mnist5k", None, api_name="/try")
+    metrics = next(RUNS[0].rglob("metrics.json"))
+    model = metrics.parent / "models" / "fedmitr.safetensors"
+    summary, gallery = session.predict(share.FILE, None, "", "mnist5k", [handle_file(str(model)), handle_file(str(metrics))],
+                                       api_name="/try")
+    assert "The downloaded FedMITR model" in summary and "test accuracy" in summary and len(gallery) == 8
+    with pytest.raises(AppError, match="Upload two files"):
+        session.predict(share.FILE, None, "", "mnist5k", [handle_file(str(model))], api_name="/try")
