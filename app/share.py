@@ -37,6 +37,9 @@ def _refuse(message: str, title: str = "Cannot share") -> gr.Error:
     return gr.Error(redact(message), title=title, print_exception=False)
 
 
+# What a panel says after a refusal, once the error message in the corner has faded.
+FAILED_TRY = "**Nothing loaded.** The message that appeared said why; change the choice and press Load again."
+FAILED_PUSH = "**Nothing pushed.** The message that appeared said why; fix it and push again."
 PUSH_INSTEAD = "Download the model from the results instead, or use `fedmitr push` where you are online."
 TRY_INSTEAD = ("Try the run on the Run tab instead, or a downloaded model (its .safetensors and the run's "
                "metrics.json, from a run's Downloads).")
@@ -114,7 +117,8 @@ def build_share_panel(view_state: gr.State) -> gr.Dropdown:
     pushed = button.click(lambda: "", None, [result], queue=False, api_visibility="private", show_progress="hidden") \
         .then(handler, {view_state, method, repo, private, token}, [result, token], api_name="push", concurrency_limit=2,
               show_progress="minimal", api_description="Push a global model of this session's finished run to the Hub.")
-    pushed.failure(lambda: "", None, [token], queue=False, api_visibility="private", show_progress="hidden")
+    pushed.failure(lambda: ("", FAILED_PUSH), None, [token, result], queue=False, api_visibility="private",
+                   show_progress="hidden")
     return method
 
 
@@ -253,5 +257,7 @@ def build_try_tab(view_state: gr.State) -> TryTab:
                   [summary, samples, replay, replay_ref],
                   api_name="try", concurrency_limit=2, show_progress="minimal",
                   api_description="Evaluate a checkpoint (the run on the Run tab, or a Hub model) on a bundled "
-                                  "dataset.")
+                                  "dataset.") \
+            .failure(lambda: (FAILED_TRY, []), None, [summary, samples], queue=False, api_visibility="private",
+                     show_progress="hidden")  # once the message fades, the panel still says what happened
     return TryTab(own=own, replay=replay, replay_ref=replay_ref)

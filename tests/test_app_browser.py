@@ -403,3 +403,15 @@ def test_the_example_can_be_tried_and_replayed(page):
     page.locator("#run-btn").wait_for(state="visible", timeout=30_000)  # back on the Run tab
     assert "Example: a recorded run" in page.locator("#status").inner_text()
     assert page.locator("#gallery img").count() >= 8
+
+
+def test_a_refused_try_leaves_words_not_a_bare_error_in_the_panel(page):
+    page.get_by_role("tab", name="Try a checkpoint").click()
+    page.get_by_label("a model on the Hugging Face Hub").check()
+    page.locator("#try-hub textarea, #try-hub input").first.fill("someone/model")
+    page.locator("#try-btn").click()
+    page.get_by_text("offline", exact=False).first.wait_for(state="visible", timeout=15_000)
+    page.get_by_text("Nothing loaded", exact=False).first.wait_for(state="visible", timeout=15_000)
+    bare = page.evaluate("""() => [...document.querySelectorAll('#try-summary *, #try-gallery *')]
+        .filter(e => e.children.length === 0 && e.textContent.trim() === 'Error').length""")
+    assert bare == 0
