@@ -106,3 +106,13 @@ def test_what_the_readmes_commands_write_into_the_repository_is_ignored_by_git()
     for path in written:
         done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
         assert done.returncode == 0, f"{path} (written by a README command) is not ignored by git"
+
+
+def test_the_readme_spells_out_what_a_newcomer_cannot_guess():
+    text = (ROOT / "README.md").read_text()
+    text = text.split("---", 2)[2] if text.startswith("---") else text  # after the Space's front matter
+    first_kd = re.search(r"\bKD\b", text)
+    assert first_kd and "knowledge distillation" in text[:first_kd.start() + 3], "KD is used before it is spelled out"
+    assert "fractal" in text[:text.find("pretrained")] or "pretrained on drawn fractals" in text
+    for phrase in ("sets up the setting", "What carries the class is where", "best single student", "before its speed levers"):
+        assert phrase not in text, f"unclear phrase in the README: {phrase!r}"
