@@ -37,6 +37,10 @@ def _refuse(message: str, title: str = "Cannot share") -> gr.Error:
     return gr.Error(redact(message), title=title, print_exception=False)
 
 
+# Why "Sign in" asks what it asks (the Space's README front matter, hf_oauth_scopes).
+SIGN_IN_SCOPES = ("Signing in asks Hugging Face for one permission, *contribute-repos*: to create a model repo in "
+                  "your name and write to the repos this Space created. It cannot read or change your other "
+                  "repos; to push to one of those, paste a token with write access instead.")
 # What a panel says after a refusal, once the error message in the corner has faded.
 FAILED_TRY = "**Nothing loaded.** The message that appeared said why; change the choice and press Load again."
 FAILED_PUSH = "**Nothing pushed.** The message that appeared said why; fix it and push again."
@@ -93,6 +97,7 @@ def build_share_panel(view_state: gr.State) -> gr.Dropdown:
         repo = gr.Textbox(label="Model repo", placeholder="your-name/fedmitr-mnist", elem_id="share-repo")
         private = gr.Checkbox(label="Private repo", value=False, elem_id="share-private")
         if on_space():
+            gr.Markdown(SIGN_IN_SCOPES, elem_classes="fm-explain")
             gr.LoginButton()
         token = gr.Textbox(label="Token with write access" + (" (or sign in above)" if on_space() else ""),
                            type="password", placeholder="hf_... (else HF_TOKEN is used)", elem_id="share-token")

@@ -101,5 +101,10 @@ def test_the_readme_front_matter_is_a_gradio_space_config_with_login():
     import gradio
 
     assert config["sdk_version"] == gradio.__version__
-    assert config["hf_oauth"] is True and "write-repos" in config["hf_oauth_scopes"]
+    # Least privilege: create repos and write to the ones this Space created, nothing else; the
+    # Share panel says so.
+    assert config["hf_oauth"] is True and config["hf_oauth_scopes"] == ["contribute-repos"]
+    from app.share import SIGN_IN_SCOPES
+
+    assert "contribute-repos" in SIGN_IN_SCOPES and "cannot read or change your other" in SIGN_IN_SCOPES
     assert config["datasets"] and config["models"] and config["license"]
