@@ -272,9 +272,13 @@ class MachineSpeed:
         return self
 
     def learn(self, planned: float, measured: float) -> None:
-        """A run finished here in ``measured`` seconds, where the plan at speed 1 said ``planned``."""
-        if planned > 1 and measured > 1:
-            self.factor, self.source = measured / planned, "the last run here"
+        """A run finished here in ``measured`` seconds, where the plan at speed 1 said ``planned``. Its
+        rate counts in proportion to its length against :data:`PRIOR_SECONDS` of the factor so far
+        (as :func:`speed_factor` weighs a run's stages): a one-second run moves the factor little,
+        a two-minute run sets it."""
+        if planned > 0 and measured > 0:
+            self.factor = (measured + PRIOR_SECONDS * self.factor) / (planned + PRIOR_SECONDS)
+            self.source = "the last run here"
 
 
 # --- the time left -----------------------------------------------------------------------------------

@@ -106,9 +106,14 @@ def run_methods(cfg: RunConfig, dataset: ImageDataset, ensemble: Ensemble, *, wo
 
 # --- the worker processes ------------------------------------------------------------------------------
 
-def _send(stream: Any, obj: object) -> None:
+def _frame(obj: object) -> bytes:
+    """``obj`` pickled, after its length: one message on a worker's pipe (:func:`_receive` reads it)."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)) + data)
+    return struct.pack("<Q", len(data)) + data
+
+
+def _send(stream: Any, obj: object) -> None:
+    stream.write(_frame(obj))
     stream.flush()
 
 
@@ -157,15 +162,19 @@ class _Worker:
         self.errors: list[str] = []
         self.busy: str | None = None
         self.proc = worker_process("fedmitr.side_by_side:_worker_main", str(out_dir))
-        self._lock = threading.Lock()
+        # Everything for the worker goes through one queue and one thread, in order: the context
+        # first, then each method's name (None: close its stdin, it exits). Nothing here blocks.
+        self._outbox: queue.Queue[bytes | None] = queue.Queue()
+        self._outbox.put(context)
 
-        def send_context() -> None:
-            with self._lock:
-                try:
-                    self.proc.stdin.write(context)
+        def send() -> None:
+            try:
+                while (data := self._outbox.get()) is not None:
+                    self.proc.stdin.write(data)
                     self.proc.stdin.flush()
-                except OSError:  # the worker died at once: its stderr says why
-                    pass
+                self.proc.stdin.close()
+            except OSError:  # the worker died: its stderr says why
+                pass
 
         def read_frames() -> None:
             while (frame := _receive(self.proc.stdout)) is not None:
@@ -175,26 +184,16 @@ class _Worker:
             for line in self.proc.stderr:
                 self.errors = [*self.errors[-30:], line.decode(errors="replace").rstrip()]
 
-        self._threads = [threading.Thread(target=t, daemon=True) for t in (send_context, read_frames, read_errors)]
+        self._threads = [threading.Thread(target=t, daemon=True) for t in (send, read_frames, read_errors)]
         for thread in self._threads:
             thread.start()
 
     def give(self, name: str | None) -> None:
         """Hand the worker its next method (None: no more, it exits)."""
         self.busy = name
-        data = pickle.dumps(name)
-
-        def send() -> None:  # after the context, in order; never on the caller's thread
-            with self._lock:
-                try:
-                    self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
-                    self.proc.stdin.flush()
-                    if name is None:
-                        self.proc.stdin.close()
-                except OSError:
-                    pass
-
-        threading.Thread(target=send, daemon=True).start()
+        self._outbox.put(_frame(name))
+        if name is None:
+            self._outbox.put(None)
 
     def check(self) -> None:
         """Raise if the worker failed."""
@@ -207,12 +206,12 @@ class _Worker:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
+        self._outbox.put(None)  # the sender thread ends too
 
 
 def _in_workers(cfg: RunConfig, dataset: ImageDataset, ensemble: Ensemble, names: list[str], workers: int, *,
                 on_event: EventHandler, on_result: Callable[[MethodResult], None]) -> None:
-    context = pickle.dumps((cfg, dataset, ensemble), protocol=pickle.HIGHEST_PROTOCOL)
-    context = struct.pack("<Q", len(context)) + context
+    context = _frame((cfg, dataset, ensemble))
     todo, left = list(names), set(names)
     lines: queue.Queue = queue.Queue()
     latest: dict[str, object] = {}  # the last progress of each running method: repeated as a heartbeat

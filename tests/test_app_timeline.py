@@ -206,10 +206,11 @@ def test_the_machine_speed_comes_from_the_probe_then_from_each_finished_run():
     assert speed.factor == 1.0 and speed.source == "not measured"
     speed.probed(0.03, 0.02)
     assert speed.factor == pytest.approx(1.5) and speed.source == "a probe at start-up"
-    speed.learn(planned=100.0, measured=230.0)
-    assert speed.factor == pytest.approx(2.3) and speed.source == "the last run here"
-    speed.learn(planned=0.5, measured=3.0)  # a run too short to say anything: ignored
-    assert speed.factor == pytest.approx(2.3)
+    speed.learn(planned=100.0, measured=230.0)  # a long run sets it
+    assert speed.factor == pytest.approx((230 + 5 * 1.5) / 105) and speed.source == "the last run here"
+    before = speed.factor
+    speed.learn(planned=0.5, measured=0.25)  # a half-second run, twice as fast: it moves the factor little
+    assert 0.9 * before < speed.factor < before
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2,
