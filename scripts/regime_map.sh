@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # The benchmark's map, cell by cell: {cpu (16 tokens), cpu-49 (49 tokens)} x clients {pretrained on
 # fractals, from scratch} x alpha {0.1, 0.5} x seeds, at equal iterations. Two workers side by side
-# with one torch thread each (a 2-core machine) take cells from one queue, seed by seed: in each
-# seed the 16-token cells first (about 17 minutes each here with both baselines), then the
-# 49-token ones (about 50). Each cell is one `fedmitr bench` call with its own
-# folder under bench/; a map cut short still leaves whole cells, a rerun skips the finished ones,
-# and the merge at the end takes every finished cell (or run it by hand at any time):
+# with one torch thread each (a 2-core machine) take cells from one queue in two passes:
+#   pass A (METHODS_A): the references, dense-kd, sparse-kd and fedmitr, every cell and seed first
+#     (about 5 minutes a 16-token cell here, 13 a 49-token one), so the method's own comparison is
+#     complete before the expensive baselines;
+#   pass B (METHODS_B): fedmitr-unweighted (FedMITR taught by the plain ensemble: the bridge between
+#     sparse-kd and fedmitr) and the paper's generator baselines dense-gen (DENSE) and co-boosting
+#     (Co-Boosting), on the same clients (trained again from the same seed, bit for bit on one thread:
+#     the records' client_accuracy match pass A's).
+# Within a pass the queue goes seed by seed, 16-token cells before 49-token ones. Each cell is one
+# `fedmitr bench` call with its own folder under bench/ (pass B's ends in "-b"); a map cut short
+# still leaves whole cells, a rerun skips the finished ones (and a pass-B cell whose pass-A folder
+# already holds co-boosting), and the merge at the end takes every finished cell (or run it by hand):
 #   .venv/bin/fedmitr bench --merge bench/*/bench.json --out assets/bench
 # The 16-token from-scratch cells also run IID (alpha "iid").
-# SEEDS (default 0,1,2), METHODS (default: the references, dense-kd, sparse-kd, fedmitr,
-# fedmitr-unweighted (FedMITR taught by the plain ensemble: the bridge between sparse-kd and fedmitr)
-# and the paper's generator baselines dense-gen (DENSE) and co-boosting (Co-Boosting); the other
-# ablations are left out) and
-# EQUAL_TIME (default none; e.g. "fedmitr" adds the @time rows) choose the size. CELLS replaces the
-# queue's order with your own, e.g. CELLS="cpu-49:fractal:0.1:1 cpu:scratch:0.5:2".
+# SEEDS (default 0,1,2), METHODS_A, METHODS_B and EQUAL_TIME (default none; e.g. "fedmitr" adds the
+# @time rows) choose the size. CELLS replaces the queue's cells with your own, e.g.
+# CELLS="cpu-49:fractal:0.1:1 cpu:scratch:0.5:2" (both passes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 SEEDS="${SEEDS:-0,1,2}"
 AFTER="${AFTER:-}"  # pids to wait for before each worker starts (a map resumed beside running cells)
-METHODS="${METHODS:-fedavg,ensemble,dense-kd,sparse-kd,fedmitr,fedmitr-unweighted,dense-gen,co-boosting}"
+METHODS_A="${METHODS_A:-fedavg,ensemble,dense-kd,sparse-kd,fedmitr}"
+METHODS_B="${METHODS_B:-fedmitr-unweighted,dense-gen,co-boosting}"
 time_flags=(--no-equal-time); [ -n "${EQUAL_TIME:-}" ] && time_flags=(--equal-time "$EQUAL_TIME")
 mkdir -p bench && rm -rf bench/*.claim  # claims of a map that was stopped
 cells=()  # seed by seed, so a map cut short covers every setting: 16 tokens (fast cells), then 49; pretrained before scratch; then alpha
@@ -34,14 +39,20 @@ for seed in ${SEEDS//,/ }; do
 done
 [ -n "${CELLS:-}" ] && { cells=(); for c in $CELLS; do cells+=("${c//:/ }"); done; }
 worker() {
-  for cell in "${cells[@]}"; do
-    read -r preset init alpha seed <<<"$cell"
-    out="bench/$preset-$init-a$alpha-s$seed"
-    [ -f "$out/bench.json" ] && continue
-    mkdir "$out.claim" 2>/dev/null || continue  # the other worker has it
-    .venv/bin/fedmitr bench --preset "$preset" --init "$init" --methods "$METHODS" --alphas "$alpha" \
-      --seeds "$seed" "${time_flags[@]}" --out "$out" || echo "cell $cell failed"
-    rmdir "$out.claim"
+  for pass in A B; do
+    for cell in "${cells[@]}"; do
+      read -r preset init alpha seed <<<"$cell"
+      base="bench/$preset-$init-a$alpha-s$seed" out="$base" methods="$METHODS_A"
+      if [ "$pass" = B ]; then
+        out="$base-b" methods="$METHODS_B"
+        grep -q '"co-boosting"' "$base/bench.json" 2>/dev/null && continue  # a cell run whole, before the passes
+      fi
+      [ -f "$out/bench.json" ] && continue
+      mkdir "$out.claim" 2>/dev/null || continue  # the other worker has it
+      .venv/bin/fedmitr bench --preset "$preset" --init "$init" --methods "$methods" --alphas "$alpha" \
+        --seeds "$seed" "${time_flags[@]}" --out "$out" || echo "cell $cell pass $pass failed"
+      rmdir "$out.claim"
+    done
   done
 }
 lane() {  # lane N [PID]: wait for PID (a cell still running), then work
