@@ -24,7 +24,7 @@ from fedmitr.errors import ConfigError, excerpt
 from fedmitr.hub import hub_offline, hub_reachable
 from fedmitr.knobs import KNOBS, config_from_knobs, knob_values
 
-__all__ = ["FormValues", "APP_CAPS", "HIGH_TOKEN_PRESET", "HIGH_TOKEN_METHODS", "high_token_settings", "SKEW_CHOICES", "RELABEL_HELP", "with_form_parameters", "check_hub",
+__all__ = ["FormValues", "APP_CAPS", "main_methods", "more_methods", "HIGH_TOKEN_PRESET", "HIGH_TOKEN_METHODS", "high_token_settings", "SKEW_CHOICES", "RELABEL_HELP", "with_form_parameters", "check_hub",
            "hub_offline", "hub_reachable", "needs_hub", "is_hub_dataset", "dataset_choices"]
 
 # The app's caps (the library has none): a run on a shared machine must stay stoppable within a
@@ -57,6 +57,35 @@ HIGH_TOKEN_METHODS = ("fedavg", "ensemble", "dense-kd", "fedmitr")
 DEFAULT_PRESET = "cpu"  # what the form starts with, and what the switch turned off restores
 
 
+def main_methods() -> list[str]:
+    """The methods the form lists up front: the method, the references and the default run's
+    baselines (FedAvg, dense-kd). Everything else is under Advanced (:func:`more_methods`)."""
+    from fedmitr.config import DEFAULT_METHODS
+    from fedmitr.methods import METHODS
+
+    return [n for n, m in METHODS.items() if m.role in ("method", "reference") or n in DEFAULT_METHODS]
+
+
+def more_methods() -> list[str]:
+    """The methods under Advanced: the paper's other baselines (DENSE, Co-Boosting), which cost
+    several times FedMITR's server time and are opt-in, and the ablations."""
+    from fedmitr.methods import METHODS
+
+    main = main_methods()
+    return [n for n in METHODS if n not in main]
+
+
+def _names(value: Any, field: str) -> list[str]:
+    """A method list as the form or the API sends it: a list of names, a comma-separated string, or nothing."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [m.strip() for m in value.split(",") if m.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(m, str) for m in value):
+        return list(value)
+    raise ConfigError(f"{field} must be a list of method names or a comma-separated string (got {excerpt(value)})")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FormValues:
     """The Run form's values, one field per input, in the order of the inputs; each field is the
@@ -75,6 +104,9 @@ class FormValues:
     rounds: Any  # synthesis + distillation rounds
     seed: Any
     init: Any  # where the clients start: "scratch" or "fractal" (a backbone pretrained on drawn fractals)
+    # More methods, listed under Advanced (the paper's other baselines and the ablations); the run
+    # takes ``methods`` and these together, so either field accepts any registered method.
+    more_methods: Any = ()
 
     @classmethod
     def names(cls) -> list[str]:
@@ -93,6 +125,9 @@ class FormValues:
     def for_preset(cls, preset: str = "cpu", **changes: Any) -> "FormValues":
         """The form showing ``preset``'s values (the Advanced section follows the chosen preset)."""
         values = knob_values(preset_config(preset))
+        main = main_methods()
+        values["more_methods"] = [m for m in values["methods"] if m not in main]
+        values["methods"] = [m for m in values["methods"] if m in main]
         return dataclasses.replace(cls(**{name: values[name] for name in cls.names()}), **changes)
 
     def inputs(self) -> list[Any]:
@@ -102,6 +137,10 @@ class FormValues:
     def to_config(self) -> RunConfig:
         """The preset with the form's values overriding it, checked by the library, within the app's caps."""
         values = dataclasses.asdict(self)
+        # One list of methods for the library, in the form's order: the main list, then Advanced's.
+        more = _names(values.pop("more_methods"), "more_methods")
+        if more:
+            values["methods"] = _names(values["methods"], "methods") + more
         for name, cap in APP_CAPS.items():
             number = KNOBS[name].parse(values[name])
             if number > cap:

@@ -155,15 +155,24 @@ class Controls:
         return [self.inputs[name] for name in form.FormValues.names()]
 
 
-def methods_info() -> str:
-    """What each method is, by role: "fedmitr is the method; fedavg and dense-kd are baselines; ..."."""
+def methods_info(listed: list[str] | None = None) -> str:
+    """What each method of ``listed`` (default: all) is, by role: "fedmitr is the method; fedavg and
+    dense-kd are baselines; ..."."""
     parts = []
     for role in ("method", "baseline", "ablation", "reference"):
-        names = [n for n, m in METHODS.items() if m.role == role]
+        names = [n for n, m in METHODS.items() if m.role == role and (listed is None or n in listed)]
         if names:
-            listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-            parts.append(f"{listed} {'is' if len(names) == 1 else 'are'} {ROLE_WORDS[role][len(names) > 1]}")
+            said = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+            parts.append(f"{said} {'is' if len(names) == 1 else 'are'} {ROLE_WORDS[role][len(names) > 1]}")
     return "; ".join(parts) + "."
+
+
+def more_methods_info() -> str:
+    """The Advanced list's help: which are the paper's baselines, what they cost, and the ablations."""
+    baselines = [n for n in form.more_methods() if METHODS[n].role == "baseline"]
+    named = " and ".join(f"{n} is {METHODS[n].label}" for n in baselines)
+    return (f"{named}: the baselines FedMITR's paper compares against, opt-in because each takes several times "
+            f"FedMITR's server time. " + methods_info([n for n in form.more_methods() if n not in baselines]))
 
 
 def gallery_hint() -> str:
@@ -185,13 +194,16 @@ def _controls_column(knobs: form.FormValues) -> Controls:
         run_btn = gr.Button("Run", variant="primary", elem_id="run-btn", scale=2, min_width=80)
         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1, min_width=80)
     estimate = gr.Markdown("", elem_id="estimate", elem_classes="fm-explain")
-    methods = gr.CheckboxGroup(label="Methods", choices=list(METHODS), value=list(knobs.methods),
-                               elem_id="methods", info=methods_info())
+    methods = gr.CheckboxGroup(label="Methods", choices=form.main_methods(), value=list(knobs.methods),
+                               elem_id="methods", info=methods_info(form.main_methods()) + " More under Advanced.")
     high_token = gr.Checkbox(label="49 tokens per image (where FedMITR's premise holds)", value=False,
                              elem_id="high-token", info=high_token_info())
     with gr.Accordion("What the methods are", open=False):
         gr.Markdown("\n".join(f"- **{n}** ({m.role}): {m.summary}" for n, m in METHODS.items()))
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+        more_methods = gr.CheckboxGroup(label="More methods: the paper's baselines and the ablations",
+                                        choices=form.more_methods(), value=list(knobs.more_methods),
+                                        elem_id="more-methods", info=more_methods_info())
         preset = gr.Radio(label="Preset", choices=list(PRESETS), value=knobs.preset, elem_id="preset",
                           info=preset_info())
         with gr.Row():
@@ -214,7 +226,7 @@ def _controls_column(knobs: form.FormValues) -> Controls:
                              "clients' patch tokens already mean something. Bundled for the cpu and cpu-49 models.")
     inputs = {"dataset": dataset, "clients": clients, "alpha": alpha, "methods": methods, "preset": preset,
               "epochs": epochs, "iterations": iterations, "images": images, "keep": keep, "relabel": relabel,
-              "rounds": rounds, "seed": seed, "init": init}
+              "rounds": rounds, "seed": seed, "init": init, "more_methods": more_methods}
     return Controls(inputs=inputs, run_btn=run_btn, stop_btn=stop_btn, high_token=high_token, tint=None,
                     estimate=estimate)
 

@@ -308,6 +308,11 @@ def test_the_high_token_switch_goes_there_and_back(page):
     methods = page.locator("#methods")
     for name in HIGH_TOKEN_METHODS:  # every method the switch names, the recommended variant included
         assert methods.get_by_label(name, exact=True).is_checked(), name
+    # The paper's other baselines are under Advanced, offered and not ticked (they are opt-in).
+    more = page.locator("#more-methods")
+    for name in ("dense-gen", "co-boosting"):
+        assert not more.get_by_label(name, exact=True).is_checked(), name
+        assert methods.get_by_label(name, exact=True).count() == 0, name
     # The preset's knobs follow (cpu-49 trains its clients for 50 epochs).
     page.wait_for_function("document.querySelector('#epochs input').value === '50'", timeout=10_000)
     page.locator("#high-token input").uncheck()  # and back: the 16-token defaults

@@ -31,10 +31,37 @@ def test_form_values_override_the_preset():
 def test_the_fields_are_defined_once_in_input_order():
     names = form.FormValues.names()
     assert names == ["dataset", "clients", "alpha", "methods", "preset", "epochs", "iterations", "images", "keep",
-                     "relabel", "rounds", "seed", "init"]
+                     "relabel", "rounds", "seed", "init", "more_methods"]
     assert form.FormValues.from_inputs(GOOD.inputs()) == GOOD
-    with pytest.raises(ConfigError, match="13 inputs"):
+    with pytest.raises(ConfigError, match="14 inputs"):
         form.FormValues.from_inputs(GOOD.inputs()[:-1])
+
+
+def test_the_paper_baselines_are_listed_under_advanced_and_opt_in():
+    main, more = form.main_methods(), form.more_methods()
+    assert set(main) | set(more) == set(METHODS) and not set(main) & set(more)
+    assert {"dense-gen", "co-boosting", "sparse-kd"} <= set(more)
+    assert {"fedavg", "ensemble", "dense-kd", "fedmitr"} <= set(main)
+    defaults = form.FormValues.for_preset("cpu")
+    assert list(defaults.more_methods) == [] and defaults.to_config().methods == preset_config("cpu").methods
+    # Chosen under Advanced, they run after the main list's methods, on the same clients.
+    assert config(more_methods=["co-boosting", "dense-gen"]).methods == ("fedavg", "ensemble", "co-boosting",
+                                                                         "dense-gen")
+    # Either list takes any method (the API too, as a comma-separated string), and a name in both runs once.
+    assert config(methods="fedavg", more_methods="sparse-kd, fedavg").methods == ("fedavg", "sparse-kd")
+    # A preset whose methods include ablations shows them under Advanced.
+    tiny = form.FormValues.for_preset("tiny")
+    assert list(tiny.methods) + list(tiny.more_methods) == list(preset_config("tiny").methods)
+    assert set(tiny.methods) <= set(main) and set(tiny.more_methods) <= set(more)
+
+
+@pytest.mark.parametrize("more, message", [
+    ("nope", "unknown method"),
+    ([1, 2], "more_methods must be a list of method names"),
+])
+def test_a_bad_advanced_method_list_is_refused(more, message):
+    with pytest.raises(ConfigError, match=message):
+        config(more_methods=more)
 
 
 def test_defaults_are_the_cpu_preset():
