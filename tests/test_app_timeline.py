@@ -99,6 +99,17 @@ def test_the_plan_scales_the_recorded_run_to_the_settings():
     assert timeline.stage_plan(cfg, None) is None
 
 
+def test_the_paper_baselines_are_planned_at_their_measured_cost():
+    """The recording holds dense-kd and FedMITR, not DENSE or Co-Boosting: they take their measured
+    multiple of dense-kd (paired validation runs, one thread), not dense-kd's seconds."""
+    cfg = apply_overrides(EXAMPLE.config, {"methods": ["dense-kd", "dense-gen", "co-boosting"]})
+    plan = timeline.stage_plan(cfg, EXAMPLE.metrics).seconds
+    assert 3.0 < plan["co-boosting"] / plan["dense-kd"] < 5.0
+    assert 1.8 < plan["dense-gen"] / plan["dense-kd"] < 3.2
+    assert timeline.cost_ratio("fedmitr", "fedmitr") == 1.0
+    assert timeline.cost_ratio("no-such-method", "dense-kd") == 1.0  # no pair measured: planned alike
+
+
 def replayed(speed: float):
     """The example's events into a live-like view whose plan is off by ``speed`` (the machine is
     that much slower than planned), read at every recorded event: (now, left, actual left, view)."""
