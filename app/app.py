@@ -83,8 +83,11 @@ def build_demo() -> gr.Blocks:
                                       api_visibility="private", show_progress="minimal")
 
         @form.with_form_parameters
-        def run(request: gr.Request, *values):
-            yield from stream.run_job(page, values, request, reference=reference)
+        async def run(request: gr.Request, *values):
+            started: list = []  # this run's job, once made: a cancel stops it at once
+            updates = stream.run_job(page, values, request, reference=reference, started=started)
+            async for update in stream.cancellable(updates, lambda: [job.cancel() for job in started]):
+                yield update
 
         # Run is not queued behind training: it checks the settings at once (a refusal takes well
         # under a second, whatever else runs), then waits for the device in the app's own line,

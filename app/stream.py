@@ -1,10 +1,11 @@
 """One session's run, streamed to the page: check the settings, wait for the device, fold the
 pipeline's events into the session's :class:`~app.runview.RunView`, and redraw what changed.
 
-The pipeline runs in a worker thread (:class:`app.jobs.Job`); :func:`run_job` is the Gradio
-generator that drains its events. It never blocks Gradio's event loop: it waits on the job's
-queue with a short timeout, and on the way out (finished, Stop, tab closed, error) it only
-signals the worker.
+The pipeline runs in a worker thread (:class:`app.jobs.Job`); :func:`run_job` is the
+generator that drains its events, and :func:`cancellable` streams it to Gradio from worker
+threads whose steps a Stop abandons at once. Nothing here blocks Gradio's event loop: the
+generator waits on the job's queue with a short timeout, and on the way out (finished, Stop, tab
+closed, error) it only signals the worker.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import logging
 import math
 import os
 import queue
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Callable, Iterator
 
+import anyio
 import gradio as gr
 import pandas as pd
 
@@ -102,11 +105,14 @@ def _friendly(err: BaseException) -> str:
     return f"the run failed ({type(err).__name__}). The app is still up; try again or change the settings."
 
 
-def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference: dict[str, Any] | None = None):
+def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference: dict[str, Any] | None = None,
+            started: list | None = None):
     """Run the whole pipeline for this session and stream the page as its events arrive.
 
     ``reference``: the ``metrics.json`` of a run recorded on this machine (the example), from which
-    the time each stage takes is planned (:func:`app.timeline.stage_plan`).
+    the time each stage takes is planned (:func:`app.timeline.stage_plan`). ``started``: a list
+    that receives the run's :class:`app.jobs.Job` as it is made (so that a cancel can stop it
+    while this generator is busy, see :func:`cancellable`).
 
     What is streamed is bounded: at most one update every :data:`YIELD_EVERY_S` seconds, and in
     it only what changed since the last one (the status card when its text changed, the log when
@@ -127,6 +133,8 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference:
         gr.Warning("The gpu preset fine-tunes a 224 px DeiT and is sized for a GPU; on this CPU it takes hours. "
                    "Press Stop and pick the cpu preset for a demo.")
     job = jobs.Job(cfg, jobs.new_run_dir(session), session, dataset=dataset)
+    if started is not None:
+        started.append(job)
     view = RunView(cfg, thumbnails=jobs.thumbnails_root())
     view.set_plan(plan_of(cfg, reference, num_train=len(dataset.train) if dataset is not None else None))
     index: list = []
@@ -199,6 +207,41 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference:
         # On Stop or a closed tab Gradio runs this on its event loop: signal the worker and return.
         # The worker stops within one step, releases the device and unregisters itself.
         job.cancel()
+
+
+_EXHAUSTED = object()
+
+
+async def cancellable(updates: Iterator[Any], on_cancel: Callable[[], Any] = lambda: None) -> AsyncIterator[Any]:
+    """Stream a synchronous generator (:func:`run_job`) from worker threads so that a cancel (Stop,
+    the API's cancel, a closed tab) ends the event at once.
+
+    Gradio iterates a plain generator one ``next()`` per thread hop and cannot cancel a hop: a Stop
+    waited for the generator's next update, up to :data:`YIELD_EVERY_S` later. Here each hop is
+    abandoned on cancel: ``on_cancel`` stops the session's job straight away, and a background
+    thread closes the generator (running its clean-up) as soon as its current step returns. The
+    event loop itself never waits.
+    """
+    try:
+        while True:
+            update = await anyio.to_thread.run_sync(next, updates, _EXHAUSTED, abandon_on_cancel=True)
+            if update is _EXHAUSTED:
+                return
+            yield update
+    except (anyio.get_cancelled_exc_class(), GeneratorExit):  # Stop, the API's cancel, a closed tab
+        on_cancel()
+        threading.Thread(target=_close_when_free, args=(updates,), name="fedmitr-close", daemon=True).start()
+        raise
+
+
+def _close_when_free(updates: Iterator[Any]) -> None:
+    """Close a generator whose ``next()`` may still be running in an abandoned thread."""
+    while True:
+        try:
+            updates.close()  # type: ignore[attr-defined]
+            return
+        except ValueError:  # "generator already executing": its step ends within a second
+            time.sleep(0.02)
 
 
 def first_update(page: Page, view: RunView) -> dict[Any, Any]:

@@ -133,3 +133,60 @@ def test_the_line_under_run_says_what_the_run_took(streamed):
     assert "took" in last[page.status] and "left" not in last[page.status]
     running = [u[page.status] for _, u in updates[1:-1] if page.status in u and "Running" in u[page.status]]
     assert running and all("so far" in s for s in running)
+
+
+def test_a_cancel_ends_the_stream_at_once_and_the_generator_is_closed_after():
+    """Gradio could not cancel a plain generator's step: Stop waited for the next update (up to a
+    second). The run is streamed from abandonable thread hops: a cancel ends the event while the
+    step is still busy, stops the job at once, and the generator's clean-up runs when the step ends."""
+    import asyncio
+    import threading
+
+    busy, release, closed, stopped = threading.Event(), threading.Event(), threading.Event(), []
+
+    def updates():
+        try:
+            yield "first"
+            busy.set()
+            release.wait(30)  # a step of the run that takes its time
+            yield "second"
+        finally:
+            closed.set()
+
+    async def consume(got):
+        async for update in stream.cancellable(updates(), lambda: stopped.append(True)):
+            got.append(update)
+
+    async def main():
+        got: list = []
+        task = asyncio.create_task(consume(got))
+        while not busy.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task  # returns although the step is still busy
+        return got
+
+    got = asyncio.run(main())
+    assert got == ["first"] and stopped == [True] and not closed.is_set() and not release.is_set()
+    release.set()
+    assert closed.wait(10)  # the clean-up ran once the step let go
+
+
+def test_a_failing_run_is_not_taken_for_a_cancel():
+    """A refusal (say "a run is already going in this tab") must not stop the job already running."""
+    import asyncio
+
+    stopped = []
+
+    def updates():
+        raise gr.Error("Busy")
+        yield  # noqa: unreachable - a generator
+
+    async def consume():
+        async for _ in stream.cancellable(updates(), lambda: stopped.append(True)):
+            pass
+
+    with pytest.raises(gr.Error, match="Busy"):
+        asyncio.run(consume())
+    assert stopped == []
