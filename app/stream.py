@@ -39,7 +39,10 @@ from app.timeline import MachineSpeed, Plan, format_estimate, format_seconds, st
 log = logging.getLogger("fedmitr.app")
 ROOT = Path(__file__).resolve().parent.parent  # the repository (the Space's files)
 
-YIELD_EVERY_S = 1.0  # the most often the page is redrawn while a run streams events (a person reads at this rate)
+# The most often the page is redrawn while a run streams events. Every update costs the visitor's
+# browser a redraw on a machine that also trains: Chromium's renderer used 16% of a core at one
+# update a second and 13% at one every two seconds (the default run, scripts/app_probe.py run).
+YIELD_EVERY_S = 2.0
 _DEVICE: list[DeviceInfo | None] = []
 # This machine's speed against the recorded run's (app.timeline.MachineSpeed): probed at start-up
 # (calibrate), then learnt from every run finished here, so a new tab's estimate follows both.
@@ -143,7 +146,7 @@ def run_job(page: Page, values: tuple, request: gr.Request | None, *, reference:
         yield first_update(page, view)
         dirty: set[str] = set()
         logged, status = 0, ""  # log lines and status card already on the page
-        # The first thing the run makes (the split) goes out at once; after that, one update a second.
+        # The first thing the run makes (the split) goes out at once; after that, one every YIELD_EVERY_S.
         last_yield = -math.inf
         finished = False
         while not finished:

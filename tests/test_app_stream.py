@@ -1,7 +1,8 @@
 """What a run streams to the page, counted: a tiny run through the run handler's generator.
 
 Every update crosses to the browser, which redraws what it carries; a figure re-sent whole is
-drawn again whole. So a run streams at most one update a second, and in it only what changed.
+drawn again whole. So a run streams at most one update every YIELD_EVERY_S seconds, and in it only
+what changed.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def names(page: Page) -> dict[int, str]:
     return {id(getattr(page, f.name)): f.name for f in dataclasses.fields(Page)}
 
 
-def test_a_run_streams_at_most_one_update_a_second(streamed):
+def test_a_run_streams_at_most_one_update_every_two_seconds(streamed):
     page, updates, wall = streamed
+    assert stream.YIELD_EVERY_S >= 2.0  # each redraw costs the browser (docs/results.md)
     assert "Finished" in updates[-1][1][page.status]
-    assert len(updates) <= wall / stream.YIELD_EVERY_S + 3  # the first, one a second, the last
+    assert len(updates) <= wall / stream.YIELD_EVERY_S + 3  # the first, one every YIELD_EVERY_S, the last
     gaps = [b - a for (a, _), (b, _) in zip(updates[1:-1], updates[2:-1])]
     assert all(gap >= stream.YIELD_EVERY_S * 0.9 for gap in gaps), gaps
 
