@@ -80,7 +80,9 @@ def _names(value: Any, field: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [m.strip() for m in value.split(",") if m.strip()]
+        from fedmitr.methods import parse_methods
+
+        return list(parse_methods(value))
     if isinstance(value, (list, tuple)) and all(isinstance(m, str) for m in value):
         return list(value)
     raise ConfigError(f"{field} must be a list of method names or a comma-separated string (got {excerpt(value)})")
