@@ -154,6 +154,36 @@ def _values(records, setting, method, alpha) -> list[float]:
             if _setting(r) == setting and r["method"] == method and r["alpha"] == alpha]
 
 
+def _clients(record: dict[str, Any]) -> tuple[float, ...]:
+    """The trained clients a record ran on, told apart by their test accuracies. One seed trained
+    again on other hardware gives other clients (float kernels differ), so a merge can hold a seed's
+    method twice, on two sets of clients."""
+    return tuple(round(a, 6) for a in record.get("client_accuracy", ()))
+
+
+def one_per_seed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first record of each (setting, alpha, method, seed, budget): a seed counts once in a
+    mean, whichever parts of a grid were merged (list the part that should count first)."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        seen.setdefault((_setting(r), r["alpha"], r["method"], r["seed"], r.get("budget", "iterations")), r)
+    return list(seen.values())
+
+
+def same_clients_pairs(rows: list[dict[str, Any]], a: str, b: str) -> dict[int, tuple[dict, dict]]:
+    """seed -> the first records of methods ``a`` and ``b`` on that seed that ran on the same
+    clients (``rows``: one setting and alpha). Seeds where they never shared clients are left out."""
+    found: dict[int, tuple[dict, dict]] = {}
+    for ra in rows:
+        if ra["method"] != a or ra["seed"] in found:
+            continue
+        rb = next((r for r in rows if r["method"] == b and r["seed"] == ra["seed"] and _clients(r) == _clients(ra)),
+                  None)
+        if rb is not None:
+            found[ra["seed"]] = (ra, rb)
+    return found
+
+
 def comparison_names() -> tuple[str, str, str, str]:
     """(the method, its dense-inversion + KD baseline, its no-relabel ablation, its form with the
     plain ensemble as teacher: the method itself when it has no learned teacher), found in the
@@ -224,28 +254,29 @@ PAIRS = (
 
 def paired_table(records: list[dict[str, Any]], pairs: tuple[tuple[str, str, str], ...] = PAIRS) -> str:
     """Paired differences on the same clients, in points: per setting and alpha, the mean of
-    ``method − rival`` over the seeds both ran, then each seed's. Pairs without any shared seed are
-    left out, and so are methods of that name that are not registered."""
+    ``method − rival`` over the seeds both ran on the same clients, then each seed's. Pairs without
+    any shared seed are left out, and so are methods of that name that are not registered."""
     pairs = tuple(p for p in pairs if p[0] in METHODS and p[1] in METHODS)
-    by_key: dict[tuple, float] = {}
-    for r in records:
-        if r.get("budget", "iterations") == "iterations":
-            by_key[(_setting(r), r["alpha"], r["method"], r["seed"])] = r["accuracy"]
-    shown = [p for p in pairs if any(k[2] == p[0] and (*k[:2], p[1], k[3]) in by_key for k in by_key)]
+    rows = [r for r in records if r.get("budget", "iterations") == "iterations"]
+    cells = {}  # (setting, alpha) -> its rows
+    for r in rows:
+        cells.setdefault((_setting(r), r["alpha"]), []).append(r)
+    diffs = {(key, a, b): [100 * (ra["accuracy"] - rb["accuracy"]) for _, (ra, rb) in
+                           sorted(same_clients_pairs(cell, a, b).items())]
+             for key, cell in cells.items() for a, b, _ in pairs}
+    shown = [p for p in pairs if any(d for (_, a, b), d in diffs.items() if (a, b) == p[:2])]
     if not shown:
         return ""
     lines = ["| setting | α | " + " | ".join(f"{a} − {b} ({what})" for a, b, what in shown) + " |",
              "|---|---|" + "---|" * len(shown)]
     for setting in dict.fromkeys(_setting(r) for r in records):
         for alpha in _cells([r for r in records if _setting(r) == setting], "alpha"):
-            cells = []
+            texts = []
             for a, b, _ in shown:
-                seeds = sorted(k[3] for k in by_key if k[:3] == (setting, alpha, a) and (setting, alpha, b, k[3]) in by_key)
-                diffs = [100 * (by_key[(setting, alpha, a, s)] - by_key[(setting, alpha, b, s)]) for s in seeds]
-                cells.append("-" if not diffs else
-                             f"{statistics.mean(diffs):+.1f} ({', '.join(f'{d:+.1f}' for d in diffs)})")
-            if any(c != "-" for c in cells):
-                lines.append(f"| {setting} | {alpha} | " + " | ".join(cells) + " |")
+                d = diffs.get(((setting, alpha), a, b), [])
+                texts.append("-" if not d else f"{statistics.mean(d):+.1f} ({', '.join(f'{x:+.1f}' for x in d)})")
+            if any(t != "-" for t in texts):
+                lines.append(f"| {setting} | {alpha} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
 
@@ -285,12 +316,15 @@ def tokens_table(records: list[dict[str, Any]]) -> str:
 
 
 def summarise(records: list[dict[str, Any]], command: str) -> str:
-    """``bench.md``: the regime map, then per setting the accuracy table, the speed-up and stage seconds."""
+    """``bench.md``: the regime map, then per setting the accuracy table, the speed-up and stage seconds.
+    A seed counts once in each mean (:func:`one_per_seed`); the paired table pairs records on the
+    same clients."""
+    paired = paired_table(records)
+    records = one_per_seed(records)
     lines = [f"How it was produced: `{command}`", "",
              "Test accuracy in %, mean ± std over seeds; seconds are wall-clock of the server-side method.", "",
              f"## Where {METHODS[headline().name].label} wins (points; **bold**: beyond both methods' seed spread)", "",
              regime_map(records), ""]
-    paired = paired_table(records)
     if paired:
         lines += ["## Paired differences on the same clients (points: the mean, then each seed)", "", paired, ""]
     tokens = tokens_table(records)
@@ -396,7 +430,7 @@ def write_outputs(out: Path, config: dict[str, Any], records: list[dict[str, Any
     (out / "bench.md").write_text(table)
     for setting in dict.fromkeys(_setting(r) for r in records):
         name = "".join(c if c.isalnum() or c in "-_" else "_" for c in setting)
-        frontier_figure(records, setting).write_html(out / f"frontier-{name}.html", include_plotlyjs="cdn")
+        frontier_figure(one_per_seed(records), setting).write_html(out / f"frontier-{name}.html", include_plotlyjs="cdn")
     return table
 
 
@@ -445,11 +479,11 @@ def benchmark_pair(records: list[dict[str, Any]], setting: str, alpha: float | N
     nearest = min(alphas, key=distance)
     if distance(nearest) == math.inf:
         return None
-    by_seed = {name: {r["seed"]: r for r in rows if r["method"] == name and r["alpha"] == nearest}
-               for name in (ours, dense_name)}
-    seeds = sorted(set(by_seed[ours]) & set(by_seed[dense_name]))
+    pairs = same_clients_pairs([r for r in rows if r["alpha"] == nearest], ours, dense_name)
+    seeds = sorted(pairs)
     if not seeds:
         return None
+    by_seed = {ours: {s: pairs[s][0] for s in seeds}, dense_name: {s: pairs[s][1] for s in seeds}}
 
     def mean(name: str, key: str) -> float:
         return statistics.mean(by_seed[name][s][key] for s in seeds)

@@ -1,14 +1,15 @@
 """The map's tables for the README and docs/results.md, from `fedmitr bench` records.
 
-    python scripts/map_table.py assets/bench/bench.json              # "Results in short"
-    python scripts/map_table.py assets/bench/bench.json --paired     # FedMITR against each method, per seed
+    .venv/bin/python scripts/map_table.py assets/bench/bench.json              # "Results in short"
+    .venv/bin/python scripts/map_table.py assets/bench/bench.json --paired     # FedMITR against each method, per seed
 
 One row per setting (tokens, where the clients start, alpha); test accuracy in %, mean ± std over
 the seeds a method has there (the count in brackets where it is under 3); the best student of a row
 in bold. ``--paired``: FedMITR minus each other method on the same clients, the mean and then each
-seed, and how many seeds FedMITR is ahead. Records of one cell that were run in two passes (the
-map's pass A and pass B) must hold the same clients: the script refuses cells whose clients'
-accuracies differ between the passes.
+seed, and how many seeds FedMITR is ahead. A cell whose seed was run in two passes on different
+clients (trained again on other hardware, where float kernels differ) holds a method twice: the
+means take each seed's first record (list pass A's files first), and a difference pairs only
+records on the same clients (``fedmitr.bench.same_clients_pairs``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
+
+from fedmitr.bench import one_per_seed, same_clients_pairs
 
 STUDENTS = ("dense-kd", "sparse-kd", "fedmitr-unweighted", "fedmitr", "dense-gen", "co-boosting")
 LABELS = {"dense-gen": "dense-gen (DENSE)", "co-boosting": "co-boosting (Co-Boosting)", "fedmitr": "**fedmitr**"}
@@ -37,17 +39,12 @@ def setting(r: dict) -> tuple:
     return TOKENS.get(preset, preset), r.get("client_init", "scratch"), alpha
 
 
-def by_cell(records: list[dict]) -> dict[tuple, dict[str, dict]]:
-    """(setting, seed) -> method -> record; refuses a cell whose passes trained different clients."""
-    cells: dict[tuple, dict[str, dict]] = {}
+def by_setting(records: list[dict]) -> dict[tuple, list[dict]]:
+    """(tokens, start, alpha) -> its records, every pass."""
+    settings: dict[tuple, list[dict]] = {}
     for r in records:
-        cell = cells.setdefault((*setting(r), r["seed"]), {})
-        for other in cell.values():
-            if [round(a, 6) for a in other["client_accuracy"]] != [round(a, 6) for a in r["client_accuracy"]]:
-                sys.exit(f"cell {setting(r)} seed {r['seed']}: {r['method']} and {other['method']} were run on "
-                         f"different clients; rerun one pass")
-        cell[r["method"]] = r
-    return cells
+        settings.setdefault(setting(r), []).append(r)
+    return settings
 
 
 def fmt(values: list[float]) -> str:
@@ -62,14 +59,13 @@ def order(key: tuple) -> tuple:
     return (tokens, init != "scratch", alpha == "IID", alpha)
 
 
-def results_table(cells: dict[tuple, dict[str, dict]]) -> str:
-    settings = sorted({c[:3] for c in cells}, key=order)
-    methods = [m for m in STUDENTS if any(m in ms for ms in cells.values())]
+def results_table(settings: dict[tuple, list[dict]]) -> str:
+    firsts = {key: one_per_seed(rows) for key, rows in settings.items()}
+    methods = [m for m in STUDENTS if any(r["method"] == m for rows in firsts.values() for r in rows)]
     head = ["tokens, clients", "α", "ensemble (teacher)", *(LABELS.get(m, m) for m in methods)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in settings:
-        seeds = {c[3]: ms for c, ms in cells.items() if c[:3] == s}
-        values = {m: [ms[m]["accuracy"] for ms in seeds.values() if m in ms] for m in ["ensemble", *methods]}
+    for s in sorted(settings, key=order):
+        values = {m: [r["accuracy"] for r in firsts[s] if r["method"] == m] for m in ["ensemble", *methods]}
         best = max((statistics.mean(v), m) for m, v in values.items() if v and m != "ensemble")[1]
         row = [f"{s[0]}, {'from scratch' if s[1] == 'scratch' else 'pretrained'}", s[2]]
         for m in ["ensemble", *methods]:
@@ -79,16 +75,15 @@ def results_table(cells: dict[tuple, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def paired_table(cells: dict[tuple, dict[str, dict]], ours: str = "fedmitr") -> str:
-    settings = sorted({c[:3] for c in cells}, key=order)
-    others = [m for m in STUDENTS if m != ours and any(m in ms for ms in cells.values())]
+def paired_table(settings: dict[tuple, list[dict]], ours: str = "fedmitr") -> str:
+    others = [m for m in STUDENTS if m != ours and any(r["method"] == m for rows in settings.values() for r in rows)]
     head = ["tokens, clients", "α", *(f"{ours} − {m}" for m in others)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in settings:
+    for s in sorted(settings, key=order):
         row = [f"{s[0]}, {'from scratch' if s[1] == 'scratch' else 'pretrained'}", s[2]]
         for m in others:
-            diffs = [100 * (ms[ours]["accuracy"] - ms[m]["accuracy"])
-                     for c, ms in sorted(cells.items()) if c[:3] == s and ours in ms and m in ms]
+            pairs = same_clients_pairs(settings[s], ours, m)
+            diffs = [100 * (a["accuracy"] - b["accuracy"]) for _, (a, b) in sorted(pairs.items())]
             if not diffs:
                 row.append("-")
                 continue
@@ -104,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", help="bench.json files (e.g. assets/bench/bench.json)")
     parser.add_argument("--paired", action="store_true", help="FedMITR minus each method, per seed")
     args = parser.parse_args(argv)
-    cells = by_cell(load(args.files))
-    print(paired_table(cells) if args.paired else results_table(cells))
+    settings = by_setting(load(args.files))
+    print(paired_table(settings) if args.paired else results_table(settings))
     return 0
 
 

@@ -5,15 +5,16 @@
 #   pass A (METHODS_A): the references, dense-kd, sparse-kd and fedmitr, every cell and seed first
 #     (about 5 minutes a 16-token cell here, 13 a 49-token one), so the method's own comparison is
 #     complete before the expensive baselines;
-#   pass B (METHODS_B): fedmitr-unweighted (FedMITR taught by the plain ensemble: the bridge between
-#     sparse-kd and fedmitr) and the paper's generator baselines dense-gen (DENSE) and co-boosting
-#     (Co-Boosting), on the same clients (trained again from the same seed, bit for bit on one thread:
-#     the records' client_accuracy match pass A's).
+#   pass B (METHODS_B): the paper's generator baselines dense-gen (DENSE) and co-boosting
+#     (Co-Boosting), with the ensemble and fedmitr again beside them. The clients are trained again
+#     from the same seed: bit for bit on one thread on the same machine, but another CPU's float
+#     kernels give other clients, so pass B runs its own fedmitr to pair with (the merge keeps both;
+#     means take pass A's record of a seed, differences pair records on the same clients).
 # Within a pass the queue goes seed by seed, 16-token cells before 49-token ones. Each cell is one
 # `fedmitr bench` call with its own folder under bench/ (pass B's ends in "-b"); a map cut short
 # still leaves whole cells, a rerun skips the finished ones (and a pass-B cell whose pass-A folder
 # already holds co-boosting), and the merge at the end takes every finished cell (or run it by hand):
-#   .venv/bin/fedmitr bench --merge bench/*/bench.json --out assets/bench
+#   .venv/bin/fedmitr bench --merge bench/*[0-9]/bench.json bench/*-b/bench.json --out assets/bench
 # The 16-token from-scratch cells also run IID (alpha "iid").
 # SEEDS (default 0,1,2), METHODS_A, METHODS_B and EQUAL_TIME (default none; e.g. "fedmitr" adds the
 # @time rows) choose the size. CELLS replaces the queue's cells with your own, e.g.
@@ -25,7 +26,7 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 SEEDS="${SEEDS:-0,1,2}"
 AFTER="${AFTER:-}"  # pids to wait for before each worker starts (a map resumed beside running cells)
 METHODS_A="${METHODS_A:-fedavg,ensemble,dense-kd,sparse-kd,fedmitr}"
-METHODS_B="${METHODS_B:-fedmitr-unweighted,dense-gen,co-boosting}"
+METHODS_B="${METHODS_B:-ensemble,fedmitr,dense-gen,co-boosting}"
 time_flags=(--no-equal-time); [ -n "${EQUAL_TIME:-}" ] && time_flags=(--equal-time "$EQUAL_TIME")
 mkdir -p bench && rm -rf bench/*.claim  # claims of a map that was stopped
 cells=()  # seed by seed, so a map cut short covers every setting: 16 tokens (fast cells), then 49; pretrained before scratch; then alpha
@@ -63,4 +64,4 @@ read -r -a after <<<"${AFTER//,/ }"
 lane 1 "${after[0]:-}" &
 lane 2 "${after[1]:-}" &
 wait
-.venv/bin/fedmitr bench --merge bench/*/bench.json --out assets/bench
+.venv/bin/fedmitr bench --merge bench/*[0-9]/bench.json bench/*-b/bench.json --out assets/bench

@@ -166,3 +166,24 @@ def test_the_paired_table_pairs_each_seed_on_the_same_clients():
     assert "fedmitr − fedmitr-noise" not in header  # nothing to pair: left out
     assert row.startswith("| cpu | 0.5 | +1.5 (+5.0, -2.0) | +2.0 (+2.0) |")
     assert bench.paired_table([rec("fedmitr", 0.8, 0)]) == ""
+
+
+def test_a_seed_trained_twice_on_other_clients_pairs_within_its_clients_and_counts_once():
+    """A merge of two passes whose clients differ (trained again on other hardware): each method
+    is paired only with records on its own clients, and a seed counts once in the means."""
+    def rec(method, acc, clients, seed=0):
+        return {"setting": "cpu", "alpha": "0.5", "seed": seed, "method": method, "accuracy": acc,
+                "seconds": 1.0, "client_accuracy": clients, "client_seconds": 1.0}
+
+    old, new = [0.71, 0.46], [0.72, 0.44]
+    records = [rec("fedmitr", 0.80, old), rec("dense-kd", 0.75, old),       # pass A
+               rec("fedmitr", 0.90, new), rec("co-boosting", 0.86, new),    # pass B, other clients
+               rec("co-boosting", 0.10, [0.1, 0.1])]                        # clients nobody else ran on
+    table = bench.paired_table(records)
+    assert "fedmitr − dense-kd (against the baseline) | fedmitr − co-boosting" in table
+    assert "| cpu | 0.5 | +5.0 (+5.0) | +4.0 (+4.0) |" in table  # not 0.90 − 0.75, not 0.80 − 0.86
+    assert [r["accuracy"] for r in bench.one_per_seed(records)] == [0.80, 0.75, 0.86]
+    assert "| fedmitr | 80.0 |" in bench.summarise(records, "cmd")  # the first fedmitr of the seed, not a mean
+    pair = bench.benchmark_pair([records[2], *records], "cpu", 0.5)  # pass B's fedmitr listed first
+    assert pair["paired"] == pytest.approx([0.05]) and pair["accuracy"]["fedmitr"] == pytest.approx(0.80)
+    assert bench.benchmark_pair([records[2], records[1]], "cpu", 0.5) is None  # never on the same clients
