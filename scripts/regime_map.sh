@@ -12,8 +12,8 @@
 #     means take pass A's record of a seed, differences pair records on the same clients).
 # Within a pass the queue goes seed by seed, 16-token cells before 49-token ones. Each cell is one
 # `fedmitr bench` call with its own folder under bench/ (pass B's ends in "-b"); a map cut short
-# still leaves whole cells, a rerun skips the finished ones (and a pass-B cell whose pass-A folder
-# already holds co-boosting), and the merge at the end takes every finished cell (or run it by hand):
+# still leaves whole cells, a rerun skips the finished ones, here or kept in assets/bench/map-cells
+# (and a pass-B cell whose pass-A folder already holds co-boosting), and the merge at the end takes every finished cell (or run it by hand):
 #   .venv/bin/fedmitr bench --merge bench/*[0-9]/bench.json bench/*-b/bench.json --out assets/bench
 # The 16-token from-scratch cells also run IID (alpha "iid").
 # SEEDS (default 0,1,2), METHODS_A, METHODS_B and EQUAL_TIME (default none; e.g. "fedmitr" adds the
@@ -29,6 +29,7 @@ METHODS_A="${METHODS_A:-fedavg,ensemble,dense-kd,sparse-kd,fedmitr}"
 METHODS_B="${METHODS_B:-ensemble,fedmitr,dense-gen,co-boosting}"
 time_flags=(--no-equal-time); [ -n "${EQUAL_TIME:-}" ] && time_flags=(--equal-time "$EQUAL_TIME")
 mkdir -p bench && rm -rf bench/*.claim  # claims of a map that was stopped
+kept=assets/bench/map-cells  # the finished cells the repository keeps: a fresh clone goes on from them
 cells=()  # seed by seed, so a map cut short covers every setting: 16 tokens (fast cells), then 49; pretrained before scratch; then alpha
 for seed in ${SEEDS//,/ }; do
   for preset in cpu cpu-49; do
@@ -46,9 +47,9 @@ worker() {
       base="bench/$preset-$init-a$alpha-s$seed" out="$base" methods="$METHODS_A"
       if [ "$pass" = B ]; then
         out="$base-b" methods="$METHODS_B"
-        grep -q '"co-boosting"' "$base/bench.json" 2>/dev/null && continue  # a cell run whole, before the passes
+        grep -qs '"co-boosting"' "$base/bench.json" "$kept/${base#bench/}/bench.json" && continue  # run whole, before the passes
       fi
-      [ -f "$out/bench.json" ] && continue
+      [ -f "$out/bench.json" ] || [ -f "$kept/${out#bench/}/bench.json" ] && continue  # done here, or kept in the repository
       mkdir "$out.claim" 2>/dev/null || continue  # the other worker has it
       .venv/bin/fedmitr bench --preset "$preset" --init "$init" --methods "$methods" --alphas "$alpha" \
         --seeds "$seed" "${time_flags[@]}" --out "$out" || echo "cell $cell pass $pass failed"
