@@ -428,9 +428,10 @@ def write_outputs(out: Path, config: dict[str, Any], records: list[dict[str, Any
     (out / "bench.json").write_text(json.dumps({"config": config, "records": records}, indent=2))
     table = summarise(records, command)
     (out / "bench.md").write_text(table)
-    for setting in dict.fromkeys(_setting(r) for r in records):
+    unique = one_per_seed(records)
+    for setting in dict.fromkeys(_setting(r) for r in unique):
         name = "".join(c if c.isalnum() or c in "-_" else "_" for c in setting)
-        frontier_figure(one_per_seed(records), setting).write_html(out / f"frontier-{name}.html", include_plotlyjs="cdn")
+        frontier_figure(unique, setting).write_html(out / f"frontier-{name}.html", include_plotlyjs="cdn")
     return table
 
 
@@ -483,15 +484,15 @@ def benchmark_pair(records: list[dict[str, Any]], setting: str, alpha: float | N
     seeds = sorted(pairs)
     if not seeds:
         return None
-    by_seed = {ours: {s: pairs[s][0] for s in seeds}, dense_name: {s: pairs[s][1] for s in seeds}}
+    side = {ours: 0, dense_name: 1}  # the place of each method in a pair
 
     def mean(name: str, key: str) -> float:
-        return statistics.mean(by_seed[name][s][key] for s in seeds)
+        return statistics.mean(pairs[s][side[name]][key] for s in seeds)
 
     return {"setting": setting, "alpha": nearest, "seeds": seeds, "method": ours, "baseline": dense_name,
             "accuracy": {ours: mean(ours, "accuracy"), dense_name: mean(dense_name, "accuracy")},
             "seconds": {ours: mean(ours, "seconds"), dense_name: mean(dense_name, "seconds")},
-            "paired": [by_seed[ours][s]["accuracy"] - by_seed[dense_name][s]["accuracy"] for s in seeds]}
+            "paired": [pairs[s][0]["accuracy"] - pairs[s][1]["accuracy"] for s in seeds]}
 
 
 def compare_with_benchmark(records: list[dict[str, Any]], setting: str, alpha: float | None) -> str | None:
