@@ -484,15 +484,14 @@ def benchmark_pair(records: list[dict[str, Any]], setting: str, alpha: float | N
     seeds = sorted(pairs)
     if not seeds:
         return None
-    side = {ours: 0, dense_name: 1}  # the place of each method in a pair
+    runs = {ours: [pairs[s][0] for s in seeds], dense_name: [pairs[s][1] for s in seeds]}
 
-    def mean(name: str, key: str) -> float:
-        return statistics.mean(pairs[s][side[name]][key] for s in seeds)
+    def means(key: str) -> dict[str, float]:
+        return {name: statistics.mean(r[key] for r in rs) for name, rs in runs.items()}
 
     return {"setting": setting, "alpha": nearest, "seeds": seeds, "method": ours, "baseline": dense_name,
-            "accuracy": {ours: mean(ours, "accuracy"), dense_name: mean(dense_name, "accuracy")},
-            "seconds": {ours: mean(ours, "seconds"), dense_name: mean(dense_name, "seconds")},
-            "paired": [pairs[s][0]["accuracy"] - pairs[s][1]["accuracy"] for s in seeds]}
+            "accuracy": means("accuracy"), "seconds": means("seconds"),
+            "paired": [a["accuracy"] - b["accuracy"] for a, b in zip(runs[ours], runs[dense_name])]}
 
 
 def compare_with_benchmark(records: list[dict[str, Any]], setting: str, alpha: float | None) -> str | None:

@@ -11,10 +11,12 @@
 #     kernels give other clients, so pass B runs its own fedmitr to pair with (the merge keeps both;
 #     means take pass A's record of a seed, differences pair records on the same clients).
 # Within a pass the queue goes seed by seed, 16-token cells before 49-token ones. Each cell is one
-# `fedmitr bench` call with its own folder under bench/ (pass B's ends in "-b"); a map cut short
-# still leaves whole cells, a rerun skips the finished ones, here or kept in assets/bench/map-cells
-# (and a pass-B cell whose pass-A folder already holds co-boosting), and the merge at the end takes every finished cell (or run it by hand):
-#   .venv/bin/fedmitr bench --merge bench/*[0-9]/bench.json bench/*-b/bench.json --out assets/bench
+# `fedmitr bench` call with its own folder under bench/ (pass B's ends in "-b"), copied when it
+# finishes into assets/bench/map-cells, where the repository keeps every finished cell. A map cut
+# short still leaves whole cells; a rerun (or a fresh clone) skips the kept ones (and a pass-B cell
+# whose pass-A cell already holds co-boosting), and the merge at the end takes every kept cell,
+# pass A first (or run it by hand):
+#   .venv/bin/fedmitr bench --merge assets/bench/map-cells/*[0-9]/bench.json assets/bench/map-cells/*-[bc]/bench.json --out assets/bench
 # The 16-token from-scratch cells also run IID (alpha "iid").
 # SEEDS (default 0,1,2), METHODS_A, METHODS_B and EQUAL_TIME (default none; e.g. "fedmitr" adds the
 # @time rows) choose the size. CELLS replaces the queue's cells with your own, e.g.
@@ -47,12 +49,14 @@ worker() {
       base="bench/$preset-$init-a$alpha-s$seed" out="$base" methods="$METHODS_A"
       if [ "$pass" = B ]; then
         out="$base-b" methods="$METHODS_B"
-        grep -qs '"co-boosting"' "$base/bench.json" "$kept/${base#bench/}/bench.json" && continue  # run whole, before the passes
+        grep -qs '"co-boosting"' "$kept/${base#bench/}/bench.json" && continue  # run whole, before the passes
       fi
-      [ -f "$out/bench.json" ] || [ -f "$kept/${out#bench/}/bench.json" ] && continue  # done here, or kept in the repository
+      [ -f "$kept/${out#bench/}/bench.json" ] && continue  # finished, here or in an earlier map
       mkdir "$out.claim" 2>/dev/null || continue  # the other worker has it
       .venv/bin/fedmitr bench --preset "$preset" --init "$init" --methods "$methods" --alphas "$alpha" \
-        --seeds "$seed" "${time_flags[@]}" --out "$out" || echo "cell $cell pass $pass failed"
+        --seeds "$seed" "${time_flags[@]}" --out "$out" \
+        && mkdir -p "$kept/${out#bench/}" && cp "$out/bench.json" "$out/bench.md" "$kept/${out#bench/}/" \
+        || echo "cell $cell pass $pass failed"
       rmdir "$out.claim"
     done
   done
@@ -65,4 +69,4 @@ read -r -a after <<<"${AFTER//,/ }"
 lane 1 "${after[0]:-}" &
 lane 2 "${after[1]:-}" &
 wait
-.venv/bin/fedmitr bench --merge bench/*[0-9]/bench.json bench/*-b/bench.json --out assets/bench
+.venv/bin/fedmitr bench --merge "$kept"/*[0-9]/bench.json "$kept"/*-[bc]/bench.json --out assets/bench
